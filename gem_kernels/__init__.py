@@ -1,0 +1,15 @@
+"""gem_kernels: kernels and a drop-in AdamW for sparse fine-tuning (GEM, ID³)."""
+import warnings as _warnings
+
+__version__ = "0.1.0"
+
+try:
+    from . import _C  # noqa: F401  (the compiled CPU kernels)
+except ImportError as _error:  # the package still works, on the reference ops
+    _warnings.warn(f"gem_kernels._C could not be imported ({_error}); CPU tensors will use the "
+                   "pure-PyTorch reference ops. Reinstall with `pip install .` to build it.",
+                   RuntimeWarning, stacklevel=2)
+
+from .ops import backends, layer_stats, ratio_topk, sparse_adamw_  # noqa: E402
+
+__all__ = ["__version__", "backends", "layer_stats", "ratio_topk", "sparse_adamw_"]

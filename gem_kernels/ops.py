@@ -1,0 +1,260 @@
+"""One entry point per op: inputs are checked once here, then sent to a backend.
+
+Backends (``gem_kernels.backends()`` lists the live ones):
+
+* ``cpu``: the compiled C++/OpenMP kernels (``gem_kernels._C``), for CPU tensors;
+* ``triton``: the Triton kernels, for CUDA tensors (and CPU tensors under ``TRITON_INTERPRET=1``);
+* ``reference``: plain PyTorch, any device; the specification.
+
+CPU tensors go to ``cpu`` and CUDA tensors to ``triton``. ``GEM_KERNELS_BACKEND`` set to one
+of the names above forces that backend; a forced backend that cannot run raises instead of
+falling back. Unforced, a device with no kernel of its own uses the reference, which gives
+the same answers (a warning at import says when the compiled kernels are missing).
+"""
+from __future__ import annotations
+
+import importlib
+import math
+import operator
+import os
+from typing import Sequence
+
+import torch
+
+from . import reference
+
+Tensor = torch.Tensor
+
+BACKEND_NAMES = ("reference", "cpu", "triton")
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+# ---------------------------------------------------------------------------------------
+# Backends
+
+
+def _load_backend(name: str):
+    """The backend module, or None when it cannot be imported here."""
+    if name == "reference":
+        return reference
+    try:
+        return importlib.import_module(f"gem_kernels.{name}")
+    except ImportError:
+        return None
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _can_run(name: str, device: torch.device) -> bool:
+    if name == "reference":
+        return True
+    if name == "cpu":
+        return device.type == "cpu" and _load_backend("cpu") is not None and _load_backend("cpu").available()
+    if name == "triton":
+        wanted = "cpu" if _interpreting() else "cuda"
+        return device.type == wanted and _load_backend("triton") is not None
+    return False
+
+
+def backends() -> list[str]:
+    """Names of the backends that can run in this process."""
+    live = ["reference"]
+    if _can_run("cpu", torch.device("cpu")):
+        live.append("cpu")
+    if _load_backend("triton") is not None and (torch.cuda.is_available() or _interpreting()):
+        live.append("triton")
+    return live
+
+
+def _backend_for(device: torch.device):
+    forced = os.environ.get("GEM_KERNELS_BACKEND", "").strip()
+    if forced:
+        if forced not in BACKEND_NAMES:
+            raise ValueError(f"GEM_KERNELS_BACKEND={forced!r} is not one of {BACKEND_NAMES}")
+        if not _can_run(forced, device):
+            raise RuntimeError(f"GEM_KERNELS_BACKEND={forced!r} was forced but cannot run on "
+                               f"{device.type} tensors here (live backends: {backends()})")
+        return _load_backend(forced)
+    for name in ("cpu", "triton"):
+        if _can_run(name, device):
+            return _load_backend(name)
+    return reference
+
+
+# ---------------------------------------------------------------------------------------
+# Validation: one helper per kind of argument, used by every op.
+
+
+def _check_tensor(name: str, t, *, dtypes, device=None, shape=None, dim=None) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in dtypes:
+        allowed = ", ".join(str(d).replace("torch.", "") for d in dtypes)
+        raise TypeError(f"{name} has dtype {str(t.dtype).replace('torch.', '')}; expected {allowed}")
+    if device is not None and t.device != device:
+        raise ValueError(f"{name} is on {t.device} but the other tensors are on {device}")
+    if shape is not None and tuple(t.shape) != tuple(shape):
+        raise ValueError(f"{name} has shape {tuple(t.shape)}; expected {tuple(shape)}")
+    if dim is not None and t.dim() != dim:
+        raise ValueError(f"{name} must be {dim}-D, got shape {tuple(t.shape)}")
+    if not t.is_contiguous():
+        raise ValueError(f"{name} is not contiguous; call .contiguous() first")
+
+
+def _check_segments(grads, weights) -> torch.device:
+    """Checks paired lists of gradient and weight tensors; returns their common device."""
+    for name, seq in (("grads", grads), ("weights", weights)):
+        if isinstance(seq, torch.Tensor) or not isinstance(seq, Sequence):
+            raise TypeError(f"{name} must be a list of tensors, got {type(seq).__name__}")
+    if len(grads) != len(weights):
+        raise ValueError(f"grads has {len(grads)} tensors but weights has {len(weights)}")
+    device = weights[0].device if len(weights) else torch.device("cpu")
+    for i, (g, w) in enumerate(zip(grads, weights)):
+        _check_tensor(f"weights[{i}]", w, dtypes=FLOAT_DTYPES, device=device)
+        _check_tensor(f"grads[{i}]", g, dtypes=FLOAT_DTYPES, device=device, shape=w.shape)
+    return device
+
+
+def _check_score_args(eps: float, exponent: float) -> None:
+    if not (isinstance(eps, (int, float)) and math.isfinite(eps) and eps >= 0):
+        raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
+    if not (isinstance(exponent, (int, float)) and math.isfinite(exponent)):
+        raise ValueError(f"exponent must be a finite number, got {exponent!r}")
+
+
+def _as_count(name: str, value) -> int:
+    if isinstance(value, bool):
+        raise TypeError(f"{name} must be an integer, got bool")
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be an integer, got {type(value).__name__}") from None
+
+
+def check_index_set(name: str, indices, offsets, numels: Sequence[int], device) -> None:
+    """Checks an ``(indices, offsets)`` pair: int64, offsets ``[L+1]`` from 0 to ``len(indices)``
+    and non-decreasing, indices in range for their segment and strictly ascending within it."""
+    _check_tensor(f"{name} indices", indices, dtypes=(torch.int64,), device=device, dim=1)
+    _check_tensor(f"{name} offsets", offsets, dtypes=(torch.int64,), device=device,
+                  shape=(len(numels) + 1,))
+    counts = offsets.diff()
+    if int(offsets[0]) != 0 or int(offsets[-1]) != indices.numel() or bool((counts < 0).any()):
+        raise ValueError(f"{name} offsets must rise from 0 to len(indices)={indices.numel()} "
+                         f"without decreasing, got {offsets.tolist()[:8]}...")
+    if indices.numel() == 0:
+        return
+    numel_t = torch.tensor(list(numels), dtype=torch.int64, device=device)
+    limit = numel_t.repeat_interleave(counts)
+    if bool(((indices < 0) | (indices >= limit)).any()):
+        bad = int(torch.nonzero((indices < 0) | (indices >= limit))[0])
+        raise ValueError(f"{name} indices out of range: entry {bad} is {int(indices[bad])}, "
+                         f"its segment has {int(limit[bad])} elements")
+    starts = torch.zeros_like(indices, dtype=torch.bool)
+    starts[offsets[:-1][counts > 0]] = True
+    rising = torch.ones_like(starts)
+    rising[1:] = indices[1:] > indices[:-1]
+    if not bool((rising | starts).all()):
+        raise ValueError(f"{name} indices must be strictly ascending within each segment")
+
+
+def check_adamw_hyper(lr, betas, eps, weight_decay) -> None:
+    """torch AdamW's checks on its hyper-parameters, shared by the op and the optimizer."""
+    lr_value = float(lr) if isinstance(lr, torch.Tensor) and lr.numel() == 1 else lr
+    if not (isinstance(lr_value, (int, float)) and math.isfinite(lr_value) and lr_value >= 0):
+        raise ValueError(f"lr must be a finite number >= 0, got {lr!r}")
+    if not (isinstance(betas, Sequence) and len(betas) == 2
+            and all(isinstance(b, (int, float)) and 0.0 <= b < 1.0 for b in betas)):
+        raise ValueError(f"betas must be two numbers in [0, 1), got {betas!r}")
+    if not (isinstance(eps, (int, float)) and math.isfinite(eps) and eps >= 0):
+        raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
+    if not (isinstance(weight_decay, (int, float)) and math.isfinite(weight_decay) and weight_decay >= 0):
+        raise ValueError(f"weight_decay must be a finite number >= 0, got {weight_decay!r}")
+
+
+# ---------------------------------------------------------------------------------------
+# The ops
+
+
+def layer_stats(grads: Sequence[Tensor], weights: Sequence[Tensor], eps: float = 1e-8,
+                exponent: float = 1.0) -> Tensor:
+    """Per-tensor ``[Σs, Σs², Σ s·ln s, max s]`` (float64 ``[L, 4]``) of ``s = |g| / (|w|+eps)^exponent``."""
+    device = _check_segments(grads, weights)
+    _check_score_args(eps, exponent)
+    return _backend_for(device).layer_stats(list(grads), list(weights), float(eps), float(exponent))
+
+
+def ratio_topk(grads: Sequence[Tensor], weights: Sequence[Tensor], k, eps: float = 1e-8,
+               exponent: float = 1.0, exclude=None) -> tuple[Tensor, Tensor]:
+    """Exact top-k of the ratio score: ``k`` a list gives k per tensor, an int gives k overall.
+
+    Returns ``(indices, offsets)``; see ``gem_kernels.reference`` for ordering and ties.
+    """
+    device = _check_segments(grads, weights)
+    _check_score_args(eps, exponent)
+    numels = [w.numel() for w in weights]
+    if exclude is not None:
+        if not (isinstance(exclude, (tuple, list)) and len(exclude) == 2):
+            raise TypeError("exclude must be None or an (indices, offsets) pair")
+        check_index_set("exclude", exclude[0], exclude[1], numels, device)
+        n_excluded = exclude[1].diff().tolist()
+    else:
+        n_excluded = [0] * len(numels)
+    if isinstance(k, (list, tuple)):
+        if len(k) != len(numels):
+            raise ValueError(f"k has {len(k)} entries but there are {len(numels)} tensors")
+        k = [_as_count(f"k[{i}]", kk) for i, kk in enumerate(k)]
+        for i, (kk, n, ex) in enumerate(zip(k, numels, n_excluded)):
+            if not 0 <= kk <= n - ex:
+                raise ValueError(f"k[{i}]={kk} must be in [0, {n - ex}] (tensor {i} has {n} "
+                                 f"elements, {ex} excluded)")
+    else:
+        k = _as_count("k", k)
+        available = sum(numels) - sum(n_excluded)
+        if not 0 <= k <= available:
+            raise ValueError(f"k={k} must be in [0, {available}] ({sum(numels)} elements, "
+                             f"{sum(n_excluded)} excluded)")
+    return _backend_for(device).ratio_topk(list(grads), list(weights), k, float(eps),
+                                           float(exponent), exclude)
+
+
+def sparse_adamw_(params: Sequence[Tensor], grads, indices: Tensor, offsets: Tensor,
+                  exp_avg: Tensor, exp_avg_sq: Tensor, *, lr: float, betas=(0.9, 0.999),
+                  eps: float = 1e-8, weight_decay: float = 1e-2, step=None, age=None,
+                  maximize: bool = False) -> None:
+    """In-place AdamW step on the selected entries of ``params``; see ``gem_kernels.reference``."""
+    if isinstance(params, torch.Tensor) or not isinstance(params, Sequence):
+        raise TypeError(f"params must be a list of tensors, got {type(params).__name__}")
+    device = params[0].device if len(params) else torch.device("cpu")
+    for i, p in enumerate(params):
+        _check_tensor(f"params[{i}]", p, dtypes=FLOAT_DTYPES, device=device)
+    numels = [p.numel() for p in params]
+    check_index_set("sparse_adamw_", indices, offsets, numels, device)
+    n_selected = indices.numel()
+    if isinstance(grads, torch.Tensor):
+        _check_tensor("grads (compact)", grads, dtypes=FLOAT_DTYPES, device=device, shape=(n_selected,))
+    else:
+        if len(grads) != len(params):
+            raise ValueError(f"grads has {len(grads)} tensors but params has {len(params)}")
+        for i, (g, p) in enumerate(zip(grads, params)):
+            _check_tensor(f"grads[{i}]", g, dtypes=FLOAT_DTYPES, device=device, shape=p.shape)
+    for name, state in (("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)):
+        _check_tensor(name, state, dtypes=(torch.float32,), device=device, shape=(n_selected,))
+    check_adamw_hyper(lr, betas, eps, weight_decay)
+    if (step is None) == (age is None):
+        raise ValueError("give exactly one of step (per tensor) and age (per entry)")
+    if age is not None:
+        _check_tensor("age", age, dtypes=(torch.int32, torch.int64), device=device, shape=(n_selected,))
+        if n_selected and int(age.min()) < 1:
+            raise ValueError("age must be >= 1 for every entry (the step number of this update)")
+    elif isinstance(step, torch.Tensor):
+        _check_tensor("step", step, dtypes=(torch.int64,), device=device, shape=(len(params),))
+        if len(params) and int(step.min()) < 1:
+            raise ValueError("step must be >= 1 (the step number of this update)")
+    elif _as_count("step", step) < 1:
+        raise ValueError(f"step must be >= 1 (the step number of this update), got {step}")
+    _backend_for(device).sparse_adamw_(
+        list(params), grads if isinstance(grads, torch.Tensor) else list(grads), indices, offsets,
+        exp_avg, exp_avg_sq, lr=float(lr), betas=(float(betas[0]), float(betas[1])), eps=float(eps),
+        weight_decay=float(weight_decay), step=step, age=age, maximize=bool(maximize))

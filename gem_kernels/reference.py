@@ -1,0 +1,168 @@
+"""The three ops in plain PyTorch: the specification and the test oracle (DESIGN.md §3).
+
+Every backend must give these answers: top-k indices identical, floats within the
+tolerance of their dtype. Inputs are assumed valid here; `gem_kernels.ops` checks them.
+
+Conventions shared by all backends
+----------------------------------
+* A *segment* is one tensor; ops take lists of segments and index them by their flat
+  (row-major) position.
+* The score of an entry is ``s = |g| / d`` in fp32, with ``d = |w| + eps`` (``eps``
+  rounded to fp32 first) and, when ``exponent != 1``, ``d = fp32(fp64(d) ** exponent)``.
+  Division and addition are IEEE fp32 in every backend, so scores are bit-identical
+  and so are the chosen indices.
+* Selection orders entries by score, larger first; non-finite scores (NaN, inf) rank
+  below every finite one; equal scores go to the smaller flat index (across segments,
+  the smaller segment first).
+* Index sets are ``(indices, offsets)``: ``indices`` int64 holds the flat indices of
+  segment ``l`` in ``indices[offsets[l]:offsets[l+1]]``, sorted ascending.
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+
+Tensor = torch.Tensor
+
+
+def ratio_score(g: Tensor, w: Tensor, eps: float = 1e-8, exponent: float = 1.0) -> Tensor:
+    """Flat fp32 score ``|g| / (|w| + eps) ** exponent`` of one segment."""
+    d = w.reshape(-1).float().abs() + torch.tensor(eps, dtype=torch.float32, device=w.device)
+    if exponent != 1.0:
+        d = d.double().pow(exponent).float()
+    return g.reshape(-1).float().abs() / d
+
+
+def layer_stats(grads: Sequence[Tensor], weights: Sequence[Tensor], eps: float = 1e-8,
+                exponent: float = 1.0) -> Tensor:
+    """Per-segment ``[Σs, Σs², Σ s·ln s, max s]`` as float64 ``[L, 4]``.
+
+    ``0·ln 0`` counts as 0 and an empty segment gives zeros. Non-finite scores propagate
+    into the sums (callers reject non-finite gradients before asking for statistics).
+    The entropy of ``p = s / Σs`` follows without storing ``p``: ``H = ln S − (Σ s ln s) / S``.
+    """
+    device = weights[0].device if len(weights) else "cpu"
+    out = torch.zeros(len(grads), 4, dtype=torch.float64, device=device)
+    for i, (g, w) in enumerate(zip(grads, weights)):
+        if g.numel() == 0:
+            continue
+        s = ratio_score(g, w, eps, exponent).double()
+        s_ln_s = torch.where(s > 0, s * torch.log(s), torch.zeros_like(s))
+        out[i, 0] = s.sum()
+        out[i, 1] = (s * s).sum()
+        out[i, 2] = s_ln_s.sum()
+        out[i, 3] = s.max()
+    return out
+
+
+def entropy_from_stats(stats: Tensor) -> Tensor:
+    """Entropy ``H = ln S − (Σ s ln s) / S`` per row of ``layer_stats``; 0 where ``S == 0``."""
+    total, s_ln_s = stats[:, 0], stats[:, 2]
+    safe = torch.where(total > 0, total, torch.ones_like(total))
+    return torch.where(total > 0, torch.log(safe) - s_ln_s / safe, torch.zeros_like(total))
+
+
+def _rank_key(score: Tensor) -> Tensor:
+    """Scores with non-finite values pushed below every finite one (finite scores are >= 0)."""
+    return torch.where(torch.isfinite(score), score, torch.full_like(score, -1.0))
+
+
+def _excluded_mask(numel: int, exclude, seg: int, device) -> Tensor:
+    mask = torch.zeros(numel, dtype=torch.bool, device=device)
+    if exclude is not None:
+        ex_idx, ex_off = exclude
+        mask[ex_idx[int(ex_off[seg]):int(ex_off[seg + 1])]] = True
+    return mask
+
+
+def _top_by_key(key: Tensor, count: int) -> Tensor:
+    """Positions of the ``count`` largest keys, ties to the smaller position."""
+    # A stable sort on the negated key keeps equal keys in position order.
+    order = torch.sort(-key, stable=True).indices
+    return order[:count]
+
+
+def ratio_topk(grads: Sequence[Tensor], weights: Sequence[Tensor], k, eps: float = 1e-8,
+               exponent: float = 1.0, exclude=None) -> tuple[Tensor, Tensor]:
+    """Exact top-k of the ratio score, per segment (``k`` a list) or across segments (``k`` an int).
+
+    ``exclude`` is ``None`` or an ``(indices, offsets)`` pair of entries never to choose.
+    Returns ``(indices, offsets)`` with indices sorted ascending inside each segment.
+    """
+    device = weights[0].device if len(weights) else "cpu"
+    keys = []
+    for seg, (g, w) in enumerate(zip(grads, weights)):
+        key = _rank_key(ratio_score(g, w, eps, exponent)).double()
+        # Excluded entries sort below everything, including non-finite scores.
+        key[_excluded_mask(w.numel(), exclude, seg, device)] = -2.0
+        keys.append(key)
+
+    if isinstance(k, int):
+        flat = torch.cat(keys) if keys else torch.zeros(0, dtype=torch.float64, device=device)
+        chosen = _top_by_key(flat, k)  # concatenation order = (segment, index) order
+        starts = torch.tensor([0] + [t.numel() for t in keys], device=device).cumsum(0)
+        chosen_sorted = torch.sort(chosen).values
+        seg_of = torch.searchsorted(starts[1:], chosen_sorted, right=True)
+        local = chosen_sorted - starts[seg_of]
+        counts = torch.bincount(seg_of, minlength=len(keys))
+    else:
+        per_seg = [torch.sort(_top_by_key(key, int(kk))).values for key, kk in zip(keys, k)]
+        local = torch.cat(per_seg) if per_seg else torch.zeros(0, dtype=torch.int64, device=device)
+        counts = torch.tensor([t.numel() for t in per_seg], dtype=torch.int64, device=device)
+    offsets = torch.zeros(len(keys) + 1, dtype=torch.int64, device=device)
+    offsets[1:] = counts.cumsum(0)
+    return local.to(torch.int64), offsets
+
+
+def adamw_scalars(lr: float, beta1: float, beta2: float, weight_decay: float, step):
+    """Host-side scalars of torch AdamW's update for one step number (as torch computes them)."""
+    bias_correction1 = 1 - beta1 ** step
+    bias_correction2 = 1 - beta2 ** step
+    return 1 - lr * weight_decay, lr / bias_correction1, math.sqrt(bias_correction2)
+
+
+def sparse_adamw_(params: Sequence[Tensor], grads, indices: Tensor, offsets: Tensor,
+                  exp_avg: Tensor, exp_avg_sq: Tensor, *, lr: float, betas=(0.9, 0.999),
+                  eps: float = 1e-8, weight_decay: float = 1e-2, step=None, age=None,
+                  maximize: bool = False) -> None:
+    """torch AdamW's update on the selected entries only, in fp32, in place.
+
+    * ``grads``: a list of dense tensors shaped like ``params`` (read at the indices), or
+      one compact 1-D tensor with a value per selected entry, aligned with ``indices``.
+    * ``exp_avg``/``exp_avg_sq``: fp32, one value per selected entry.
+    * exactly one of ``step`` (the step number of this update: an int, or an int64 tensor
+      with one per segment) and ``age`` (an integer tensor, one step number per entry).
+      Step numbers count this update, so they are >= 1, as after torch's ``step += 1``.
+    Order of operations, as ``torch.optim.AdamW`` (single tensor): decoupled decay
+    ``p *= 1 - lr*wd``; ``m += (1-β1)(g-m)``; ``v = β2 v + (1-β2) g²``;
+    ``p -= lr/bc1 · m / (sqrt(v)/sqrt(bc2) + eps)``. Other entries are never touched.
+    """
+    beta1, beta2 = betas
+    compact = isinstance(grads, torch.Tensor)
+    for seg, p in enumerate(params):
+        lo, hi = int(offsets[seg]), int(offsets[seg + 1])
+        if hi == lo:
+            continue
+        idx = indices[lo:hi]
+        flat = p.view(-1)
+        g = (grads[lo:hi] if compact else grads[seg].reshape(-1)[idx]).float()
+        if maximize:
+            g = -g
+        w = flat[idx].float()
+        m, v = exp_avg[lo:hi], exp_avg_sq[lo:hi]
+        if age is not None:
+            n = age[lo:hi].double()
+            decay = torch.tensor(1 - lr * weight_decay, dtype=torch.float32)
+            step_size = (lr / (1 - beta1 ** n)).float()
+            bc2_sqrt = torch.sqrt(1 - beta2 ** n).float()
+        else:
+            n = int(step[seg]) if isinstance(step, torch.Tensor) else int(step)
+            decay, step_size, bc2_sqrt = adamw_scalars(lr, beta1, beta2, weight_decay, n)
+        w = w * decay
+        m.lerp_(g, 1 - beta1)
+        v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+        denom = (v.sqrt() / bc2_sqrt) + eps
+        w = w + (-step_size * m) / denom  # addcdiv's order: (value * t1) / t2
+        flat[idx] = w.to(p.dtype)
