@@ -1,0 +1,12 @@
+"""Triton kernels of the three ops (DESIGN.md §3): one launch per op stage over all segments.
+
+Importing this package raises ImportError when Triton is missing, which ``gem_kernels.ops``
+reads as "this backend is not live".
+"""
+import triton  # noqa: F401  (absolute: the real Triton, so a missing install fails the import)
+
+from .layer_stats import layer_stats
+from .ratio_topk import ratio_topk
+#from .sparse_adamw import sparse_adamw_
+
+__all__ = ["layer_stats", "ratio_topk", "sparse_adamw_"]
