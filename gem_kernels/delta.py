@@ -1,0 +1,295 @@
+"""Sparse deltas: save the entries a sparse fine-tune changed, apply them to a base model, remove them.
+
+A delta is one safetensors file. For every parameter with changed entries it holds three
+tensors, keyed by the parameter's name:
+
+* ``<name>::indices``  int64, the flat (row-major) indices, strictly ascending;
+* ``<name>::new``      the trained values at those indices, in the parameter's dtype;
+* ``<name>::original`` the base model's values there, in the parameter's dtype;
+
+and string metadata: ``format`` / ``format_version``, ``gem_kernels_version`` (the package
+version that wrote it), ``tensors`` (JSON: per name its shape, dtype and ``base_sha256``, a
+SHA-256 of the base values at the indices) and ``payload_sha256`` (a SHA-256 over every tensor
+and every other metadata field), so a truncated or edited file is rejected.
+
+What is stored: only entries whose value actually changed (compared bit for bit), not every
+selected entry. A selected entry that training left unchanged needs no record to restore
+either model, and the file stays O(changed) <= O(k). Parameters the optimizer trained densely
+(groups with ``sparse=False``, e.g. a new classification head) are not part of a sparse delta:
+``save_delta`` refuses them unless ``exclude_dense=True``; save those with their state dict.
+
+``apply_delta`` and ``remove_delta`` are exact inverses: apply requires the model to hold the
+original values at every index (bitwise) and writes the new ones; remove requires the new
+values and writes the originals back. Both check the whole file against the model before
+writing anything, so a rejected delta leaves the model untouched.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+from pathlib import Path
+
+import torch
+
+FORMAT = "gem_kernels.delta"
+FORMAT_VERSION = "1"
+SUPPORTED_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_KEY_SEP = "::"
+_PARTS = ("indices", "new", "original")
+# Same-width integer views, so values are compared and hashed by their bits (NaN, -0.0 included).
+_BITS_DTYPE = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def _bits(values: torch.Tensor) -> torch.Tensor:
+    return values.contiguous().view(_BITS_DTYPE[values.dtype])
+
+
+def _sha256(values: torch.Tensor) -> str:
+    return hashlib.sha256(values.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()
+
+
+def _payload_sha256(tensors: dict, metadata: dict) -> str:
+    """SHA-256 over every metadata field except the checksum itself and every tensor's key,
+    dtype, shape and bytes, in sorted key order (safetensors does not keep insertion order)."""
+    digest = hashlib.sha256()
+    fields = {k: v for k, v in metadata.items() if k != "payload_sha256"}
+    digest.update(json.dumps(fields, sort_keys=True).encode())
+    for key in sorted(tensors):
+        t = tensors[key].contiguous()
+        digest.update(json.dumps([key, _dtype_name(t.dtype), list(t.shape)]).encode())
+        digest.update(t.view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _named_parameters(model) -> dict:
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    return dict(model.named_parameters())
+
+
+def _gather(param: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    return param.detach().reshape(-1)[indices]
+
+
+def _scatter_(param: torch.Tensor, indices: torch.Tensor, values: torch.Tensor) -> None:
+    # unravel_index addresses the entries through the param's own strides, so this writes in
+    # place also when the param is not contiguous (reshape(-1) would write into a copy).
+    param.detach()[torch.unravel_index(indices, param.shape)] = values
+
+
+# ---------------------------------------------------------------------------------------
+# Save
+
+
+def save_delta(model, path, optimizer, *, exclude_dense: bool = False) -> dict:
+    """Writes the entries ``optimizer`` (a SparseAdamW) trained and changed in ``model`` to ``path``.
+
+    Returns a summary: ``{"tensors": n, "entries": changed entries, "bytes": file size}``.
+    """
+    params = _named_parameters(model)
+    if not hasattr(optimizer, "selected_entries"):
+        raise TypeError(f"optimizer must be a SparseAdamW (with selected_entries()), got "
+                        f"{type(optimizer).__name__}")
+    if not isinstance(exclude_dense, bool):
+        raise TypeError(f"exclude_dense must be a bool, got {type(exclude_dense).__name__}")
+    selected = optimizer.selected_entries()
+    if not selected:
+        raise ValueError(f"optimizer has selected no entries yet (phase "
+                         f"{getattr(optimizer, 'phase', '?')!r}); train past selection before saving")
+    name_of = {id(p): name for name, p in params.items()}
+    unknown = [tuple(p.shape) for p in selected if id(p) not in name_of]
+    if unknown:
+        raise ValueError(f"optimizer holds {len(unknown)} selected parameter(s) that model does "
+                         f"not contain (shapes {unknown[:3]}); pass the model the optimizer trains")
+    dense = [name_of.get(id(p), f"<shape {tuple(p.shape)}>")
+             for group in optimizer.param_groups for p in group["params"]
+             if p.requires_grad and p not in selected]
+    if dense and not exclude_dense:
+        raise ValueError(f"optimizer trains {len(dense)} parameter(s) densely, which a sparse delta "
+                         f"does not hold: {dense[:5]}; save them with their state_dict and pass "
+                         "exclude_dense=True")
+
+    tensors, table = {}, {}
+    changed_total = 0
+    with torch.no_grad():
+        for param, (indices, original) in selected.items():
+            name = name_of[id(param)]
+            if param.dtype not in _BITS_DTYPE:
+                raise ValueError(f"parameter {name!r} has dtype {_dtype_name(param.dtype)}; a delta "
+                                 f"supports {sorted(SUPPORTED_DTYPES)}")
+            indices = indices.detach().to("cpu", torch.int64)
+            original = original.detach().to("cpu")
+            if original.dtype != param.dtype or original.shape != indices.shape:
+                raise ValueError(f"optimizer's original values for {name!r} are "
+                                 f"{_dtype_name(original.dtype)}{tuple(original.shape)}; expected "
+                                 f"{_dtype_name(param.dtype)}{tuple(indices.shape)}")
+            current = _gather(param, indices.to(param.device)).cpu()
+            changed = _bits(current) != _bits(original)
+            if not bool(changed.any()):
+                continue
+            indices, original, current = indices[changed], original[changed], current[changed]
+            tensors[f"{name}{_KEY_SEP}indices"] = indices.contiguous()
+            tensors[f"{name}{_KEY_SEP}new"] = current.contiguous()
+            tensors[f"{name}{_KEY_SEP}original"] = original.contiguous()
+            table[name] = {"shape": list(param.shape), "dtype": _dtype_name(param.dtype),
+                           "base_sha256": _sha256(original)}
+            changed_total += indices.numel()
+
+    from . import __version__
+    metadata = {"format": FORMAT, "format_version": FORMAT_VERSION,
+                "gem_kernels_version": __version__, "tensors": json.dumps(table, sort_keys=True)}
+    metadata["payload_sha256"] = _payload_sha256(tensors, metadata)
+    from safetensors.torch import save
+    blob = save(tensors, metadata=metadata)
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(blob)
+    os.replace(tmp, path)  # a crash mid-write never leaves a half file under the real name
+    return {"tensors": len(table), "entries": changed_total, "bytes": len(blob)}
+
+
+# ---------------------------------------------------------------------------------------
+# Load and check
+
+
+def _read_metadata(blob: bytes, path) -> dict:
+    """The ``__metadata__`` of a safetensors blob (the header is an 8-byte length, then JSON)."""
+    if len(blob) < 8:
+        raise ValueError(f"delta file {path} is truncated ({len(blob)} bytes)")
+    (header_len,) = struct.unpack("<Q", blob[:8])
+    if 8 + header_len > len(blob):
+        raise ValueError(f"delta file {path} is truncated: its header claims {header_len} bytes, "
+                         f"the file has {len(blob) - 8}")
+    try:
+        header = json.loads(blob[8:8 + header_len])
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"delta file {path} has a corrupt header ({error})") from None
+    return header.get("__metadata__") or {}
+
+
+def load_delta(path) -> dict:
+    """Reads and checks a delta file on its own (no model): format, checksum, key set, dtypes,
+    lengths, index range and order. Returns ``{name: {"shape", "dtype", "indices", "new",
+    "original", "base_sha256"}}``."""
+    return _load(path)[0]
+
+
+def _load(path):
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__}")
+    blob = Path(path).read_bytes()
+    metadata = _read_metadata(blob, path)
+    if metadata.get("format") != FORMAT:
+        raise ValueError(f"{path} is not a gem_kernels delta (format {metadata.get('format')!r})")
+    if metadata.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"delta file {path} has format_version {metadata.get('format_version')!r}; "
+                         f"this gem_kernels reads {FORMAT_VERSION!r}")
+    from safetensors import SafetensorError
+    from safetensors.torch import load
+    try:
+        tensors = load(blob)
+    except SafetensorError as error:
+        raise ValueError(f"delta file {path} is truncated or corrupt ({error})") from None
+    if metadata.get("payload_sha256") != _payload_sha256(tensors, metadata):
+        raise ValueError(f"delta file {path} fails its checksum: the file was modified or damaged")
+    try:
+        table = json.loads(metadata["tensors"])
+    except (KeyError, json.JSONDecodeError) as error:
+        raise ValueError(f"delta file {path} has no readable tensor table ({error})") from None
+
+    expected_keys = {f"{name}{_KEY_SEP}{part}" for name in table for part in _PARTS}
+    if set(tensors) != expected_keys:
+        extra, missing = sorted(set(tensors) - expected_keys), sorted(expected_keys - set(tensors))
+        raise ValueError(f"delta file {path} tensors do not match its table: extra {extra[:3]}, "
+                         f"missing {missing[:3]}")
+    entries = {}
+    for name, info in table.items():
+        indices, new, original = (tensors[f"{name}{_KEY_SEP}{part}"] for part in _PARTS)
+        dtype = SUPPORTED_DTYPES.get(info.get("dtype"))
+        if dtype is None:
+            raise ValueError(f"delta tensor {name!r} has unsupported dtype {info.get('dtype')!r}")
+        numel = 1
+        for size in info["shape"]:
+            numel *= int(size)
+        if indices.dtype != torch.int64 or indices.dim() != 1:
+            raise ValueError(f"delta tensor {name!r}: indices must be 1-D int64, got "
+                             f"{_dtype_name(indices.dtype)}{tuple(indices.shape)}")
+        for part, values in (("new", new), ("original", original)):
+            if values.dtype != dtype or values.shape != indices.shape:
+                raise ValueError(f"delta tensor {name!r}: {part} values are "
+                                 f"{_dtype_name(values.dtype)}{tuple(values.shape)}, expected "
+                                 f"{info['dtype']}{tuple(indices.shape)}")
+        if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= numel):
+            raise ValueError(f"delta tensor {name!r}: indices out of range [0, {numel}) "
+                             f"(min {int(indices.min())}, max {int(indices.max())})")
+        if indices.numel() > 1 and not bool((indices[1:] > indices[:-1]).all()):
+            raise ValueError(f"delta tensor {name!r}: indices are not strictly ascending")
+        if info.get("base_sha256") != _sha256(original):
+            raise ValueError(f"delta tensor {name!r}: original values do not match base_sha256")
+        entries[name] = dict(info, shape=tuple(info["shape"]), dtype=dtype, indices=indices,
+                             new=new, original=original)
+    return entries, metadata
+
+
+def _check_against_model(model, path, expect: str):
+    """Validates the whole delta against ``model`` and returns the (param, indices, values to
+    write) list; ``expect`` is "original" (apply) or "new" (remove). Writes nothing."""
+    params = _named_parameters(model)
+    entries, _ = _load(path)
+    writes = []
+    for name, entry in entries.items():
+        param = params.get(name)
+        if param is None:
+            raise ValueError(f"delta tensor {name!r} is not a parameter of this model")
+        if tuple(param.shape) != entry["shape"]:
+            raise ValueError(f"delta tensor {name!r} has shape {entry['shape']} but the model's "
+                             f"parameter has shape {tuple(param.shape)}")
+        if param.dtype != entry["dtype"]:
+            raise ValueError(f"delta tensor {name!r} has dtype {_dtype_name(entry['dtype'])} but the "
+                             f"model's parameter has dtype {_dtype_name(param.dtype)}")
+        indices = entry["indices"].to(param.device)
+        current = _gather(param, indices).cpu()
+        other = "new" if expect == "original" else "original"
+        mismatched = int((_bits(current) != _bits(entry[expect])).sum())
+        if mismatched:
+            if expect == "original":
+                if _sha256(current) == _sha256(entry["new"]):
+                    problem = "the delta is already applied"
+                else:
+                    problem = "the delta was made for a different base model"
+            else:
+                problem = ("the delta is not applied (the model holds its original values)"
+                           if _sha256(current) == _sha256(entry["original"])
+                           else "the delta is not applied to this model (values differ)")
+            raise ValueError(f"{problem}: parameter {name!r} differs from the delta's {expect} "
+                             f"values at {mismatched} of {indices.numel()} entries; model unchanged")
+        writes.append((param, indices, entry[other].to(param.device)))
+    return writes
+
+
+def apply_delta(model, path) -> int:
+    """Writes the delta's new values into ``model`` (bitwise exact). Returns the entries written.
+
+    Raises ValueError, with the model untouched, if the file is damaged or was made for another
+    base model, or the model lacks one of its tensors (name, shape, dtype)."""
+    with torch.no_grad():
+        writes = _check_against_model(model, path, expect="original")
+        for param, indices, values in writes:
+            _scatter_(param, indices, values)
+    return sum(indices.numel() for _, indices, _ in writes)
+
+
+def remove_delta(model, path) -> int:
+    """Restores the base values a delta replaced (exact inverse of ``apply_delta``). Returns the
+    entries written. Raises ValueError, model untouched, unless the delta is applied."""
+    with torch.no_grad():
+        writes = _check_against_model(model, path, expect="new")
+        for param, indices, values in writes:
+            _scatter_(param, indices, values)
+    return sum(indices.numel() for _, indices, _ in writes)
