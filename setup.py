@@ -1,0 +1,53 @@
+"""Builds gem_kernels._C with CMake + Ninja + pybind11 (no torch needed at build time).
+
+Metadata lives in pyproject.toml; this file only wires the CMake build into setuptools.
+Environment:
+  GEM_KERNELS_BUILD_CUDA=auto|0|1  compile the CUDA sources in csrc/: when nvcc is found
+                                   (auto, the default), never (0), or always, failing if
+                                   nvcc is missing (1).
+  CMAKE_BUILD_PARALLEL_LEVEL       parallel compile jobs (CMake's own variable).
+"""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
+
+ROOT = Path(__file__).resolve().parent
+CUDA_CHOICES = ("auto", "0", "1")
+
+
+class CMakeExtension(Extension):
+    def __init__(self, name: str):
+        super().__init__(name, sources=[])  # CMakeLists.txt lists the sources
+
+
+class CMakeBuild(build_ext):
+    def build_extension(self, ext: Extension) -> None:
+        import cmake  # the build requirements from pyproject.toml
+        import ninja
+        import pybind11
+
+        build_cuda = os.environ.get("GEM_KERNELS_BUILD_CUDA", "auto").strip().lower()
+        if build_cuda not in CUDA_CHOICES:
+            raise ValueError(f"GEM_KERNELS_BUILD_CUDA must be one of {CUDA_CHOICES}, got {build_cuda!r}")
+        output_dir = Path(self.get_ext_fullpath(ext.name)).resolve().parent
+        build_dir = Path(self.build_temp).resolve() / "cmake"
+        build_dir.mkdir(parents=True, exist_ok=True)
+        cmake_exe = str(Path(cmake.CMAKE_BIN_DIR) / "cmake")
+        configure = [
+            cmake_exe, "-S", str(ROOT), "-B", str(build_dir), "-G", "Ninja",
+            f"-DCMAKE_MAKE_PROGRAM={Path(ninja.BIN_DIR) / 'ninja'}",
+            "-DCMAKE_BUILD_TYPE=Release",
+            f"-DPython_EXECUTABLE={sys.executable}",
+            f"-Dpybind11_DIR={pybind11.get_cmake_dir()}",
+            f"-DGEM_KERNELS_BUILD_CUDA={build_cuda}",
+            f"-DGEM_KERNELS_OUTPUT_DIR={output_dir}",
+        ]
+        subprocess.run(configure, check=True)
+        subprocess.run([cmake_exe, "--build", str(build_dir)], check=True)
+
+
+setup(ext_modules=[CMakeExtension("gem_kernels._C")], cmdclass={"build_ext": CMakeBuild})
