@@ -7,6 +7,6 @@ import triton  # noqa: F401  (absolute: the real Triton, so a missing install fa
 
 from .layer_stats import layer_stats
 from .ratio_topk import ratio_topk
-#from .sparse_adamw import sparse_adamw_
+from .sparse_adamw import sparse_adamw_
 
 __all__ = ["layer_stats", "ratio_topk", "sparse_adamw_"]

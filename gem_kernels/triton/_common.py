@@ -41,7 +41,7 @@ def _interpreter_pow_f64(x, exponent):
     double pow) stands in for libdevice's ``__nv_pow``."""
     from triton.runtime.interpreter import TensorHandle
     e = exponent.handle.data if hasattr(exponent, "handle") else exponent
-    data = np.power(x.handle.data.astype(np.float64), np.float64(e))
+    data = np.power(x.handle.data.astype(np.float64), np.asarray(e, dtype=np.float64))
     return tl.tensor(TensorHandle(data, tl.float64), x.type)
 
 
@@ -59,6 +59,24 @@ def load_f32(base, offs, mask, code):
     else:
         x = tl.load(base.to(tl.pointer_type(tl.float16)) + offs, mask=mask, other=0.0).to(tl.float32)
     return x
+
+
+@triton.jit
+def gather_f32(bases, offs, mask, codes):
+    """Loads ``bases[i][offs[i]]`` as fp32, each lane with its own address and dtype code: one
+    masked load per dtype, of which only the lane's own is live, so no extra memory traffic."""
+    as_f32 = tl.load(bases.to(tl.pointer_type(tl.float32)) + offs, mask=mask & (codes == 0), other=0.0)
+    as_bf16 = tl.load(bases.to(tl.pointer_type(tl.bfloat16)) + offs, mask=mask & (codes == 1), other=0.0)
+    as_f16 = tl.load(bases.to(tl.pointer_type(tl.float16)) + offs, mask=mask & (codes == 2), other=0.0)
+    return tl.where(codes == 0, as_f32, tl.where(codes == 1, as_bf16.to(tl.float32), as_f16.to(tl.float32)))
+
+
+@triton.jit
+def scatter_f32(bases, offs, mask, codes, x):
+    """Stores fp32 ``x`` to ``bases[i][offs[i]]`` in each lane's dtype (round to nearest even)."""
+    tl.store(bases.to(tl.pointer_type(tl.float32)) + offs, x, mask=mask & (codes == 0))
+    tl.store(bases.to(tl.pointer_type(tl.bfloat16)) + offs, x.to(tl.bfloat16), mask=mask & (codes == 1))
+    tl.store(bases.to(tl.pointer_type(tl.float16)) + offs, x.to(tl.float16), mask=mask & (codes == 2))
 
 
 @triton.jit

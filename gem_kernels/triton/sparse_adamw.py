@@ -1,0 +1,114 @@
+"""sparse_adamw_: torch AdamW's update on the selected entries of all segments, one launch.
+
+Programs run over the concatenated selected entries; each lane finds its segment by a binary
+search of ``offsets`` (L+1 values, cached), so the host never needs the per-segment counts
+(reading them would wait on the GPU). Params may be fp32/bf16/fp16 per segment; the state is
+fp32 and compact (one value per selected entry).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import dtype_code, gather_f32, int_table, pow_f64, scatter_f32
+
+# Launch settings: the work is scattered loads and stores of single elements; 1024 entries per
+# program at 4 warps (8 per thread) keeps many independent loads in flight per SM.
+BLOCK = 1024
+NUM_WARPS = 4
+
+TABLE_COLS = 5  # param address, dense grad address, param dtype code, grad dtype code, step
+
+
+@triton.jit
+def _sparse_adamw_kernel(table, offsets, num_segments, search_steps, indices, compact_grads, age,
+                         exp_avg, exp_avg_sq, num_selected, lr: tl.float64, beta1: tl.float64,
+                         beta2: tl.float64, one_minus_beta1, one_minus_beta2, beta2_f32, eps, decay,
+                         maximize, BLOCK: tl.constexpr, COMPACT: tl.constexpr, USE_AGE: tl.constexpr):
+    entry = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    active = entry < num_selected
+    # Largest seg with offsets[seg] <= entry: the segment that owns this entry.
+    lo = tl.zeros([BLOCK], dtype=tl.int32)
+    hi = tl.zeros([BLOCK], dtype=tl.int32) + num_segments
+    for _ in range(search_steps):
+        mid = (lo + hi) // 2
+        go_right = tl.load(offsets + mid, mask=active, other=0) <= entry
+        lo = tl.where(go_right, mid, lo)
+        hi = tl.where(go_right, hi, mid)
+    row = table + lo * 5
+    p_base = tl.load(row, mask=active, other=0)
+    p_code = tl.load(row + 2, mask=active, other=0)
+    idx = tl.load(indices + entry, mask=active, other=0)
+
+    if COMPACT:
+        g = tl.load(compact_grads + entry, mask=active, other=0.0).to(tl.float32)
+    else:
+        g = gather_f32(tl.load(row + 1, mask=active, other=0), idx, active,
+                       tl.load(row + 3, mask=active, other=0))
+    g = tl.where(maximize != 0, -g, g)
+    if USE_AGE:
+        n = tl.load(age + entry, mask=active, other=1).to(tl.float64)
+    else:
+        n = tl.load(row + 4, mask=active, other=1).to(tl.float64)
+    # Bias corrections in fp64 then rounded, as torch computes them in Python doubles.
+    ones = tl.zeros([BLOCK], dtype=tl.float64) + 1.0
+    step_size = (lr / (1.0 - pow_f64(ones * beta1, n))).to(tl.float32)
+    bc2_sqrt = tl.sqrt(1.0 - pow_f64(ones * beta2, n)).to(tl.float32)  # fp64 sqrt is IEEE
+
+    w = gather_f32(p_base, idx, active, p_code)
+    m = tl.load(exp_avg + entry, mask=active, other=0.0)
+    v = tl.load(exp_avg_sq + entry, mask=active, other=0.0)
+    w = w * decay                                     # decoupled weight decay first
+    m = m + one_minus_beta1 * (g - m)                 # lerp(g, 1-beta1), weight < 0.5 form
+    v = v * beta2_f32 + one_minus_beta2 * g * g       # mul_(beta2).addcmul_(g, g, 1-beta2)
+    denom = tl.math.div_rn(tl.sqrt_rn(v), bc2_sqrt) + eps
+    w = w + tl.math.div_rn(-step_size * m, denom)     # addcdiv: (value * m) / denom
+    tl.store(exp_avg + entry, m, mask=active)
+    tl.store(exp_avg_sq + entry, v, mask=active)
+    scatter_f32(p_base, idx, active, p_code, w)
+
+
+def sparse_adamw_(params, grads, indices, offsets, exp_avg, exp_avg_sq, *, lr, betas=(0.9, 0.999),
+                  eps=1e-8, weight_decay=1e-2, step=None, age=None, maximize=False):
+    num_selected = indices.numel()
+    if num_selected == 0:
+        return
+    device = indices.device
+    compact = isinstance(grads, torch.Tensor)
+    step_is_tensor = isinstance(step, torch.Tensor)
+    rows = []
+    for i, p in enumerate(params):
+        g = p if compact else grads[i]  # compact: the dense grad column is never read
+        seg_step = 1 if age is not None or step_is_tensor else int(step)
+        rows.append([p.data_ptr(), g.data_ptr(), dtype_code(p), dtype_code(g), seg_step])
+    table = int_table(rows, device)
+    if step_is_tensor:
+        table[:, 4] = step  # a device copy: the step numbers never visit the host
+    beta1, beta2 = betas
+    grid = (triton.cdiv(num_selected, BLOCK),)
+    _sparse_adamw_kernel[grid](
+        table, offsets, len(params), len(params).bit_length(), indices,
+        grads if compact else exp_avg, age if age is not None else indices,
+        exp_avg, exp_avg_sq, num_selected, lr, beta1, beta2, 1 - beta1, 1 - beta2, beta2, eps,
+        1 - lr * weight_decay, int(maximize), BLOCK=BLOCK, COMPACT=compact, USE_AGE=age is not None,
+        num_warps=NUM_WARPS)
+
+
+def compile_configs():
+    """Every (kernel, signature, constexprs, num_warps) the host function can launch."""
+    configs = []
+    grad_kinds = [(False, "*fp32")] + [(True, t) for t in ("*fp32", "*bf16", "*fp16")]
+    age_kinds = [(False, "*i64"), (True, "*i32"), (True, "*i64")]
+    for compact, grad_type in grad_kinds:
+        for use_age, age_type in age_kinds:
+            signature = {
+                "table": "*i64", "offsets": "*i64", "num_segments": "i32", "search_steps": "i32",
+                "indices": "*i64", "compact_grads": grad_type, "age": age_type, "exp_avg": "*fp32",
+                "exp_avg_sq": "*fp32", "num_selected": "i64", "lr": "fp64", "beta1": "fp64",
+                "beta2": "fp64", "one_minus_beta1": "fp32", "one_minus_beta2": "fp32",
+                "beta2_f32": "fp32", "eps": "fp32", "decay": "fp32", "maximize": "i32",
+                "BLOCK": "constexpr", "COMPACT": "constexpr", "USE_AGE": "constexpr"}
+            configs.append((_sparse_adamw_kernel, signature,
+                            {"BLOCK": BLOCK, "COMPACT": compact, "USE_AGE": use_age}, NUM_WARPS))
+    return configs
