@@ -99,7 +99,7 @@ def save_delta(model, path, optimizer, *, exclude_dense: bool = False) -> dict:
     if not isinstance(exclude_dense, bool):
         raise TypeError(f"exclude_dense must be a bool, got {type(exclude_dense).__name__}")
     selected = optimizer.selected_entries()
-    if not selected:
+    if sum(indices.numel() for indices, _ in selected.values()) == 0:
         raise ValueError(f"optimizer has selected no entries yet (phase "
                          f"{getattr(optimizer, 'phase', '?')!r}); train past selection before saving")
     name_of = {id(p): name for name, p in params.items()}

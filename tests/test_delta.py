@@ -42,7 +42,8 @@ def _train(model, batches, budget, calibration_steps=2):
         opt.zero_grad()
         _loss(model, batch).backward()
         opt.step()
-    assert opt.phase == "training" and opt.selected_count() == budget
+    # GEM floors each tensor's share of the budget, so a few entries may go unused.
+    assert opt.phase == "training" and 0 < opt.selected_count() <= budget
     return opt
 
 
@@ -153,7 +154,7 @@ def test_bert_round_trip(tmp_path):
     trained = _snapshot(model)
     path = tmp_path / "bert.safetensors"
     summary = delta.save_delta(model, path, opt)
-    assert 0 < summary["entries"] <= 30
+    assert 0 < summary["entries"] <= opt.selected_count() <= 30
     names = set(delta.load_delta(path))
     assert names and all(n.endswith(("query.weight", "value.weight")) for n in names)
 
@@ -393,3 +394,13 @@ def test_only_changed_entries_are_stored(tmp_path):
     assert name not in stored
     assert summary["entries"] == sum(e["indices"].numel() for e in stored.values())
     assert summary["entries"] == opt.selected_count() - indices.numel()
+
+
+def test_save_before_selection_is_rejected(tmp_path):
+    model = _toy_model()
+    opt = SparseAdamW([model[0].weight, model[2].weight], lr=1e-2, budget=10, selector=GEM(),
+                      calibration_steps=2)
+    assert opt.phase == "calibration"
+    with pytest.raises(ValueError, match="selected no entries"):
+        delta.save_delta(model, tmp_path / "early.safetensors", opt)
+    assert not (tmp_path / "early.safetensors").exists()
