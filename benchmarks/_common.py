@@ -32,7 +32,7 @@ MODE_CASES = {
 }
 MODE_DENSITIES = {"smoke": [1e-2], "quick": [1e-3], "full": [1e-4, 1e-3, 1e-2]}
 # Timed rounds per benchmark (after one warm-up round); smoke runs disabled, so one call.
-MODE_ROUNDS = {"smoke": 1, "quick": 5, "full": 15}
+MODE_ROUNDS = {"smoke": 1, "quick": 3, "full": 10}
 
 # Our compiled backends and the device each runs on; "reference" is a baseline, not a contender.
 BACKEND_DEVICE = {"cpu": "cpu", "triton": "cuda"}

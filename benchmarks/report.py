@@ -1,0 +1,325 @@
+"""Roofline report: runs the benchmark suites (or reads their JSON), measures this machine's
+copy bandwidth in the same run, and writes one table per op to benchmarks/results/<device>.md.
+
+    python benchmarks/report.py            # full sizes (every case and density)
+    python benchmarks/report.py --quick    # the target sizes only, few rounds (< 3 min on 2 cores)
+    python benchmarks/report.py --json run.json   # tables from an earlier --benchmark-json
+
+Achieved bandwidth is bytes moved (counted as DESIGN.md §5 says, see _common.py) over the
+median time, shown as a share of the measured copy bandwidth (read + write of a large fp32
+buffer), so a figure near 100 % means the op runs at the memory's speed.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import re
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path.insert(0, str(HERE))
+
+OP_ORDER = ("layer_stats", "ratio_topk", "sparse_adamw_", "optimizer_step")
+COPY_BUFFER_BYTES = 256 << 20  # far beyond any last-level cache, so the copy streams from memory
+
+
+# ---------------------------------------------------------------------------------------
+# Machine
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def device_name(device: str) -> str:
+    return torch.cuda.get_device_name() if device == "cuda" else cpu_name()
+
+
+def file_stem(name: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "unknown"
+
+
+def copy_bandwidth(device: str, repeats: int = 15) -> float:
+    """Median bytes/s of dst.copy_(src) on a large fp32 buffer; bytes = one read + one write."""
+    n = COPY_BUFFER_BYTES // 4
+    src = torch.rand(n, device=device)
+    dst = torch.empty_like(src)
+    times = []
+    for i in range(repeats + 2):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        dst.copy_(src)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        if i >= 2:  # the first copies fault the pages in
+            times.append(time.perf_counter() - start)
+    times.sort()
+    return 2 * n * 4 / times[len(times) // 2]
+
+
+# ---------------------------------------------------------------------------------------
+# Running the suites
+
+
+def run_suites(mode: str, json_path: Path) -> float:
+    """Runs every suite under pytest-benchmark; returns the wall time. Raises if any fails,
+    since a benchmark whose result is wrong has no time worth reporting."""
+    cmd = [sys.executable, "-m", "pytest", str(HERE), "-q", "--benchmark-only", f"--bench-mode={mode}",
+           f"--benchmark-json={json_path}", "-p", "no:cacheprovider"]
+    print("running:", shlex.join(cmd), flush=True)
+    start = time.perf_counter()
+    done = subprocess.run(cmd, cwd=ROOT)
+    if done.returncode != 0:
+        raise SystemExit(f"the benchmark suites failed (pytest exit code {done.returncode})")
+    return time.perf_counter() - start
+
+
+# ---------------------------------------------------------------------------------------
+# Tables
+
+
+def fmt_time(seconds) -> str:
+    if seconds is None:
+        return "—"
+    if seconds >= 1:
+        return f"{seconds:.2f} s"
+    if seconds >= 1e-3:
+        return f"{seconds * 1e3:.2f} ms"
+    return f"{seconds * 1e6:.1f} µs"
+
+
+def fmt_bytes(n) -> str:
+    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{n} B"
+
+
+def size_label(info) -> str:
+    n = info["numel"]
+    count = f"{n / 1e6:.1f}M" if n >= 1e6 else f"{n / 1e3:.1f}k"
+    return f"{info['case']} ({info['segments']}×, {count})"
+
+
+def load_rows(data) -> list[dict]:
+    rows = []
+    for bench in data["benchmarks"]:
+        info = dict(bench.get("extra_info") or {})
+        if "op" not in info:
+            continue
+        info["median"] = bench["stats"]["median"]
+        info["rounds"] = bench["stats"]["rounds"]
+        rows.append(info)
+    return rows
+
+
+def pairs(rows, op, device):
+    """(ours or None, baseline) per case and density: a baseline with density None serves
+    every density measured for its case."""
+    ours = [r for r in rows if r["op"] == op and r["device"] == device and r["role"] == "ours"]
+    bases = [r for r in rows if r["op"] == op and r["device"] == device and r["role"] == "baseline"]
+    densities = sorted({r["density"] for r in ours + bases if r["density"] is not None})
+    out = []
+    cases = list(dict.fromkeys(r["case"] for r in ours + bases))
+    for case in cases:
+        for density in densities or [None]:
+            ours_here = [r for r in ours if r["case"] == case and r["density"] == density] or [None]
+            bases_here = [b for b in bases if b["case"] == case and b["density"] in (density, None)]
+            for o in ours_here:
+                for b in bases_here or [None]:
+                    if o is not None or b is not None:
+                        out.append((case, density, o, b))
+    return out
+
+
+def op_table(rows, op, device, copy_bw) -> list[str]:
+    lines = [f"### {op} ({device})", "",
+             "| size | density | ours | ours median | baseline | baseline median | speed-up "
+             "| bytes moved (ours) | ours GB/s | % of copy BW |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    found = pairs(rows, op, device)
+    for case, density, o, b in found:
+        info = o or b
+        speedup = f"{b['median'] / o['median']:.1f}x" if o and b else "—"
+        if o:
+            gbs = o["bytes"] / o["median"]
+            achieved = f"{gbs / 1e9:.1f}", f"{100 * gbs / copy_bw:.0f} %"
+            if op == "ratio_topk":
+                passes = o.get("passes")
+                achieved = (achieved[0], achieved[1] + (f" ({100 * gbs * passes / copy_bw:.0f} % per pass, "
+                                                        f"{passes} passes)" if passes else " (1-pass floor)"))
+        else:
+            achieved = "—", "—"
+        lines.append(" | ".join([
+            f"| {size_label(info)}", f"{density:g}" if density is not None else "—",
+            o["impl"] if o else "(none live)", fmt_time(o and o["median"]),
+            b["impl"] if b else "—", fmt_time(b and b["median"]), speedup,
+            fmt_bytes(o["bytes"]) if o else "—", achieved[0], achieved[1]]) + " |")
+    if not found:
+        lines.append("| (not measured) | | | | | | | | | |")
+    return lines + [""]
+
+
+def find(rows, *, op, device, case, density, role, impl=None):
+    for r in rows:
+        if (r["op"], r["device"], r["case"], r["role"]) == (op, device, case, role) \
+                and r["density"] in (density, None) and (impl is None or r["impl"] == impl):
+            return r
+    return None
+
+
+def targets(rows, copy_bw, device) -> list[str]:
+    """The stated targets at the medium size, density 1e-3, and whether each is met."""
+    case, density = "medium", 1e-3
+    ours_impl = {"cpu": "cpu", "cuda": "triton"}[device]
+
+    def get(op, role, impl):
+        return find(rows, op=op, device=device, case=case, density=density, role=role, impl=impl)
+
+    def speedup(op, baseline, at_least):
+        o, b = get(op, "ours", ours_impl), get(op, "baseline", baseline)
+        if not (o and b):
+            return "not measured", None
+        ratio = b["median"] / o["median"]
+        return ("met" if ratio >= at_least else "MISSED"), f"{ratio:.1f}x"
+
+    def bandwidth(op, at_least_pct, per_pass=False):
+        o = get(op, "ours", ours_impl)
+        if not o:
+            return "not measured", None
+        share = 100 * o["bytes"] / o["median"] / copy_bw
+        if per_pass:
+            if not o.get("passes"):
+                return "unknown", f"{share:.0f} % of the 1-pass floor; the backend states no pass count"
+            share *= o["passes"]
+        return ("met" if share >= at_least_pct else "MISSED"), f"{share:.0f} % of copy BW"
+
+    def floor_ratio(op, at_most):
+        o = get(op, "ours", ours_impl)
+        if not o:
+            return "not measured", None
+        ratio = o["median"] / (o["bytes"] / copy_bw)
+        return ("met" if ratio <= at_most else "MISSED"), f"{ratio:.1f}x its byte floor"
+
+    if device == "cpu":
+        checks = [
+            ("C++ sparse_adamw_ ≥ 5x faster than the torch reference", speedup("sparse_adamw_", "reference", 5)),
+            ("C++ sparse_adamw_ ≥ 100x faster than torch.optim.AdamW (foreach) over the whole tensors",
+             speedup("sparse_adamw_", "torch_adamw_foreach", 100)),
+            ("ratio_topk ≥ 2x faster than score + torch.topk", speedup("ratio_topk", "torch_score_topk", 2)),
+            ("layer_stats ≥ 50 % of copy bandwidth", bandwidth("layer_stats", 50)),
+        ]
+    else:
+        checks = [
+            ("layer_stats ≥ 70 % of copy bandwidth", bandwidth("layer_stats", 70)),
+            ("ratio_topk ≥ 70 % of copy bandwidth per pass", bandwidth("ratio_topk", 70, per_pass=True)),
+            ("sparse_adamw_ within 3x of its byte floor", floor_ratio("sparse_adamw_", 3)),
+        ]
+    lines = [f"### Targets ({device}, {case} size, density {density:g}, backend {ours_impl})", "",
+             "| target | measured | status |", "|---|---|---|"]
+    for name, (status, value) in checks:
+        lines.append(f"| {name} | {value or '—'} | **{status}** |")
+    return lines + [""]
+
+
+def memory_section() -> list[str]:
+    """The MiniLM memory table from benchmarks/minilm_memory.py, when that module is there."""
+    lines = ["## Memory: MiniLM-L6 fine-tuning (benchmarks/minilm_memory.py)", ""]
+    if not (HERE / "minilm_memory.py").exists():
+        return lines + ["Not available: benchmarks/minilm_memory.py is not in this checkout.", ""]
+    try:
+        import minilm_memory
+        rows = minilm_memory.memory_rows()
+    except Exception as error:  # reported in the file, not hidden: the op tables still stand
+        return lines + [f"Not available: minilm_memory failed with {type(error).__name__}: {error}", ""]
+    if not rows:
+        return lines + ["minilm_memory.memory_rows() returned no rows.", ""]
+    keys = list(rows[0].keys())
+    lines += ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    for row in rows:
+        lines.append("| " + " | ".join(str(row.get(k, "")) for k in keys) + " |")
+    return lines + [""]
+
+
+def render(rows, device, copy_bw, *, mode, command, suite_seconds, memory) -> str:
+    import gem_kernels
+    lines = [
+        f"# gem_kernels benchmarks on {device_name(device)} ({device})", "",
+        f"- date: {datetime.datetime.now().astimezone().isoformat(timespec='seconds')}",
+        f"- command: `{command}` (mode {mode})",
+        f"- torch {torch.__version__}, python {platform.python_version()}, "
+        f"gem_kernels backends {gem_kernels.backends()}",
+        f"- threads: torch.get_num_threads() = {torch.get_num_threads()}, "
+        f"OMP_NUM_THREADS = {os.environ.get('OMP_NUM_THREADS', 'unset')}, CPUs = {os.cpu_count()}",
+        f"- measured copy bandwidth: {copy_bw / 1e9:.1f} GB/s (median of `dst.copy_(src)`, "
+        f"{COPY_BUFFER_BYTES >> 20} MiB fp32, bytes = read + write)",
+        f"- suites' wall time: {suite_seconds:.0f} s" if suite_seconds is not None
+        else "- suites: read from an earlier JSON",
+        "- medians over the timed rounds; speed-up = baseline median / ours; fp32 tensors; "
+        "`ours` are the backend modules called directly (ops.py's input checks excluded)",
+        "- bytes moved (DESIGN.md §5): layer_stats one read of g and w; ratio_topk one read of g and "
+        "w plus the index writes (its floor; a backend making several passes reads more); "
+        "sparse_adamw_ per entry the index, gathered grad, m and v read + written, param read + written; "
+        "optimizer_step the same for every selected entry", "",
+    ]
+    lines += targets(rows, copy_bw, device)
+    for op in OP_ORDER:
+        if any(r["op"] == op and r["device"] == device for r in rows):
+            lines += op_table(rows, op, device, copy_bw)
+    if memory is not None:
+        lines += memory
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="target sizes only, few rounds")
+    parser.add_argument("--json", type=Path, help="read this pytest-benchmark JSON instead of running")
+    parser.add_argument("--out", type=Path, default=HERE / "results", help="folder for <device>.md")
+    parser.add_argument("--no-memory", action="store_true", help="skip the MiniLM memory table")
+    args = parser.parse_args(argv)
+    command = shlex.join(["python", "benchmarks/report.py", *(argv if argv is not None else sys.argv[1:])])
+    mode = "quick" if args.quick else "full"
+
+    suite_seconds = None
+    if args.json:
+        data = json.loads(args.json.read_text())
+    else:
+        with tempfile.TemporaryDirectory() as tmp:
+            json_path = Path(tmp) / "bench.json"
+            suite_seconds = run_suites(mode, json_path)
+            data = json.loads(json_path.read_text())
+    rows = load_rows(data)
+    memory = None if args.no_memory else memory_section()
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    for device in dict.fromkeys(r["device"] for r in rows):
+        bw = copy_bandwidth(device)
+        text = render(rows, device, bw, mode=mode, command=command, suite_seconds=suite_seconds,
+                      memory=memory)
+        print(text)
+        path = args.out / f"{file_stem(device_name(device))}{'-quick' if args.quick else ''}.md"
+        path.write_text(text + "\n")
+        print(f"wrote {path.relative_to(ROOT) if path.is_relative_to(ROOT) else path}")
+
+
+if __name__ == "__main__":
+    main()
