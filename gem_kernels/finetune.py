@@ -308,9 +308,13 @@ def set_up(method: str, model: SentenceClassifier, lr: float, weight_decay: floa
         _freeze_all_but(model, lambda n, p: n in targets or p in head)
         selector = {"gem": lambda: GEM(), "id3": lambda: ID3(total_steps),
                     "grad-magnitude": lambda: GradMagnitude(), "random": lambda: Random(seed)}[method]()
-        groups = [{"params": [p for n, p in model.named_parameters() if n in targets], "sparse": True},
-                  {"params": list(model.head.parameters()), "sparse": False}]
-        optimizer = SparseAdamW(groups, lr=lr, weight_decay=weight_decay, budget=budget, selector=selector)
+        # Named params, so that selection_report() rows carry the tensor names.
+        groups = [{"params": [(n, p) for n, p in model.named_parameters() if n in targets], "sparse": True},
+                  {"params": list(model.head.named_parameters(prefix="head")), "sparse": False}]
+        # calibration_steps=0: GEM and grad-magnitude select in the explicit calibrate() pass
+        # below; Random selects here; ID3 takes none.
+        optimizer = SparseAdamW(groups, lr=lr, weight_decay=weight_decay, budget=budget, selector=selector,
+                                calibration_steps=None if method == "id3" else 0)
         return Setup(model, optimizer, budget + numel(head))
     raise ValueError(f"method {method!r} is not one of {METHODS}")
 
@@ -452,25 +456,14 @@ def run_once(method: str, lr: float, seed: int, config: RunConfig, train: Encode
               "calibration_seconds": calibration_seconds,
               "losses": losses, "dev_curve": dev_curve}
     if method in SPARSE_METHODS:
-        result["selected_count"] = _selected_total(optimizer)
-        result["per_tensor_budget"] = per_tensor_budget(optimizer, model)
+        result["selected_count"] = optimizer.selected_count()
+        result["per_tensor_budget"] = per_tensor_budget(optimizer)
     return result
 
 
-def _selected_total(optimizer) -> int:
-    count = optimizer.selected_count()
-    return int(sum(count.values()) if isinstance(count, dict) else
-               sum(count) if isinstance(count, (list, tuple)) else count)
-
-
-def per_tensor_budget(optimizer, model) -> dict[str, int]:
+def per_tensor_budget(optimizer) -> dict[str, int]:
     """Selected entries per target tensor, by parameter name."""
-    names = {id(p): n for n, p in model.named_parameters()}
-    report = optimizer.selection_report()
-    out = {}
-    for row in report:
-        out[names.get(id(row["param"]), str(row.get("name")))] = int(row["count"])
-    return out
+    return {str(row["name"]): int(row["count"]) for row in optimizer.selection_report()}
 
 
 # ---------------------------------------------------------------------------------------
