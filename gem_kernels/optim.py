@@ -379,7 +379,7 @@ class SparseAdamW(torch.optim.Optimizer):
                 raise ValueError(f"the gradient of {describe()} is sparse; calibration needs dense gradients")
         self._check_finite(described)
         if require_all:
-            self._check_all_have_grads(lambda p: p.grad is not None or "grad_sum" in self.state[p])
+            self._check_all_have_grads(lambda p: p.grad is not None or "grad_sum" in self.state.get(p, {}))
         for _, p in self._sparse_params():
             if p.grad is not None:
                 state = self.state[p]
@@ -401,10 +401,10 @@ class SparseAdamW(torch.optim.Optimizer):
         """Calibration → training: choose the entries, create O(k) state, free the sums."""
         named = self._sparse_params()
         if self._selector.needs_calibration:
-            self._check_all_have_grads(lambda p: "grad_sum" in self.state[p])
+            self._check_all_have_grads(lambda p: "grad_sum" in self.state.get(p, {}))
         budget = self._resolve_budget()
         weights = [p.detach() for _, p in named]
-        grads = [self.state[p].get("grad_sum", w) for (_, p), w in zip(named, weights)]
+        grads = [self.state.get(p, {}).get("grad_sum", w) for (_, p), w in zip(named, weights)]
         selection = self._selector.select(grads, weights, budget)
         offsets = selection.offsets.tolist()
         for i, (_, p) in enumerate(named):
