@@ -1,0 +1,171 @@
+"""GPU check of the Triton kernels: the numerics cases of tests/triton_cases.py on CUDA tensors,
+then a short timing of each kernel against what a user would run instead, with the bytes each
+kernel must move and the time that implies at a given bandwidth.
+
+    python benchmarks/gpu_check.py                # on a CUDA machine: writes
+                                                  # benchmarks/results/gpu_check-<device>.json
+    python benchmarks/gpu_check.py --model-only   # anywhere: just the byte/time arithmetic
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+
+# The realistic size of the report: 32 tensors, 100M entries in all, fp32 g and w, 0.1 % chosen.
+NUM_SEGMENTS = 32
+TOTAL_ELEMENTS = 100_000_000
+DENSITY = 1e-3
+BANDWIDTH = 3.0e12  # bytes/s, an H100-class HBM3 figure
+SECTOR = 32  # bytes: the smallest DRAM transaction, what a scattered 2- or 4-byte access costs
+
+
+def segment_sizes(total=TOTAL_ELEMENTS, count=NUM_SEGMENTS):
+    """Unequal sizes, like a model's layers: proportional to 1..count, summing to ``total``."""
+    weights = range(1, count + 1)
+    sizes = [total * w // sum(weights) for w in weights]
+    sizes[-1] += total - sum(sizes)
+    return sizes
+
+
+def traffic_model(total=TOTAL_ELEMENTS, density=DENSITY, g_bytes=4, w_bytes=4, bandwidth=BANDWIDTH):
+    """Bytes each kernel must move and the time that implies at ``bandwidth`` (ideal: every byte
+    once per pass; the small per-program partials, histograms and tables are left out)."""
+    k = int(total * density)
+    per_pass = total * (g_bytes + w_bytes)
+    from gem_kernels.triton import ratio_topk as _  # noqa: F401  (the pass count lives there)
+    topk_module = sys.modules["gem_kernels.triton.ratio_topk"]
+    topk_passes = len(topk_module.SHIFTS) + 2  # histogram passes, count pass, write pass
+    # sparse AdamW on k entries: index (8), grad (4, gathered), m and v read+written (16),
+    # param read+written (8). Scattered param/grad accesses cost a whole sector each.
+    adamw_useful = k * (8 + g_bytes + 16 + 2 * w_bytes)
+    adamw_sectors = k * (8 + SECTOR + 16 + 2 * SECTOR)
+    model = {
+        "layer_stats": {"bytes": per_pass, "note": "one read of g and w"},
+        "ratio_topk": {"bytes": topk_passes * per_pass + k * 8,
+                       "note": f"{topk_passes} reads of g and w ({len(topk_module.SHIFTS)} radix "
+                               "passes, count, write) + the k indices written"},
+        "sparse_adamw": {"bytes": adamw_useful, "bytes_with_sectors": adamw_sectors,
+                         "note": "k entries: index, gathered grad, m and v read+written, param "
+                                 "read+written; bytes_with_sectors charges each scattered access 32 B"},
+    }
+    for entry in model.values():
+        entry["ideal_ms"] = entry["bytes"] / bandwidth * 1e3
+        if "bytes_with_sectors" in entry:
+            entry["ideal_ms_with_sectors"] = entry["bytes_with_sectors"] / bandwidth * 1e3
+    return {"total_elements": total, "segments": NUM_SEGMENTS, "density": density, "k": k,
+            "bandwidth_bytes_per_s": bandwidth, "kernels": model}
+
+
+def timings(device="cuda"):
+    """Median times (ms, triton.testing.do_bench) of each kernel and its torch baseline."""
+    import torch
+    import triton
+    import gem_kernels.triton as tk
+
+    sizes = segment_sizes()
+    gen = torch.Generator(device=device).manual_seed(0)
+    grads = [torch.randn(n, device=device, generator=gen) for n in sizes]
+    weights = [torch.randn(n, device=device, generator=gen) for n in sizes]
+    ks = [max(1, int(n * DENSITY)) for n in sizes]
+    eps = 1e-8
+
+    def torch_stats():
+        rows = []
+        for g, w in zip(grads, weights):
+            s = g.abs() / (w.abs() + eps)
+            rows.append(torch.stack([s.sum(), (s * s).sum(), torch.where(s > 0, s * s.log(), 0).sum(), s.max()]))
+        return torch.stack(rows)
+
+    def torch_topk():
+        return [torch.topk(g.abs() / (w.abs() + eps), k, sorted=False).indices for g, w, k in zip(grads, weights, ks)]
+
+    indices, offsets = tk.ratio_topk(grads, weights, ks, eps)
+    n_sel = indices.numel()
+    exp_avg = torch.zeros(n_sel, device=device)
+    exp_avg_sq = torch.zeros(n_sel, device=device)
+    params = [w.clone() for w in weights]
+
+    def triton_adamw():
+        tk.sparse_adamw_(params, grads, indices, offsets, exp_avg, exp_avg_sq, lr=1e-4, betas=(0.9, 0.999),
+                         eps=1e-8, weight_decay=0.01, step=10)
+
+    dense = [torch.nn.Parameter(w.clone()) for w in weights]
+    for p, g in zip(dense, grads):
+        p.grad = g
+    fused = torch.optim.AdamW(dense, lr=1e-4, fused=True)
+    fused.step()  # creates the state
+
+    bench = triton.testing.do_bench
+    results = {
+        "layer_stats": {"triton_ms": bench(lambda: tk.layer_stats(grads, weights, eps), return_mode="median"),
+                        "torch_ms": bench(torch_stats, return_mode="median"),
+                        "torch_baseline": "per-tensor torch expression of the four sums"},
+        "ratio_topk": {"triton_ms": bench(lambda: tk.ratio_topk(grads, weights, ks, eps), return_mode="median"),
+                       "torch_ms": bench(torch_topk, return_mode="median"),
+                       "torch_baseline": "torch.topk on the torch-computed score, per tensor"},
+        "sparse_adamw": {"triton_ms": bench(triton_adamw, return_mode="median"),
+                         "torch_ms": bench(fused.step, return_mode="median"),
+                         "torch_baseline": "torch.optim.AdamW(fused=True) over the whole tensors",
+                         "selected": n_sel},
+    }
+    return results
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model-only", action="store_true", help="print the byte model and stop")
+    parser.add_argument("--bandwidth", type=float, default=BANDWIDTH, help="bytes/s for the ideal times")
+    args = parser.parse_args(argv)
+    model = traffic_model(bandwidth=args.bandwidth)
+    if args.model_only:
+        print(json.dumps(model, indent=1))
+        return 0
+
+    import torch
+    import triton
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        print("gpu_check: unset TRITON_INTERPRET; this checks the compiled kernels", file=sys.stderr)
+        return 2
+    if not torch.cuda.is_available():
+        print("gpu_check: no CUDA device here; it needs a GPU (use --model-only for the byte model)",
+              file=sys.stderr)
+        return 2
+
+    import triton_cases
+    cases = triton_cases.run_all("cuda")
+    device_name = torch.cuda.get_device_name()
+    report = {
+        "device": device_name,
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "cuda": torch.version.cuda,
+        "python": platform.python_version(),
+        "cases": cases,
+        "cases_passed": all(r["ok"] for r in cases.values()),
+        "model": model,
+        "timings": timings(),
+    }
+    for name, t in report["timings"].items():
+        ideal = model["kernels"][name]["ideal_ms"]
+        t["ideal_ms"] = ideal
+        t["fraction_of_ideal"] = ideal / t["triton_ms"]
+        print(f"{name}: triton {t['triton_ms']:.3f} ms, torch {t['torch_ms']:.3f} ms, "
+              f"ideal {ideal:.3f} ms at {args.bandwidth / 1e12:.1f} TB/s")
+    out = ROOT / "benchmarks" / "results" / f"gpu_check-{re.sub(r'[^A-Za-z0-9]+', '-', device_name).strip('-')}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=1))
+    print(f"wrote {out}")
+    return 0 if report["cases_passed"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
