@@ -36,6 +36,9 @@ class CMakeBuild(build_ext):
         output_dir = Path(self.get_ext_fullpath(ext.name)).resolve().parent
         build_dir = Path(self.build_temp).resolve() / "cmake"
         build_dir.mkdir(parents=True, exist_ok=True)
+        # A cached configuration would remember an nvcc that is gone (or a choice that changed);
+        # configure afresh each time, keeping the objects so unchanged sources are not recompiled.
+        (build_dir / "CMakeCache.txt").unlink(missing_ok=True)
         cmake_exe = str(Path(cmake.CMAKE_BIN_DIR) / "cmake")
         configure = [
             cmake_exe, "-S", str(ROOT), "-B", str(build_dir), "-G", "Ninja",
