@@ -70,6 +70,10 @@ def test_drop_in_loop_gem_changes_only_selected_entries():
         changed = torch.nonzero(p.detach().reshape(-1) != start[name].reshape(-1)).reshape(-1)
         assert changed.numel() > 0 and bool(torch.isin(changed, indices).all())
         assert p.grad is None
+        k = indices.numel()  # optimizer state is O(k): nothing dense survives the selection
+        assert {key: v.numel() for key, v in opt.state[p].items() if key != "step"} == dict.fromkeys(
+            ("indices", "original", "exp_avg", "exp_avg_sq"), k)
+        assert opt.state[p]["exp_avg"].dtype == torch.float32
     assert not torch.equal(model[0].bias, start["0.bias"])  # the dense group trains
     report = opt.selection_report()
     assert [row["count"] for row in report] == [entries[p][0].numel() for p in entries]
