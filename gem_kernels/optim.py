@@ -332,10 +332,11 @@ class SparseAdamW(torch.optim.Optimizer):
                     out.append((names[i] if names else len(out), p))
         return out
 
-    def _describe(self, group, i) -> str:
+    def _describe(self, gi: int, i: int) -> str:
+        group = self.param_groups[gi]
         names = group.get("param_names")
         p = group["params"][i]
-        where = repr(names[i]) if names else f"param_groups[{self.param_groups.index(group)}]['params'][{i}]"
+        where = repr(names[i]) if names else f"param_groups[{gi}]['params'][{i}]"
         return f"parameter {where} (shape {tuple(p.shape)})"
 
     def _sparse_numel(self) -> int:
@@ -363,12 +364,12 @@ class SparseAdamW(torch.optim.Optimizer):
     def _dense_grads_described(self, sparse: bool):
         """``[(describe, grad)]`` of the params with a gradient in the sparse or dense groups."""
         out = []
-        for group in self.param_groups:
+        for gi, group in enumerate(self.param_groups):
             if group["sparse"] != sparse:
                 continue
             for i, p in enumerate(group["params"]):
                 if p.grad is not None:
-                    out.append((functools.partial(self._describe, group, i), p.grad))
+                    out.append((functools.partial(self._describe, gi, i), p.grad))
         return out
 
     def _accumulate(self, require_all: bool) -> None:
@@ -389,11 +390,11 @@ class SparseAdamW(torch.optim.Optimizer):
                 state["grad_sum"].add_(p.grad)
 
     def _check_all_have_grads(self, has_grad) -> None:
-        for group in self.param_groups:
+        for gi, group in enumerate(self.param_groups):
             if group["sparse"]:
                 for i, p in enumerate(group["params"]):
                     if not has_grad(p):
-                        raise ValueError(f"{self._describe(group, i)} got no gradient; the selection "
+                        raise ValueError(f"{self._describe(gi, i)} got no gradient; the selection "
                                          "needs one for every sparse param (leave frozen tensors out of "
                                          "the optimizer or put them in a sparse=False group)")
 
@@ -565,7 +566,7 @@ class SparseAdamW(torch.optim.Optimizer):
             if group["sparse"]:
                 grads = [self._compact_grad(p) for p in group["params"]]
                 compact[gi] = grads
-                described += [(functools.partial(self._describe, group, i), g)
+                described += [(functools.partial(self._describe, gi, i), g)
                               for i, g in enumerate(grads) if g is not None]
         described += self._dense_grads_described(sparse=False)
         self._check_finite(described)
@@ -691,7 +692,7 @@ class SparseAdamW(torch.optim.Optimizer):
                                  f"sparse={saved.get('sparse')} in the checkpoint")
             for i, (p, shape) in enumerate(zip(group["params"], meta["shapes"][gi])):
                 if tuple(p.shape) != tuple(shape):
-                    raise ValueError(f"{self._describe(group, i)} does not match the checkpoint's "
+                    raise ValueError(f"{self._describe(gi, i)} does not match the checkpoint's "
                                      f"shape {tuple(shape)}: the checkpoint is from another model")
         if meta["config"] != self._config():
             raise ValueError(f"the checkpoint was written with {meta['config']}, this optimizer has "

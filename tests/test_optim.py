@@ -386,3 +386,15 @@ def test_params_without_grad_are_skipped_in_training():
     assert torch.equal(model[0].weight, frozen)
     assert _same(state_before, opt.state[model[0].weight])
     assert int(opt.state[model[2].weight]["step"]) == 3 and int(opt.state[model[0].weight]["step"]) == 2
+
+
+def test_nonfinite_grad_in_dense_group_names_it_and_changes_nothing():
+    model = _mlp()
+    opt = SparseAdamW(model.parameters(), lr=1e-2, budget=30, selector=Random(0))
+    _train(model, opt, _batches(1))
+    _loss(model, _batches(1, seed=3)[0]).backward()
+    model[2].bias.grad[1] = float("inf")
+    weights, state = copy.deepcopy(model.state_dict()), _snapshot(opt)
+    with pytest.raises(ValueError, match=r"param_groups\[1\]\['params'\]\[1\] \(shape \(3,\)\).*NaN or inf"):
+        opt.step()
+    assert _same(weights, model.state_dict()) and _same(state, _snapshot(opt))
