@@ -456,7 +456,10 @@ def run_once(method: str, lr: float, seed: int, config: RunConfig, train: Encode
               "calibration_seconds": calibration_seconds,
               "losses": losses, "dev_curve": dev_curve}
     if method in SPARSE_METHODS:
+        # GEM floors each tensor's share (n_l = floor(B * score_l / sum)), so it can select a
+        # few entries under the budget: report what was selected.
         result["selected_count"] = optimizer.selected_count()
+        result["trainable_entries"] = result["selected_count"] + sum(p.numel() for p in model.head.parameters())
         result["per_tensor_budget"] = per_tensor_budget(optimizer)
     return result
 
@@ -680,7 +683,7 @@ def _run(args, lr_plan: dict[str, list[float]], argv: list[str]) -> int:
                             "median_step_seconds": "forward + backward + optimizer step + zero_grad, "
                                                    "wall clock; calibration excluded",
                             "optimizer_state_bytes": "every tensor in optimizer.state after training",
-                            "trainable_entries": "entries the optimizer may change (sparse: budget + head)"},
+                            "trainable_entries": "entries the optimizer may change (sparse: entries selected + head)"},
                "lr_grid": grid, "summary": summary, "runs": runs}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,248 @@
+"""gem-finetune end to end on a tiny BERT built from a config (no download), and its errors."""
+import json
+import random
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from gem_kernels import finetune
+
+WORDS = ["good", "great", "fine", "bad", "awful", "poor", "movie", "film", "the", "a", "plot", "is",
+         "was", "yes", "no", "maybe", "cat", "dog", "sat", "ran"]
+POSITIVE, NEGATIVE = WORDS[:3], WORDS[3:6]
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    """A 2-layer BERT with random weights and a word-level vocab, saved like a hub model."""
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+    directory = tmp_path_factory.mktemp("tiny-bert")
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", '"', *WORDS]
+    # transformers 5 takes the vocab itself (`vocab=`); its old `vocab_file=` is silently ignored.
+    tokenizer = BertTokenizerFast(vocab={token: i for i, token in enumerate(vocab)})
+    assert tokenizer("good film")["input_ids"] == [2, vocab.index("good"), vocab.index("film"), 3]
+    tokenizer.save_pretrained(directory)
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=64, hidden_dropout_prob=0.0,
+                        attention_probs_dropout_prob=0.0)
+    BertModel(config).save_pretrained(directory)
+    return directory
+
+
+def sentence(rng, label):
+    return " ".join([rng.choice(POSITIVE if label else NEGATIVE), *rng.sample(WORDS[6:], 3)])
+
+
+def write_tsv(path, header, rows):
+    path.write_text("\n".join("\t".join(map(str, r)) for r in [header, *rows]) + "\n", encoding="utf-8")
+
+
+def make_task(directory, kind, n_train=48, n_dev=24):
+    """A task whose label is carried by one sentiment word: learnable in a few steps."""
+    directory.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(0)
+    for name, n in (("train", n_train), ("dev", n_dev)):
+        labels = [i % 2 for i in range(n)]
+        if kind == "single":
+            write_tsv(directory / f"{name}.tsv", ["sentence", "label"], [[sentence(rng, y), y] for y in labels])
+        elif kind == "cola":  # our CoLA copy's header; the judgment column holds a bare quote
+            write_tsv(directory / f"{name}.tsv", ["source", "label", "original_judgment", "sentence"],
+                      [["src", y, '"' if y else "*", '"' + sentence(rng, y)] for y in labels])
+        elif kind == "pair-strings":  # premise/hypothesis with three string labels
+            names = ["contradiction", "entailment", "neutral"]
+            write_tsv(directory / f"{name}.tsv", ["index", "premise", "hypothesis", "label"],
+                      [[i, sentence(rng, i % 2), sentence(rng, (i // 2) % 2), names[i % 3]] for i in range(n)])
+        elif kind == "pair-ints":
+            write_tsv(directory / f"{name}.tsv", ["question1", "question2", "label"],
+                      [[sentence(rng, y), sentence(rng, 1 - y), y] for y in labels])
+    return directory
+
+
+def run_main(tiny_model, task_dir, out, *extra):
+    return finetune.main(["--task-dir", str(task_dir), "--model", str(tiny_model), "--out", str(out),
+                          "--seeds", "0", "--epochs", "1", "--batch-size", "8", "--max-length", "16",
+                          "--density", "0.01", *extra])
+
+
+# ---------------------------------------------------------------------------------------
+# Reading tasks
+
+
+def test_columns_and_labels_are_detected(tmp_path):
+    single = finetune.read_task(make_task(tmp_path / "s", "single"))
+    assert single.text_columns == ("sentence", None) and single.label_names == ["0", "1"]
+    assert single.train.second is None and len(single.train.labels) == 48
+    pair = finetune.read_task(make_task(tmp_path / "p", "pair-strings"))
+    assert pair.text_columns == ("premise", "hypothesis")
+    assert pair.label_names == ["contradiction", "entailment", "neutral"]
+    assert pair.dev.labels[:3] == [0, 1, 2] and len(pair.dev.second) == 24
+    assert finetune.read_task(make_task(tmp_path / "q", "pair-ints")).text_columns == ("question1", "question2")
+
+
+def test_quotes_are_text_not_quoting(tmp_path):
+    # With csv quoting on, the bare '"' fields would swallow the tab and the following rows.
+    task = finetune.read_task(make_task(tmp_path / "c", "cola"))
+    assert task.text_columns == ("sentence", None)
+    assert len(task.train.labels) == 48 and all(text.startswith('"') for text in task.train.first)
+
+
+def test_integer_labels_sort_by_value(tmp_path):
+    write_tsv(tmp_path / "train.tsv", ["sentence", "label"], [["a", 10], ["b", 2], ["c", 1]])
+    write_tsv(tmp_path / "dev.tsv", ["sentence", "label"], [["a", 2]])
+    task = finetune.read_task(tmp_path)
+    assert task.label_names == ["1", "2", "10"] and task.dev.labels == [1]
+
+
+def test_take_is_a_seeded_prefix(tmp_path):
+    split = finetune.read_task(make_task(tmp_path / "s", "single")).train
+    a, b = finetune.take(split, 10, seed=3), finetune.take(split, 20, seed=3)
+    assert a.first == b.first[:10] and sorted(b.first) != b.first
+    assert finetune.take(split, 10, seed=4).first != a.first
+
+
+def test_matthews_matches_the_binary_formula():
+    labels = [1, 1, 1, 0, 0, 0, 0, 1, 0, 1]
+    predictions = [1, 0, 1, 0, 0, 1, 0, 1, 1, 1]
+    tp, tn, fp, fn = 4, 3, 2, 1
+    expected = (tp * tn - fp * fn) / ((tp + fp) * (tp + fn) * (tn + fp) * (tn + fn)) ** 0.5
+    assert finetune.matthews(labels, predictions, 2) == pytest.approx(expected)
+    assert finetune.matthews(labels, [1] * 10, 2) == 0.0  # undefined: one class predicted
+
+
+# ---------------------------------------------------------------------------------------
+# Bad input: one line on stderr, exit status 2
+
+
+def _bad_tasks(tmp_path):
+    missing_dev = make_task(tmp_path / "missing", "single")
+    (missing_dev / "dev.tsv").unlink()
+    unknown = tmp_path / "unknown"
+    unknown.mkdir()
+    write_tsv(unknown / "train.tsv", ["text", "target"], [["a", 0]])
+    write_tsv(unknown / "dev.tsv", ["text", "target"], [["a", 0]])
+    empty = make_task(tmp_path / "empty", "single")
+    (empty / "train.tsv").write_text("")
+    unseen = make_task(tmp_path / "unseen", "single")
+    write_tsv(unseen / "dev.tsv", ["sentence", "label"], [["good film", 0], ["bad film", 7]])
+    ragged = make_task(tmp_path / "ragged", "single")
+    (ragged / "dev.tsv").write_text("sentence\tlabel\ngood film\t1\textra\n")
+    return {"file not found": missing_dev, "unknown columns": unknown, "empty file": empty,
+            "do not occur in train.tsv": unseen, "has 3 fields": ragged,
+            "task directory not found": tmp_path / "nowhere"}
+
+
+def test_bad_task_dirs_give_one_line_and_exit_2(tmp_path, tiny_model, capsys):
+    for expected, task_dir in _bad_tasks(tmp_path).items():
+        code = run_main(tiny_model, task_dir, tmp_path / "out")
+        err = capsys.readouterr().err
+        assert code == 2, expected
+        assert err.count("\n") == 1 and err.startswith("gem-finetune: error: "), err
+        assert expected in err and "Traceback" not in err
+
+
+def test_bad_model_dir_and_bad_lr(tmp_path, tiny_model, capsys):
+    task = make_task(tmp_path / "s", "single")
+    assert finetune.main(["--task-dir", str(task), "--model", str(tmp_path)]) == 2
+    assert "no config.json" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as stop:
+        finetune.main(["--task-dir", str(task), "--lr", "sgd=1e-3"])
+    assert stop.value.code == 2 and "'sgd' is not a method" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------
+# End to end
+
+
+def test_every_method_runs_end_to_end(tmp_path, tiny_model, capsys):
+    task = make_task(tmp_path / "single", "single")
+    code = run_main(tiny_model, task, tmp_path / "out", "--method", *finetune.METHODS,
+                    "--calibration-batches", "2")
+    assert code == 0
+    printed = capsys.readouterr().out
+    results = json.loads((tmp_path / "out" / "results-single.json").read_text())
+    assert (tmp_path / "out" / "curves-single.png").stat().st_size > 10_000
+    budget = results["settings"]["budget"]
+    assert budget == int(0.01 * results["settings"]["total_parameters"])
+    head = 32 * 2 + 2
+    for method in finetune.METHODS:
+        assert f"| {method} |" in printed
+        (run,) = [r for r in results["runs"] if r["method"] == method]
+        assert len(run["losses"]) == 6 and len(run["dev_curve"]) == 1
+        assert run["median_step_seconds"] > 0 and run["optimizer_state_bytes"] > 0
+        if method in finetune.SPARSE_METHODS:
+            # GEM floors each tensor's share of the budget; the others fill it exactly.
+            low = budget - len(run["per_tensor_budget"]) if method == "gem" else budget
+            assert low <= run["selected_count"] <= budget
+            assert run["trainable_entries"] == run["selected_count"] + head
+            assert sum(run["per_tensor_budget"].values()) == run["selected_count"]
+            assert all(".query." in n or ".value." in n for n in run["per_tensor_budget"])
+    full = results["summary"]["full"]
+    assert full["trainable_entries"] == results["settings"]["total_parameters"]
+    assert results["summary"]["gem"]["optimizer_state_bytes"] < full["optimizer_state_bytes"] / 20
+
+
+@pytest.mark.parametrize("kind", ["pair-strings", "cola"])
+def test_pair_and_string_label_tasks_run(tmp_path, tiny_model, kind):
+    code = run_main(tiny_model, make_task(tmp_path / kind, kind), tmp_path / "out", "--method", "gem",
+                    "--seeds", "0", "1", "--eval-examples", "10")
+    assert code == 0
+    results = json.loads((tmp_path / "out" / f"results-{kind}.json").read_text())
+    assert results["settings"]["eval_examples"] == 10
+    assert [r["seed"] for r in results["runs"]] == [0, 1]
+    assert results["summary"]["gem"]["accuracy_std"] >= 0
+
+
+def test_lr_grid_keeps_the_best_on_the_first_seed(tmp_path, tiny_model):
+    code = run_main(tiny_model, make_task(tmp_path / "grid", "single"), tmp_path / "out",
+                    "--method", "bitfit", "--lr", "bitfit=1e-6,3e-2", "--seeds", "0", "1", "--epochs", "3")
+    assert code == 0
+    results = json.loads((tmp_path / "out" / "results-grid.json").read_text())
+    grid = results["lr_grid"]["bitfit"]
+    best = max(grid, key=lambda row: row["accuracy"])
+    assert [row["lr"] for row in grid] == [1e-6, 3e-2]
+    assert results["summary"]["bitfit"]["lr"] == best["lr"]
+    assert sorted((r["lr"], r["seed"]) for r in results["runs"]) == sorted(
+        [(1e-6, 0), (3e-2, 0), (best["lr"], 1)])
+
+
+def test_full_finetuning_learns_the_synthetic_task(tmp_path, tiny_model):
+    # The label is carried by one word, so a working training loop gets the dev set right.
+    code = run_main(tiny_model, make_task(tmp_path / "learn", "single", n_train=96), tmp_path / "out",
+                    "--method", "full", "--lr", "3e-3", "--epochs", "4")
+    assert code == 0
+    results = json.loads((tmp_path / "out" / "results-learn.json").read_text())
+    (run,) = results["runs"]
+    assert run["accuracy"] >= 0.9, run["dev_curve"]
+    assert run["losses"][-1] < run["losses"][0]
+
+
+def test_sparse_methods_touch_only_their_budget(tiny_model, tmp_path):
+    task = finetune.read_task(make_task(tmp_path / "s", "single"))
+    from transformers import AutoTokenizer
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_model))
+    data = finetune.encode(tokenizer, task.train, 16)
+    for method in ("gem", "random", "id3"):
+        model = finetune.load_model(tiny_model, 2, seed=0)
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        setup = finetune.set_up(method, model, lr=1e-2, weight_decay=0.01, budget=50, total_steps=3, seed=0)
+        train = finetune.batches(data, 16, tokenizer.pad_token_id, random.Random(0))
+        if method == "gem":
+            setup.optimizer.calibrate(model, train[:1], finetune.classification_loss)
+        for batch in train:
+            finetune.classification_loss(model, batch).backward()
+            setup.optimizer.step()
+            setup.optimizer.zero_grad()
+        changed = {n: int((p.detach() != before[n]).sum()) for n, p in model.named_parameters()}
+        targets = set(finetune.target_weight_names(model))
+        assert all(count == 0 for n, count in changed.items() if n not in targets and not n.startswith("head"))
+        assert 0 < sum(changed[n] for n in targets) <= 50, (method, changed)
+        assert changed["head.weight"] == 64
+
+
+def test_module_runs_as_a_script():
+    done = subprocess.run([sys.executable, "-m", "gem_kernels.finetune", "--help"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "--calibration-batches" in done.stdout
