@@ -38,12 +38,22 @@ struct Group {
   uint32_t prefix;    // threshold key bits found so far
 };
 
+// Scores are >= 0 or NaN (of either sign), so "finite" is an unsigned compare of the bits:
+// a branch-free test that lets the compiler vectorise the plain-exponent loop.
+template <bool kPlain, typename G, typename W>
+void score_keys_loop(const G* g, const W* w, int64_t start, int64_t end, const ScoreParams& sp, uint32_t* keys) {
+  for (int64_t i = start; i < end; ++i) {
+    const float abs_w = std::fabs(to_float(w[i]));
+    const float d = kPlain ? abs_w + sp.eps : sp.denominator(abs_w);
+    const uint32_t bits = float_bits(std::fabs(to_float(g[i])) / d);
+    keys[i - start] = bits < 0x7f800000u ? bits + 1u : 0u;
+  }
+}
+
 template <typename G, typename W>
 void score_keys(const G* g, const W* w, int64_t start, int64_t end, const ScoreParams& sp, uint32_t* keys) {
-  for (int64_t i = start; i < end; ++i) {
-    const float s = ratio_score(g, w, i, sp);
-    keys[i - start] = std::isfinite(s) ? float_bits(s) + 1u : 0u;
-  }
+  if (sp.plain) score_keys_loop<true>(g, w, start, end, sp, keys);
+  else score_keys_loop<false>(g, w, start, end, sp, keys);
 }
 
 class Selector {
