@@ -32,6 +32,11 @@ import struct
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as _safetensors_load
+from safetensors.torch import save as _safetensors_save
+
+from . import __version__
 
 FORMAT = "gem_kernels.delta"
 FORMAT_VERSION = "1"
@@ -141,12 +146,10 @@ def save_delta(model, path, optimizer, *, exclude_dense: bool = False) -> dict:
                            "base_sha256": _sha256(original)}
             changed_total += indices.numel()
 
-    from . import __version__
     metadata = {"format": FORMAT, "format_version": FORMAT_VERSION,
                 "gem_kernels_version": __version__, "tensors": json.dumps(table, sort_keys=True)}
     metadata["payload_sha256"] = _payload_sha256(tensors, metadata)
-    from safetensors.torch import save
-    blob = save(tensors, metadata=metadata)
+    blob = _safetensors_save(tensors, metadata=metadata)
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_bytes(blob)
@@ -190,10 +193,8 @@ def _load(path):
     if metadata.get("format_version") != FORMAT_VERSION:
         raise ValueError(f"delta file {path} has format_version {metadata.get('format_version')!r}; "
                          f"this gem_kernels reads {FORMAT_VERSION!r}")
-    from safetensors import SafetensorError
-    from safetensors.torch import load
     try:
-        tensors = load(blob)
+        tensors = _safetensors_load(blob)
     except SafetensorError as error:
         raise ValueError(f"delta file {path} is truncated or corrupt ({error})") from None
     if metadata.get("payload_sha256") != _payload_sha256(tensors, metadata):
