@@ -72,6 +72,12 @@ def _payload_sha256(tensors: dict, metadata: dict) -> str:
     return digest.hexdigest()
 
 
+def _check_path(path) -> Path:
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__}")
+    return Path(path)
+
+
 def _named_parameters(model) -> dict:
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -98,6 +104,7 @@ def save_delta(model, path, optimizer, *, exclude_dense: bool = False) -> dict:
     Returns a summary: ``{"tensors": n, "entries": changed entries, "bytes": file size}``.
     """
     params = _named_parameters(model)
+    path = _check_path(path)
     if not hasattr(optimizer, "selected_entries"):
         raise TypeError(f"optimizer must be a SparseAdamW (with selected_entries()), got "
                         f"{type(optimizer).__name__}")
@@ -150,7 +157,6 @@ def save_delta(model, path, optimizer, *, exclude_dense: bool = False) -> dict:
                 "gem_kernels_version": __version__, "tensors": json.dumps(table, sort_keys=True)}
     metadata["payload_sha256"] = _payload_sha256(tensors, metadata)
     blob = _safetensors_save(tensors, metadata=metadata)
-    path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_bytes(blob)
     os.replace(tmp, path)  # a crash mid-write never leaves a half file under the real name
@@ -184,9 +190,7 @@ def load_delta(path) -> dict:
 
 
 def _load(path):
-    if not isinstance(path, (str, os.PathLike)):
-        raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__}")
-    blob = Path(path).read_bytes()
+    blob = _check_path(path).read_bytes()
     metadata = _read_metadata(blob, path)
     if metadata.get("format") != FORMAT:
         raise ValueError(f"{path} is not a gem_kernels delta (format {metadata.get('format')!r})")

@@ -350,6 +350,8 @@ def test_bad_argument_types(trained_fp32, tmp_path):
         delta.apply_delta("not a model", path)
     with pytest.raises(TypeError, match="path"):
         delta.apply_delta(_fresh_base(), 3)
+    with pytest.raises(TypeError, match="path"):
+        delta.save_delta(trained, None, opt)
     with pytest.raises(TypeError, match="optimizer"):
         delta.save_delta(trained, tmp_path / "x.safetensors",
                          torch.optim.AdamW(trained.parameters()))
