@@ -148,9 +148,11 @@ def describe(benchmark, *, op: str, case: str, device: str, impl: str, role: str
     """extra_info read by report.py: what ran, on how much, and the bytes it must move.
 
     role is "ours" or "baseline"; a baseline with density None serves every density of
-    its case (whole-tensor work does not depend on how many entries are selected).
+    its case (whole-tensor work does not depend on how many entries are selected), and one
+    with no ``variant`` (e.g. "cold cache") serves every variant.
     """
-    benchmark.group = f"{op} {case}" + (f" d={density:g}" if density is not None else "")
+    benchmark.group = f"{op} {case}" + (f" d={density:g}" if density is not None else "") \
+        + (f" {more['variant']}" if more.get("variant") else "")
     benchmark.extra_info.update(
         op=op, case=case, device=device, impl=impl, role=role, bytes=int(bytes_moved),
         numel=numel_total if numel_total is not None else numel(case),

@@ -102,15 +102,16 @@ def test_optimizer_step_torch_adamw(benchmark, device, variant, rounds):
         opt.step()  # allocates the state; from here every step does the same work
     except RuntimeError as error:
         pytest.skip(f"torch.optim.AdamW({variant}=True) does not run on {device}: {error}")
-    # Its first step is the reference's step at every entry of every tensor.
+    # Its first step is the reference's step, checked at a sample of entries of every tensor.
+    gen = torch.Generator().manual_seed(3)
     for p, p0, g in zip(params, start, grads):
+        sample = torch.randperm(p.numel(), generator=gen)[:1000].sort().values.to(device)
         want = p0.clone()
-        everything = torch.arange(p.numel(), device=device)
-        zeros = torch.zeros(p.numel(), device=device)
-        reference.sparse_adamw_([want], [g], everything, torch.tensor([0, p.numel()], device=device),
+        zeros = torch.zeros(sample.numel(), device=device)
+        reference.sparse_adamw_([want], [g], sample, torch.tensor([0, sample.numel()], device=device),
                                 zeros, zeros.clone(), lr=C.LR, betas=C.BETAS, eps=C.ADAM_EPS,
                                 weight_decay=C.WEIGHT_DECAY, step=1)
-        torch.testing.assert_close(p.detach(), want)
+        torch.testing.assert_close(p.detach().view(-1)[sample], want.view(-1)[sample])
     C.timed(benchmark, opt.step, device=device, rounds=rounds)
     describe_step(benchmark, device, f"torch_adamw_{variant}", "baseline", params,
                   C.bytes_dense_adamw(params))

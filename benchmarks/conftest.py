@@ -22,8 +22,10 @@ def pytest_addoption(parser):
 
 
 def pytest_collect_file(file_path, parent):
-    # The suites are named bench_*.py so that `pytest tests/` never picks them up.
-    if file_path.suffix == ".py" and file_path.name.startswith("bench_"):
+    # The suites are named bench_*.py so that `pytest tests/` never picks them up. A file named
+    # on the command line is collected by pytest itself already.
+    if file_path.suffix == ".py" and file_path.name.startswith("bench_") \
+            and not parent.session.isinitpath(file_path):
         return pytest.Module.from_parent(parent, path=file_path)
     return None
 
