@@ -654,19 +654,10 @@ def _run(args, lr_plan: dict[str, list[float]], argv: list[str]) -> int:
           f"model {model_dir.name} ({total_params:,} parameters), sparse budget {budget:,} entries "
           f"in {target_params:,} query/value weights", flush=True)
     runs, grid, summary = [], {}, {}
-    for method in args.method:
-        first, rest = args.seeds[0], args.seeds[1:]
-        tried = [run_once(method, lr, first, config, train, dev_batches) for lr in lr_plan[method]]
-        best = max(tried, key=lambda r: r[args.select_metric])  # first listed wins a tie
-        if len(tried) > 1:
-            grid[method] = [{"lr": r["lr"], "accuracy": r["accuracy"], "mcc": r["mcc"]} for r in tried]
-        method_runs = [best] + [run_once(method, best["lr"], seed, config, train, dev_batches) for seed in rest]
-        runs += [r for r in tried if r is not best] + method_runs
-        summary[method] = summarize(method_runs)
-        accuracies = ", ".join(f"{100 * r['accuracy']:.1f}" for r in method_runs)
-        print(f"{method}: lr {best['lr']:g}, dev accuracy {accuracies}", flush=True)
-
-    results = {"task": task.name, "command": ["gem-finetune", *argv],
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    json_path, png_path = out / f"results-{task.name}.json", out / f"curves-{task.name}.png"
+    results = {"task": task.name, "command": ["gem-finetune", *argv], "complete": False,
                "settings": {"model": str(model_dir), "methods": args.method, "seeds": args.seeds,
                             "train_examples": len(train.labels), "eval_examples": len(dev.labels),
                             "data_seed": args.data_seed, "epochs": args.epochs, "batch_size": args.batch_size,
@@ -685,9 +676,21 @@ def _run(args, lr_plan: dict[str, list[float]], argv: list[str]) -> int:
                             "optimizer_state_bytes": "every tensor in optimizer.state after training",
                             "trainable_entries": "entries the optimizer may change (sparse: entries selected + head)"},
                "lr_grid": grid, "summary": summary, "runs": runs}
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    json_path, png_path = out / f"results-{task.name}.json", out / f"curves-{task.name}.png"
+
+    for method in args.method:
+        first, rest = args.seeds[0], args.seeds[1:]
+        tried = [run_once(method, lr, first, config, train, dev_batches) for lr in lr_plan[method]]
+        best = max(tried, key=lambda r: r[args.select_metric])  # first listed wins a tie
+        if len(tried) > 1:
+            grid[method] = [{"lr": r["lr"], "accuracy": r["accuracy"], "mcc": r["mcc"]} for r in tried]
+        method_runs = [best] + [run_once(method, best["lr"], seed, config, train, dev_batches) for seed in rest]
+        runs += [r for r in tried if r is not best] + method_runs
+        summary[method] = summarize(method_runs)
+        accuracies = ", ".join(f"{100 * r['accuracy']:.1f}" for r in method_runs)
+        print(f"{method}: lr {best['lr']:g}, dev accuracy {accuracies}", flush=True)
+        json_path.write_text(json.dumps(results, indent=1))  # after each method: survives a stop
+
+    results["complete"] = True
     json_path.write_text(json.dumps(results, indent=1))
     plot(results, png_path, args.select_metric)
     print(f"\n{task.name}, {len(train.labels)} train examples, {args.epochs} epochs, seeds {args.seeds}, "

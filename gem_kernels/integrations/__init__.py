@@ -1,0 +1,1 @@
+"""Helpers that connect gem_kernels to model libraries (``transformers``: see ``.transformers``)."""

@@ -1,0 +1,99 @@
+"""SparseAdamW in transformers.Trainer: param groups from patterns, and resume == no stop."""
+import importlib.util
+import random
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
+
+from gem_kernels.integrations.transformers import matching_parameters, param_groups
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "trainer_example.py"
+WORDS = ["good", "great", "bad", "awful", "movie", "film", "plot", "cast"]
+
+
+def load_example():
+    spec = importlib.util.spec_from_file_location("trainer_example", EXAMPLE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def tiny_model(seed=0):
+    torch.manual_seed(seed)
+    config = BertConfig(vocab_size=5 + len(WORDS), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=32, num_labels=2,
+                        hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1)
+    return BertForSequenceClassification(config)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]
+    return BertTokenizerFast(vocab={token: i for i, token in enumerate(vocab)})
+
+
+def dataset(tokenizer, n=64):
+    rng = random.Random(0)
+    rows = []
+    for i in range(n):
+        label = i % 2
+        text = " ".join([rng.choice(WORDS[:2] if label else WORDS[2:4]), *rng.sample(WORDS[4:], 2)])
+        rows.append({**tokenizer(text), "labels": label})
+    return rows
+
+
+def test_patterns_pick_modules_like_peft():
+    model = tiny_model()
+    names = matching_parameters(model, ["query"])
+    assert sorted(names) == sorted(f"bert.encoder.layer.{i}.attention.self.query.{k}"
+                                   for i in range(2) for k in ("weight", "bias"))
+    with pytest.raises(ValueError, match="matches \\['keys'\\]"):
+        matching_parameters(model, ["query", "keys"])
+    with pytest.raises(TypeError, match="not the string"):
+        param_groups(model, sparse="query")
+
+
+def test_param_groups_freeze_the_rest():
+    model = tiny_model()
+    groups = param_groups(model, sparse=["query", "value"], dense=["classifier"], weight_decay=0.1)
+    sparse_names = [n for n, _ in groups[0]["params"]]
+    dense_names = [n for n, _ in groups[1]["params"]]
+    assert groups[0]["sparse"] and not groups[1]["sparse"] and groups[1]["weight_decay"] == 0.1
+    assert len(sparse_names) == 4 and all(n.endswith(".weight") for n in sparse_names)
+    assert dense_names == ["classifier.weight", "classifier.bias"]
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == set(sparse_names) | set(dense_names)
+    with pytest.raises(ValueError, match="both sparse and dense"):
+        param_groups(model, sparse=["query"], dense=["query"])
+    with pytest.raises(ValueError, match="no weight matrix"):
+        param_groups(model, sparse=["LayerNorm"])
+
+
+def test_trainer_resume_matches_an_uninterrupted_run(tmp_path, tokenizer):
+    example = load_example()
+    data = dataset(tokenizer)
+    settings = dict(max_steps=8, save_steps=4, lr=1e-2, density=2e-3, calibration_steps=2, batch_size=8)
+    before = tiny_model().state_dict()
+
+    straight = example.make_trainer(tiny_model(), tokenizer, data, tmp_path / "run", **settings)
+    straight.train()
+    optimizer = straight.optimizer.optimizer  # the SparseAdamW inside accelerate's wrapper
+    assert optimizer.phase == "training" and optimizer.state_dict()["sparse_adamw"]["calibration_done"] == 2
+    budget = round(2e-3 * sum(t.numel() for t in before.values()))
+    assert 0 < optimizer.selected_count() <= budget
+    after = straight.model.state_dict()
+    changed = {n for n in before if not torch.equal(before[n], after[n])}
+    assert changed and all(".query." in n or ".value." in n or n.startswith("classifier") for n in changed)
+    moved = sum(int((before[n] != after[n]).sum()) for n in changed if not n.startswith("classifier"))
+    assert 0 < moved <= optimizer.selected_count()
+
+    resumed = example.make_trainer(tiny_model(), tokenizer, data, tmp_path / "run", **settings)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "run" / "checkpoint-4"))
+    assert resumed.state.global_step == 8
+    final = resumed.model.state_dict()
+    mismatched = [n for n in after if not torch.equal(after[n], final[n])]
+    assert not mismatched, f"resumed weights differ from the uninterrupted run in {mismatched[:3]}"
+    assert torch.equal(resumed.optimizer.optimizer.state_dict()["state"][0]["indices"],
+                       optimizer.state_dict()["state"][0]["indices"])
