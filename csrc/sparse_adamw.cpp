@@ -32,6 +32,9 @@ inline BiasCorrection bias_correction(const Constants& c, double step) {
 }
 
 // torch's vectorised lerp: a fused multiply-add from whichever end is nearer the weight.
+// (The fused steps here, lerp and addcmul, round as torch's x86 CPU kernels do: exp_avg and
+// exp_avg_sq come out bit-identical to reference.sparse_adamw_. fp32 params can still differ by
+// one ulp, because torch's vectorised fp32 sqrt is not correctly rounded and std::sqrt is.)
 inline float lerp(float start, float end, float weight) {
   return std::fabs(weight) < 0.5f ? std::fma(weight, end - start, start)
                                   : std::fma(weight - 1.0f, end - start, end);
@@ -53,7 +56,7 @@ void update_run(P* param, const G* grad, bool dense, const AdamWArgs& a, const C
     if (c.maximize) g = -g;
     float w = to_float(param[j]) * c.decay;
     const float m = lerp(a.exp_avg[e], g, c.lerp_weight);
-    const float v = a.exp_avg_sq[e] * c.beta2 + (c.one_minus_beta2 * g) * g;
+    const float v = std::fma(c.one_minus_beta2 * g, g, a.exp_avg_sq[e] * c.beta2);  // torch's addcmul, fused
     a.exp_avg[e] = m;
     a.exp_avg_sq[e] = v;
     const float denom = std::sqrt(v) / bc.bc2_sqrt + c.eps;
