@@ -4,6 +4,11 @@ copy bandwidth in the same run, and writes one table per op to benchmarks/result
     python benchmarks/report.py            # full sizes (every case and density)
     python benchmarks/report.py --quick    # the target sizes only, few rounds (< 3 min on 2 cores)
     python benchmarks/report.py --json run.json   # tables from an earlier --benchmark-json
+    python benchmarks/report.py --threads 1       # pin torch and the C++ kernels to 1 thread
+
+The file is benchmarks/results/<device>[-quick][-<N>thread].md, so a quick or pinned run never
+overwrites the full table. On a machine shared with other busy processes, OpenMP regions wait
+for a time slice on every core they use (milliseconds per region); --threads 1 avoids that.
 
 Achieved bandwidth is bytes moved (counted as DESIGN.md §5 says, see _common.py) over the
 median time, shown as a share of the measured copy bandwidth (read + write of a large fp32
@@ -266,7 +271,7 @@ MEMORY_COLUMNS = (  # (row key, column title, formatter) of minilm_memory.run_be
 def memory_section(quick: bool) -> list[str]:
     """The MiniLM memory table from benchmarks/minilm_memory.py (its module doc says what each
     column measures), when that module is there."""
-    steps, warmup = (2, 1) if quick else (5, 2)
+    steps, warmup = (1, 1) if quick else (5, 2)
     lines = ["## Memory: MiniLM-L6 fine-tuning (benchmarks/minilm_memory.py)", "",
              f"`minilm_memory.run_benchmark(steps={steps}, warmup={warmup})`: full AdamW vs "
              "SparseAdamW (GEM, 0.1 %) vs LoRA r=8 on real SST-2 batches; see that file for what "
@@ -306,7 +311,9 @@ def render(rows, device, copy_bw, *, mode, command, suite_seconds, memory) -> st
         "- bytes moved (DESIGN.md §5): layer_stats one read of g and w; ratio_topk one read of g and "
         "w plus the index writes (its floor; a backend making several passes reads more); "
         "sparse_adamw_ per entry the index, gathered grad, m and v read + written, param read + written; "
-        "optimizer_step the same for every selected entry", "",
+        "optimizer_step the same for every selected entry (plus dense AdamW on the 1-D tensors). "
+        "Scattered accesses really move whole 64-byte cache lines, so with cold caches "
+        "sparse_adamw_'s true traffic is several times the counted bytes", "",
     ]
     lines += targets(rows, copy_bw, device)
     for op in OP_ORDER:
@@ -349,7 +356,8 @@ def main(argv=None) -> None:
         text = render(rows, device, bw, mode=mode, command=command, suite_seconds=suite_seconds,
                       memory=memory)
         print(text)
-        path = args.out / f"{file_stem(device_name(device))}{'-quick' if args.quick else ''}.md"
+        path = args.out / (file_stem(device_name(device)) + ("-quick" if args.quick else "")
+                           + (f"-{args.threads}thread" if args.threads else "") + ".md")
         path.write_text(text + "\n")
         print(f"wrote {path.relative_to(ROOT) if path.is_relative_to(ROOT) else path}")
 
