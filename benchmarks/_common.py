@@ -145,7 +145,8 @@ def timed(benchmark, fn, *, device: str, rounds: int, setup=None):
 def describe(benchmark, *, op: str, case: str, device: str, impl: str, role: str,
              bytes_moved: int, density=None, k=None, dtype=torch.float32, numel_total=None,
              n_segments=None, **more) -> None:
-    """extra_info read by report.py: what ran, on how much, and the bytes it must move.
+    """extra_info read by report.py: what ran, on how much, the bytes it must move and (for
+    ours) the names of the baselines it is compared with.
 
     role is "ours" or "baseline"; a baseline with density None serves every density of
     its case (whole-tensor work does not depend on how many entries are selected), and one

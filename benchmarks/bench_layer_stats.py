@@ -27,7 +27,7 @@ def test_layer_stats_ours(benchmark, case, backend, backend_device, backend_name
     out = C.timed(benchmark, lambda: backend.layer_stats(grads, weights, C.EPS, 1.0),
                   device=backend_device, rounds=rounds)
     C.describe(benchmark, op="layer_stats", case=case, device=backend_device, impl=backend_name,
-               role="ours", bytes_moved=C.bytes_score_pass(grads, weights))
+               role="ours", bytes_moved=C.bytes_score_pass(grads, weights), baselines=["torch_expr"])
     want = reference.layer_stats(grads, weights, C.EPS, 1.0)
     assert_stats_close(out, want, rtol=1e-5)
     # The max is one fp32 score: it must be the very same number.

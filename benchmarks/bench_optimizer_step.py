@@ -48,6 +48,7 @@ def ops_backend(device):
 def describe_step(benchmark, device, impl, role, params, bytes_moved, density=None, k=None):
     C.describe(benchmark, op="optimizer_step", case=CASE, device=device, impl=impl, role=role,
                bytes_moved=bytes_moved, density=density, k=k,
+               baselines=["torch_adamw_foreach", "torch_adamw_fused"] if role == "ours" else None,
                numel_total=sum(p.numel() for p in params), n_segments=len(params))
 
 

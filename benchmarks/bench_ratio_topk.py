@@ -31,7 +31,8 @@ def test_ratio_topk_ours(benchmark, case, density, backend, backend_device, back
     C.describe(benchmark, op="ratio_topk", case=case, device=backend_device, impl=backend_name,
                role="ours", density=density, k=sum(ks),
                bytes_moved=C.bytes_score_pass(grads, weights) + 8 * sum(ks),
-               bytes_per_pass=C.bytes_score_pass(grads, weights), passes=passes)
+               bytes_per_pass=C.bytes_score_pass(grads, weights), passes=passes,
+               baselines=["torch_score_topk"])
     assert offsets.tolist() == [0] + torch.tensor(ks).cumsum(0).tolist()
     for seg, (g, w, k) in enumerate(zip(grads, weights, ks)):
         got = indices[offsets[seg]:offsets[seg + 1]].cpu()

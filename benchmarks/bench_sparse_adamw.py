@@ -45,6 +45,9 @@ class SparseStepState:
                            weight_decay=C.WEIGHT_DECAY, step=C.STEP, age=None, maximize=False)
 
 
+BASELINES = ["reference", "torch_adamw_foreach", "torch_adamw_fused"]
+
+
 def run_sparse(benchmark, impl, impl_name, role, case, density, device, cache, rounds):
     state = SparseStepState(case, density, device)
     C.timed(benchmark, lambda: state.step_with(impl), setup=lambda: state.reset(cache),
@@ -52,6 +55,7 @@ def run_sparse(benchmark, impl, impl_name, role, case, density, device, cache, r
     k = state.indices.numel()
     C.describe(benchmark, op="sparse_adamw_", case=case, device=device, impl=impl_name,
                role=role, density=density, k=k, variant=f"{cache} cache",
+               baselines=BASELINES if role == "ours" else None,
                bytes_moved=C.bytes_sparse_adamw(state.params, state.grads, k))
     return state
 
@@ -78,8 +82,16 @@ def test_sparse_adamw_ours(benchmark, case, density, backend, backend_device, ba
 def test_sparse_adamw_reference(benchmark, case, density, device, cache, rounds):
     state = run_sparse(benchmark, reference, "reference", "baseline", case, density, device,
                        cache, rounds)
-    changed = sum(int((p != p0).sum()) for p, p0 in zip(state.params, state.start_params))
-    assert changed == state.indices.numel()
+    # It did the step: entries outside the set untouched, nearly all selected ones moved (an
+    # update can round to nothing when it just cancels the decay, so not quite all).
+    changed = torch.cat([(p != p0).view(-1) for p, p0 in zip(state.params, state.start_params)])
+    selected = torch.zeros_like(changed)
+    starts = torch.tensor([0] + [p.numel() for p in state.params], device=device).cumsum(0)
+    seg_of = torch.repeat_interleave(torch.arange(len(state.params), device=device),
+                                     state.offsets.diff())
+    selected[state.indices + starts[seg_of]] = True
+    assert not bool((changed & ~selected).any())
+    assert int(changed.sum()) >= 0.99 * state.indices.numel()
 
 
 @pytest.mark.parametrize("variant", ["foreach", "fused"])
