@@ -30,7 +30,8 @@ test: setup
 
 demo: setup
 	HF_HUB_OFFLINE=1 $(VENV)/bin/gem-finetune --task-dir ../shared/data/glue/SST-2 --method gem full \
-		--out runs/demo
+		--seeds 0 1 --train-examples 1000 --epochs 2 --batch-size 32 --max-length 64 \
+		--calibration-batches 8 --out runs/demo
 
 bench: setup
 	$(PY) benchmarks/report.py
