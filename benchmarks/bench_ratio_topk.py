@@ -7,7 +7,8 @@ import _common as C
 
 
 def torch_score_topk(grads, weights, ks, eps=C.EPS):
-    """What a user would run: the score in torch, then torch.topk on it, per tensor."""
+    """What a user would run: the score in torch, then torch.topk on it, per tensor. Unsorted
+    indices (our op sorts its own), so the baseline does no more than it must."""
     return [torch.topk((g.float().abs() / (w.float().abs() + eps)).view(-1), k, sorted=False).indices
             for g, w, k in zip(grads, weights, ks)]
 
