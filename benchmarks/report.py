@@ -307,7 +307,7 @@ def render(rows, device, copy_bw, *, mode, command, suite_seconds, memory) -> st
         f"- measured copy bandwidth: {copy_bw / 1e9:.1f} GB/s (median of `dst.copy_(src)`, "
         f"{COPY_BUFFER_BYTES >> 20} MiB fp32, bytes = read + write)",
         f"- suites' wall time: {suite_seconds:.0f} s" if suite_seconds is not None
-        else "- suites: read from an earlier JSON",
+        else "- suites: read from an earlier JSON (the copy bandwidth above is measured now)",
         "- medians over the timed rounds; speed-up = baseline median / ours; fp32 tensors; "
         "`ours` are the backend modules called directly (ops.py's input checks excluded)",
         "- bytes moved (DESIGN.md §5): layer_stats one read of g and w; ratio_topk one read of g and "
