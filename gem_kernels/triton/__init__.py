@@ -6,7 +6,7 @@ reads as "this backend is not live".
 import triton  # noqa: F401  (absolute: the real Triton, so a missing install fails the import)
 
 from .layer_stats import layer_stats
-from .ratio_topk import ratio_topk
+from .ratio_topk import RATIO_TOPK_PASSES, ratio_topk
 from .sparse_adamw import sparse_adamw_
 
-__all__ = ["layer_stats", "ratio_topk", "sparse_adamw_"]
+__all__ = ["layer_stats", "ratio_topk", "sparse_adamw_", "RATIO_TOPK_PASSES"]

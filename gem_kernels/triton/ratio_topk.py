@@ -28,6 +28,7 @@ NUM_WARPS = 4
 PICK_WARPS = 4  # the per-group digit pick reads 256 counts
 DIGIT_BITS = 8
 SHIFTS = (24, 16, 8, 0)  # keys fit in 31 bits: four 8-bit digits, most significant first
+RATIO_TOPK_PASSES = len(SHIFTS) + 2  # full reads of g and w: the histograms, count, write
 
 TABLE_COLS = 6  # g address, w address, numel, g dtype code, w dtype code, first flat element
 
