@@ -133,12 +133,19 @@ def _as_count(name: str, value) -> int:
         raise TypeError(f"{name} must be an integer, got {type(value).__name__}") from None
 
 
-def check_index_set(name: str, indices, offsets, numels: Sequence[int], device) -> None:
+def check_index_set(name: str, indices, offsets, numels: Sequence[int], device,
+                    check_values: bool = True) -> None:
     """Checks an ``(indices, offsets)`` pair: int64, offsets ``[L+1]`` from 0 to ``len(indices)``
-    and non-decreasing, indices in range for their segment and strictly ascending within it."""
+    and non-decreasing, indices in range for their segment and strictly ascending within it.
+
+    ``check_values=False`` checks only dtypes, devices and shapes: no pass over the values and
+    no device-to-host sync, for index sets that were checked (or made by ``ratio_topk``) before.
+    """
     _check_tensor(f"{name} indices", indices, dtypes=(torch.int64,), device=device, dim=1)
     _check_tensor(f"{name} offsets", offsets, dtypes=(torch.int64,), device=device,
                   shape=(len(numels) + 1,))
+    if not check_values:
+        return
     counts = offsets.diff()
     if int(offsets[0]) != 0 or int(offsets[-1]) != indices.numel() or bool((counts < 0).any()):
         raise ValueError(f"{name} offsets must rise from 0 to len(indices)={indices.numel()} "
@@ -222,15 +229,20 @@ def ratio_topk(grads: Sequence[Tensor], weights: Sequence[Tensor], k, eps: float
 def sparse_adamw_(params: Sequence[Tensor], grads, indices: Tensor, offsets: Tensor,
                   exp_avg: Tensor, exp_avg_sq: Tensor, *, lr: float, betas=(0.9, 0.999),
                   eps: float = 1e-8, weight_decay: float = 1e-2, step=None, age=None,
-                  maximize: bool = False) -> None:
-    """In-place AdamW step on the selected entries of ``params``; see ``gem_kernels.reference``."""
+                  maximize: bool = False, check_indices: bool = True) -> None:
+    """In-place AdamW step on the selected entries of ``params``; see ``gem_kernels.reference``.
+
+    ``check_indices=False`` skips the O(k) pass over ``indices``/``offsets`` (range, order) and
+    its host syncs, for a caller that keeps an index set it checked once, as SparseAdamW does.
+    Out-of-range indices would then write out of bounds: leave it True for anything else.
+    """
     if isinstance(params, torch.Tensor) or not isinstance(params, Sequence):
         raise TypeError(f"params must be a list of tensors, got {type(params).__name__}")
     device = params[0].device if len(params) else torch.device("cpu")
     for i, p in enumerate(params):
         _check_tensor(f"params[{i}]", p, dtypes=FLOAT_DTYPES, device=device)
     numels = [p.numel() for p in params]
-    check_index_set("sparse_adamw_", indices, offsets, numels, device)
+    check_index_set("sparse_adamw_", indices, offsets, numels, device, check_values=check_indices)
     n_selected = indices.numel()
     if isinstance(grads, torch.Tensor):
         _check_tensor("grads (compact)", grads, dtypes=FLOAT_DTYPES, device=device, shape=(n_selected,))

@@ -550,7 +550,8 @@ class SparseAdamW(torch.optim.Optimizer):
                         torch.tensor(steps, dtype=torch.int64, device=indices.device)}
         ops.sparse_adamw_(sub_params, op_grads, indices, offsets, exp_avg, exp_avg_sq,
                           lr=float(group["lr"]), betas=group["betas"], eps=group["eps"],
-                          weight_decay=group["weight_decay"], maximize=group["maximize"], **schedule)
+                          weight_decay=group["weight_decay"], maximize=group["maximize"],
+                          check_indices=False, **schedule)  # checked when selected or loaded
         if len(have) != len(params):
             bounds = offsets.tolist()
             for j, p in enumerate(sub_params):
@@ -745,9 +746,12 @@ class SparseAdamW(torch.optim.Optimizer):
             return
         indices = state["indices"]
         n = indices.numel()
-        if indices.dtype != torch.int64 or (n and (int(indices.min()) < 0 or int(indices.max()) >= p.numel())):
+        try:  # every later step trusts these indices (sparse_adamw_ with check_indices=False)
+            ops.check_index_set("checkpoint", indices, torch.tensor([0, n], device=indices.device),
+                                [p.numel()], p.device)
+        except (TypeError, ValueError) as error:
             raise ValueError(f"the checkpoint's indices for a tensor of shape {tuple(p.shape)} are "
-                             "out of range: the checkpoint is from another model")
+                             f"invalid ({error}): the checkpoint is from another model") from None
         for key in ("exp_avg", "exp_avg_sq", "original") + (("age",) if "age" in state else ()):
             if state[key].numel() != n:
                 raise ValueError(f"the checkpoint's {key} has {state[key].numel()} entries for {n} indices")

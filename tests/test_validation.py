@@ -125,3 +125,11 @@ def test_forced_backend_that_cannot_run_raises(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     with pytest.raises(RuntimeError, match="forced but cannot run on cpu"):
         ops.layer_stats(grads, weights)
+
+
+def test_unchecked_indices_still_get_their_dtype_and_shape_checked():
+    args = _adamw_args()
+    args["indices"] = args["indices"].int()
+    with pytest.raises(TypeError, match="sparse_adamw_ indices has dtype int32"):
+        ops.sparse_adamw_(args.pop("params"), args.pop("grads"), args.pop("indices"), args.pop("offsets"),
+                          args.pop("exp_avg"), args.pop("exp_avg_sq"), check_indices=False, **args)
