@@ -1,12 +1,21 @@
 // Shared helpers of the CPU kernels: dtype codes, exact fp16/bf16 conversions, the ratio score.
 #pragma once
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <stdexcept>
 #include <string>
 #include <vector>
+
+// Compile a hot loop for AVX-512, AVX2 and baseline x86-64, the best one picked when the module
+// loads (GCC/Clang function multi-versioning; the package is built without -march flags).
+#if defined(__x86_64__) && defined(__GNUC__) && defined(__linux__)
+#define GEM_VECTOR_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define GEM_VECTOR_CLONES
+#endif
 
 namespace gem {
 
@@ -96,6 +105,25 @@ struct ScoreParams {
     return float(r);
   }
 };
+
+// Scores of entries [start, start + n) into out. kPlain (exponent 1) is a loop of IEEE fp32 adds
+// and divides that the compiler vectorises; the same operations as ratio_score, so the same bits.
+template <bool kPlain, typename G, typename W>
+inline void ratio_scores(const G* g, const W* w, int64_t start, int64_t n, const ScoreParams& sp, float* out) {
+  for (int64_t i = 0; i < n; ++i) {
+    const float abs_w = std::fabs(to_float(w[start + i]));
+    const float d = kPlain ? abs_w + sp.eps : sp.denominator(abs_w);
+    out[i] = std::fabs(to_float(g[start + i])) / d;
+  }
+}
+
+// How many threads a parallel region over `work` items gets: one unless every thread has at
+// least min_per_thread items. Waking a second thread costs microseconds on an idle machine and
+// milliseconds on a busy one (the region waits for a core), so small calls stay on one thread.
+inline int threads_for(int64_t work, int64_t min_per_thread, int num_threads) {
+  const int64_t useful = work / min_per_thread;
+  return int(std::max<int64_t>(1, std::min<int64_t>(num_threads, useful)));
+}
 
 template <typename G, typename W>
 inline float ratio_score(const G* g, const W* w, int64_t i, const ScoreParams& sp) {

@@ -3,6 +3,7 @@
 
 #include <algorithm>
 #include <limits>
+#include <type_traits>
 
 #include "kernels.h"
 
@@ -21,21 +22,111 @@ struct Block {
   int64_t segment, start, end;
 };
 
-template <typename G, typename W>
+// Streaming ops do ~1 ns of work per entry; below 64K entries per thread (~60 us) a second
+// thread costs more than it saves (torch's grain is 32K for heavier element-wise ops).
+constexpr int64_t kMinEntriesPerThread = 1 << 16;
+
+// Each block is cut into sub-blocks whose scores and s ln s terms go through small buffers
+// (L1-resident): the map loops over them vectorise, and the sums below are plain adds.
+constexpr int64_t kSubBlock = 512;
+// Entry i of a block adds into lane i % kLanes; the lanes are added in order at the end of the
+// block. Separate lanes let the compiler vectorise the sums without reassociating any of them.
+constexpr int kLanes = 8;
+
+// ln 2 split so that e * kLn2Hi is exact for any float exponent e (kLn2Hi has 32 trailing
+// zero bits); the constants are ln 2 rounded to double and its remainder.
+constexpr double kLn2Hi = 6.93147180369123816490e-01;
+constexpr double kLn2Lo = 1.90821492927058770002e-10;
+
+// ln x for a float x > 0 (finite or +inf), within about one double ulp, branch-free so the
+// loop calling it vectorises (std::log is a scalar libm call, ~10 ns per entry here).
+// x = 2^e * m with m in [sqrt(1/2), sqrt(2)); ln m = 2 atanh(f), f = (m - 1) / (m + 1), |f| <=
+// 0.1716, and the series 2 (f + f^3/3 + ... + f^19/19) leaves out less than 3e-17 relative.
+inline double log_of_float(float x) {
+  // Selects of computed values rather than conditional arithmetic, so no branch is left.
+  const bool subnormal = x < 0x1p-126f;  // scaled by 2^24 (exact) to a normal float
+  const uint32_t bits = float_bits(x * (subnormal ? 0x1p24f : 1.0f));
+  const float m1 = bits_float((bits & 0x7fffffu) | 0x3f800000u);  // [1, 2)
+  const bool high = m1 > 1.41421356f;
+  const float m = m1 * (high ? 0.5f : 1.0f);  // exact
+  const int32_t e = int32_t(bits >> 23) - (subnormal ? 127 + 24 : 127) + (high ? 1 : 0);
+  const double md = m;
+  const double f = (md - 1.0) / (md + 1.0);  // md - 1 and md + 1 are exact
+  const double f2 = f * f;
+  double q = 1.0 / 19;
+  q = q * f2 + 1.0 / 17;
+  q = q * f2 + 1.0 / 15;
+  q = q * f2 + 1.0 / 13;
+  q = q * f2 + 1.0 / 11;
+  q = q * f2 + 1.0 / 9;
+  q = q * f2 + 1.0 / 7;
+  q = q * f2 + 1.0 / 5;
+  q = q * f2 + 1.0 / 3;
+  const double two_f = 2.0 * f;
+  const double ln_m = two_f + two_f * f2 * q;
+  const double ed = double(e);
+  return ed * kLn2Hi + (ed * kLn2Lo + ln_m);
+}
+
+// The larger of a and b, NaN if either is NaN (torch.max propagates NaN).
+inline float nan_max_f(float a, float b) { return (std::isnan(a) || a >= b) ? a : b; }
+
+struct Lanes {
+  double sum[kLanes] = {}, sum_sq[kLanes] = {}, sum_s_ln_s[kLanes] = {};
+  float max_s[kLanes] = {};
+};
+
+// Adds n <= kSubBlock scores (n a multiple of kLanes) into the lanes, entry i into lane i % kLanes. Compiled for AVX-512,
+// AVX2 and plain x86-64, picked at load time: the same IEEE operations (no FMA contraction) in
+// each, so the same bits, the wider ones just do more entries per instruction.
+GEM_VECTOR_CLONES void add_scores(const float* s, int64_t n, Lanes& acc) {
+  double s_ln_s[kSubBlock];
+  // As the reference's where(s > 0, s ln s, 0): 0 for 0 and NaN.
+  for (int64_t i = 0; i < n; ++i) {
+    const double t = double(s[i]) * log_of_float(s[i]);
+    s_ln_s[i] = s[i] > 0 ? t : 0.0;
+  }
+  Lanes a = acc;  // a local copy stays in registers (acc could alias s as far as the compiler knows)
+  for (int64_t i = 0; i < n; i += kLanes)
+    for (int j = 0; j < kLanes; ++j) {
+      const double x = s[i + j];
+      a.sum[j] += x;
+      a.sum_sq[j] += x * x;
+      a.sum_s_ln_s[j] += s_ln_s[i + j];
+      a.max_s[j] = nan_max_f(a.max_s[j], s[i + j]);
+    }
+  acc = a;
+}
+
+// The common case's scores (fp32 g and w, exponent 1), in the same operations as ratio_scores.
+GEM_VECTOR_CLONES void plain_f32_scores(const float* g, const float* w, int64_t n, float eps, float* out) {
+  for (int64_t i = 0; i < n; ++i) out[i] = std::fabs(g[i]) / (std::fabs(w[i]) + eps);
+}
+
+template <bool kPlain, typename G, typename W>
 void block_partials(const G* g, const W* w, int64_t start, int64_t end, const ScoreParams& sp,
                     double* partial) {
-  double sum = 0, sum_sq = 0, sum_s_ln_s = 0, max_s = 0;
-  for (int64_t i = start; i < end; ++i) {
-    const double s = ratio_score(g, w, i, sp);
-    sum += s;
-    sum_sq += s * s;
-    if (s > 0) sum_s_ln_s += s * std::log(s);  // as the reference's where(s > 0, ...): 0 for 0 and NaN
-    max_s = nan_max(max_s, s);
+  Lanes acc;
+  float s[kSubBlock];
+  for (int64_t base = start; base < end; base += kSubBlock) {  // kSubBlock is a multiple of kLanes
+    const int64_t n = std::min(kSubBlock, end - base);
+    if constexpr (kPlain && std::is_same_v<G, float> && std::is_same_v<W, float>)
+      plain_f32_scores(g + base, w + base, n, sp.eps, s);
+    else
+      ratio_scores<kPlain>(g, w, base, n, sp, s);
+    // Zeros pad the block's last few entries to whole lanes: they add 0 to every sum (and 0 ln 0
+    // is 0) and leave the max as it is, since scores are >= 0 or NaN and the max starts at 0.
+    const int64_t padded = (n + kLanes - 1) / kLanes * kLanes;
+    std::fill(s + n, s + padded, 0.0f);
+    add_scores(s, padded, acc);
   }
-  partial[0] = sum;
-  partial[1] = sum_sq;
-  partial[2] = sum_s_ln_s;
-  partial[3] = max_s;
+  partial[0] = partial[1] = partial[2] = partial[3] = 0.0;
+  for (int j = 0; j < kLanes; ++j) {
+    partial[0] += acc.sum[j];
+    partial[1] += acc.sum_sq[j];
+    partial[2] += acc.sum_s_ln_s[j];
+    partial[3] = nan_max(partial[3], double(acc.max_s[j]));
+  }
 }
 
 }  // namespace
@@ -50,12 +141,19 @@ void layer_stats(const SegmentList& segs, double eps, double exponent, double* o
       blocks.push_back({int64_t(l), start, std::min(start + kStatsBlock, segs.numels[l])});
   std::vector<double> partials(blocks.size() * 4);
 
-#pragma omp parallel for schedule(dynamic, 1) num_threads(num_threads)
+  int64_t total = 0;
+  for (int64_t n : segs.numels) total += n;
+  const int threads = threads_for(total, kMinEntriesPerThread, num_threads);
+#pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
   for (int64_t b = 0; b < int64_t(blocks.size()); ++b) {
     const Block& blk = blocks[b];
     dispatch_float_pair(segs.grad_dtypes[blk.segment], segs.grads[blk.segment],
                         segs.weight_dtypes[blk.segment], segs.weights[blk.segment],
-                        [&](auto* g, auto* w) { block_partials(g, w, blk.start, blk.end, sp, &partials[4 * b]); });
+                        [&](auto* g, auto* w) {
+                          double* partial = &partials[4 * b];
+                          if (sp.plain) block_partials<true>(g, w, blk.start, blk.end, sp, partial);
+                          else block_partials<false>(g, w, blk.start, blk.end, sp, partial);
+                        });
   }
 
   std::fill(out, out + 4 * segs.size(), 0.0);
