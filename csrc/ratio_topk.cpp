@@ -1,13 +1,19 @@
 // ratio_topk: exact top-k of the ratio score by radix select on the score's bits.
 //
 // Each entry gets a 32-bit rank key: a finite score s (always >= 0) maps to bits(s) + 1, which
-// orders like s; a non-finite score maps to 0, below every finite one. Three passes over g and w
-// build histograms of successive key digits (11, 11 and 9 bits; keys never exceed 0x7f800000)
-// among the entries that still match the threshold's known high bits, which pins down the
-// threshold key T and how many entries equal to T are needed. Two more passes count and then
-// write the winners: every key above T, plus the first needed entries equal to T in (segment,
-// index) order. The score is recomputed per pass into a small per-thread chunk buffer, never
-// stored for a whole tensor.
+// orders like s; a non-finite score maps to 0, below every finite one. Pass 1 over g and w
+// builds a histogram of the top key digit (11 bits) per group, which gives the threshold's top
+// digit. Pass 2 collects every entry whose top digit is at least that (the certain winners plus
+// the threshold bucket) as (key, position) pairs, in index order; the exact threshold key T and
+// how many entries equal to T to take are then found among those candidates alone, and the
+// winners written from them: every key above T, plus the first needed entries equal to T in
+// (segment, index) order. The score is recomputed per pass into a small per-thread chunk buffer,
+// never stored for a whole tensor.
+//
+// When the threshold bucket is large (many equal or near-equal scores, or k a large share of
+// the entries) the candidates would not be compact; then the radix select goes on over the
+// full data instead: two more histogram passes (11 and 9 bits), a pass counting and a pass
+// writing the winners.
 //
 // A "group" is the set of segments one selection runs over: each segment alone (k per
 // segment) or all segments together (one global k; ties go to the smaller segment first,
@@ -15,6 +21,7 @@
 #include <omp.h>
 
 #include <algorithm>
+#include <type_traits>
 
 #include "kernels.h"
 
@@ -23,6 +30,13 @@ namespace gem {
 namespace {
 
 constexpr int64_t kChunk = 16384;  // entries per work item: its keys (64 KiB) stay in L2
+// A pass does ~1-2 ns per entry; below 64K entries per thread a second thread costs more than it
+// saves (waking it takes ms on a busy machine). torch's grain for element-wise ops is 32K.
+constexpr int64_t kMinEntriesPerThread = 1 << 16;
+// The candidate path runs when its (key, position) pairs number at most this share of all
+// entries (8 bytes each, so at most the size of one fp32 tensor); beyond it three more passes
+// over g and w cost less than collecting and scanning the candidates.
+constexpr int64_t kMaxCandidateShare = 8;
 constexpr uint32_t kExcluded = 0xffffffffu;  // above every real key; always skipped explicitly
 constexpr int kPasses = 3;
 constexpr int kDigitShift[kPasses] = {20, 9, 0};
@@ -36,6 +50,7 @@ struct Chunk {
 struct Group {
   int64_t needed;     // entries still to choose among those matching the known prefix
   uint32_t prefix;    // threshold key bits found so far
+  int64_t bucket;     // entries matching the prefix after the last radix pass
 };
 
 // Scores are >= 0 or NaN (of either sign), so "finite" is an unsigned compare of the bits:
@@ -50,8 +65,19 @@ void score_keys_loop(const G* g, const W* w, int64_t start, int64_t end, const S
   }
 }
 
+// The common case (fp32 g and w, exponent 1), compiled for AVX-512 / AVX2 / baseline: the same
+// IEEE operations as score_keys_loop, so the same keys.
+GEM_VECTOR_CLONES void plain_f32_keys(const float* g, const float* w, int64_t n, float eps, uint32_t* keys) {
+  for (int64_t i = 0; i < n; ++i) {
+    const uint32_t bits = float_bits(std::fabs(g[i]) / (std::fabs(w[i]) + eps));
+    keys[i] = bits < 0x7f800000u ? bits + 1u : 0u;
+  }
+}
+
 template <typename G, typename W>
 void score_keys(const G* g, const W* w, int64_t start, int64_t end, const ScoreParams& sp, uint32_t* keys) {
+  if constexpr (std::is_same_v<G, float> && std::is_same_v<W, float>)
+    if (sp.plain) return plain_f32_keys(g + start, w + start, end - start, sp.eps, keys);
   if (sp.plain) score_keys_loop<true>(g, w, start, end, sp, keys);
   else score_keys_loop<false>(g, w, start, end, sp, keys);
 }
@@ -116,10 +142,15 @@ void radix_pass(const Selector& sel, const std::vector<Chunk>& chunks, std::vect
       }
       sel.chunk_keys(c, keys.data());
       const uint32_t want_high = grp.prefix >> high_shift;  // high_shift <= 31
-      for (int64_t i = 0; i < c.end - c.start; ++i) {
-        const uint32_t key = keys[i];
+      // Bounds and pointers in locals: the counts are uint64 and could alias the Chunk's fields,
+      // so the compiler would reload c.end and c.start after every increment.
+      const int64_t n = c.end - c.start;
+      const uint32_t* k = keys.data();
+      uint64_t* counts = local.data();
+      for (int64_t i = 0; i < n; ++i) {
+        const uint32_t key = k[i];
         if (key == kExcluded || (key >> high_shift) != want_high) continue;
-        ++local[(key >> shift) & digit_mask];
+        ++counts[(key >> shift) & digit_mask];
       }
     }
     flush();
@@ -134,11 +165,103 @@ void radix_pass(const Selector& sel, const std::vector<Chunk>& chunks, std::vect
       if (above + h[b] >= uint64_t(grp.needed)) {
         grp.prefix |= uint32_t(b) << shift;
         grp.needed -= int64_t(above);
+        grp.bucket = int64_t(h[b]);
         break;
       }
       above += h[b];
     }
   }
+}
+
+struct Candidate {
+  uint32_t key;
+  uint32_t pos;  // position inside its chunk
+};
+
+// Pass 2 and the rest of the common case: every group has its threshold's top digit in prefix
+// (pass 1). Collects the candidates (key >= prefix), finds each group's exact threshold among
+// them and writes the winners.
+void select_from_candidates(const Selector& sel, const std::vector<Chunk>& chunks, const std::vector<Group>& groups,
+                            size_t n_segments, int64_t* indices, int64_t* offsets, int num_threads) {
+  const int64_t n_chunks = int64_t(chunks.size());
+  // Each thread appends to its own list; a chunk's candidates are one run of its thread's list,
+  // in index order.
+  std::vector<std::vector<Candidate>> found(num_threads);
+  std::vector<int64_t> run_begin(n_chunks, 0), run_end(n_chunks, 0);
+  std::vector<int> run_thread(n_chunks, 0);
+#pragma omp parallel num_threads(num_threads)
+  {
+    const int t = omp_get_thread_num();
+    std::vector<Candidate>& mine = found[t];
+    std::vector<uint32_t> keys(kChunk);
+#pragma omp for schedule(static)
+    for (int64_t ci = 0; ci < n_chunks; ++ci) {
+      const Chunk& c = chunks[ci];
+      const Group& grp = groups[c.group];
+      run_thread[ci] = t;
+      run_begin[ci] = run_end[ci] = int64_t(mine.size());
+      if (grp.needed == 0) continue;
+      sel.chunk_keys(c, keys.data());
+      const uint32_t lowest = grp.prefix;  // the threshold bucket's smallest key
+      const int64_t n = c.end - c.start;
+      const uint32_t* k = keys.data();
+      auto collect = [&](int64_t from, int64_t to) {
+        for (int64_t i = from; i < to; ++i)
+          if (k[i] >= lowest && k[i] != kExcluded) mine.push_back({k[i], uint32_t(i)});
+      };
+      // Few entries are candidates: a vectorised test of 16 keys skips most groups of 16 at once.
+      int64_t i = 0;
+      for (; i + 16 <= n; i += 16) {
+        // Signed compares (SSE2 has no unsigned ones): finite keys are < 2^31, and kExcluded
+        // reads as -1, which is never a candidate anyway.
+        int any = 0;
+        for (int j = 0; j < 16; ++j) any |= int32_t(k[i + j]) >= int32_t(lowest);
+        if (any) collect(i, i + 16);
+      }
+      collect(i, n);
+      run_end[ci] = int64_t(mine.size());
+    }
+  }
+  auto run = [&](int64_t ci) {
+    const Candidate* base = found[run_thread[ci]].data();
+    return std::make_pair(base + run_begin[ci], base + run_end[ci]);
+  };
+
+  // The exact threshold T of each group: the needed-th largest key in its bucket.
+  std::vector<std::vector<uint32_t>> bucket_keys(groups.size());
+  for (int64_t ci = 0; ci < n_chunks; ++ci) {
+    const Group& grp = groups[chunks[ci].group];
+    const auto [first, last] = run(ci);
+    for (const Candidate* e = first; e != last; ++e)
+      if ((e->key >> kDigitShift[0]) == (grp.prefix >> kDigitShift[0])) bucket_keys[chunks[ci].group].push_back(e->key);
+  }
+  std::vector<uint32_t> threshold(groups.size(), 0);
+  std::vector<int64_t> equal_left(groups.size(), 0);
+  for (size_t gi = 0; gi < groups.size(); ++gi) {
+    if (groups[gi].needed == 0) continue;
+    std::vector<uint32_t>& b = bucket_keys[gi];
+    std::nth_element(b.begin(), b.begin() + (groups[gi].needed - 1), b.end(), std::greater<uint32_t>());
+    threshold[gi] = b[groups[gi].needed - 1];
+    const int64_t above = std::count_if(b.begin(), b.end(), [&](uint32_t key) { return key > threshold[gi]; });
+    equal_left[gi] = groups[gi].needed - above;
+  }
+
+  // Winners in chunk order, which is (segment, index) order: the segments' outputs follow one
+  // another, and the entries equal to T are taken first come, first served.
+  std::vector<int64_t> seg_count(n_segments, 0);
+  int64_t* out = indices;
+  for (int64_t ci = 0; ci < n_chunks; ++ci) {
+    const Chunk& c = chunks[ci];
+    const uint32_t t = threshold[c.group];
+    int64_t& left = equal_left[c.group];
+    int64_t* const before = out;
+    const auto [first, last] = run(ci);
+    for (const Candidate* e = first; e != last; ++e)
+      if (e->key > t || (e->key == t && left-- > 0)) *out++ = c.start + e->pos;
+    seg_count[c.segment] += out - before;
+  }
+  offsets[0] = 0;
+  for (size_t l = 0; l < n_segments; ++l) offsets[l + 1] = offsets[l] + seg_count[l];
 }
 
 }  // namespace
@@ -158,9 +281,22 @@ void ratio_topk(const SegmentList& segs, const std::vector<int64_t>& k_per_group
       chunks.push_back({int64_t(l), per_segment ? int64_t(l) : 0, start,
                         std::min(start + kChunk, segs.numels[l])});
   std::vector<Group> groups;
-  for (int64_t k : k_per_group) groups.push_back({k, 0u});
+  for (int64_t k : k_per_group) groups.push_back({k, 0u, 0});
+  int64_t total = 0;
+  for (int64_t n : segs.numels) total += n;
+  num_threads = threads_for(total, kMinEntriesPerThread, num_threads);
 
-  for (int pass = 0; pass < kPasses; ++pass) radix_pass(sel, chunks, groups, pass, num_threads);
+  radix_pass(sel, chunks, groups, 0, num_threads);
+  // Candidates: the entries above the threshold's top digit (k - needed) and those in its bucket.
+  int64_t candidates = 0;
+  for (size_t gi = 0; gi < groups.size(); ++gi)
+    if (groups[gi].needed > 0) candidates += k_per_group[gi] - groups[gi].needed + groups[gi].bucket;
+  if (candidates <= total / kMaxCandidateShare) {
+    select_from_candidates(sel, chunks, groups, segs.size(), indices, offsets, num_threads);
+    return;
+  }
+
+  for (int pass = 1; pass < kPasses; ++pass) radix_pass(sel, chunks, groups, pass, num_threads);
   // Now each group with k > 0 has its threshold key in prefix and, in needed, how many
   // entries equal to it to take (the ones above it all go).
 

@@ -18,6 +18,11 @@ except ImportError:  # ops.py then routes CPU tensors to the reference; availabl
 
 Tensor = torch.Tensor
 
+# Full passes over g and w that ratio_topk makes in the common case (a histogram of the top key
+# digit, then collecting the candidates); benchmarks/report.py divides bandwidth by it. Large
+# threshold buckets (k a large share, many equal scores) fall back to five passes.
+RATIO_TOPK_PASSES = 2
+
 
 def available() -> bool:
     """True when the compiled kernels imported."""

@@ -195,6 +195,31 @@ def test_ratio_topk_one_million():
         assert_same_selection(cpu.ratio_topk(grads, weights, k), reference.ratio_topk(grads, weights, k))
 
 
+def test_ratio_topk_candidate_path_ties_exclusions_nonfinite():
+    # Small k over large segments: the compact candidate path (pass 2 collects the threshold
+    # bucket). Scores come from 3000 values, so the threshold ties across chunks and segments,
+    # and some entries are NaN / inf or excluded.
+    gen = torch.Generator().manual_seed(12)
+    values = torch.rand(3000, generator=gen) + 0.5
+    sizes = (300000, 5, 200001)
+    grads = [values[torch.randint(0, 3000, (n,), generator=gen)] for n in sizes]
+    grads[0][::997] = float("nan")
+    grads[2][::1009] = float("inf")
+    weights = [torch.ones(n) for n in sizes]  # 1 + 1e-8 rounds to 1: s = |g| exactly
+    exclude = random_index_set(list(sizes), 0.1, seed=13)
+    for k in ([1000, 2, 999], [1, 0, 1], 2500, 1):
+        for ex in (None, exclude):
+            want = reference.ratio_topk(grads, weights, k, exclude=ex)
+            assert_same_selection(cpu.ratio_topk(grads, weights, k, exclude=ex), want)
+    keys = torch.cat(grads).nan_to_num(-1.0, -1.0)  # non-finite ranks last
+    threshold = keys.sort(descending=True).values[2499]
+    assert int((keys > threshold).sum()) < 2500 < int((keys >= threshold).sum())  # a real tie
+
+
+def test_ratio_topk_passes_constant():
+    assert cpu.RATIO_TOPK_PASSES == 2
+
+
 def test_ratio_topk_writes_every_output_slot():
     grads, weights = random_segments(SHAPES, torch.float32, seed=11)
     k = [1, 7, 300, 0, 4000]
