@@ -48,11 +48,13 @@ inline int64_t read_age(const void* age, int dtype, int64_t e) {
 // and dense-grad access misses the caches and the TLB. Prefetching them this many entries ahead
 // keeps several misses in flight instead of one at a time.
 constexpr int64_t kPrefetchAhead = 32;
-// ~20 ns (warm) to ~45 ns (cold) per entry. Waking a second thread costs microseconds on an idle
-// machine but milliseconds when another job holds the cores (measured: 1,000 entries took
-// 7.8 ms with 2 threads, 40 us with 1), so a thread must have ~1 ms of work to be worth it:
-// 32K entries, torch's own grain size.
-constexpr int64_t kMinEntriesPerThread = 1 << 15;
+// ~20 ns (warm) to ~45 ns (cold) per entry, bound by memory latency, so a second thread nearly
+// halves the time on an idle machine (medium benchmark, 50K entries, cold: 2.17 ms on one thread,
+// 1.25 ms on two). 2K entries (~50-100 us of work) per thread makes the microseconds it costs to
+// wake a thread on an idle machine negligible. On a machine whose cores are busy with other jobs a
+// wake-up can take milliseconds (1,000 entries: 7.8 ms with 2 threads, 40 us with 1): there, run
+// with fewer threads (torch.set_num_threads), as for torch's own ops.
+constexpr int64_t kMinEntriesPerThread = 1 << 11;
 
 // Entries [lo, hi) of one segment. Dense grads are read at the entry's index, compact ones at
 // the entry itself. kDense and kAge are template flags so the loop has no per-entry dispatch.
