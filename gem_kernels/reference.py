@@ -40,7 +40,8 @@ def layer_stats(grads: Sequence[Tensor], weights: Sequence[Tensor], eps: float =
     """Per-segment ``[Σs, Σs², Σ s·ln s, max s]`` as float64 ``[L, 4]``.
 
     ``0·ln 0`` counts as 0 and an empty segment gives zeros. Non-finite scores propagate
-    into the sums (callers reject non-finite gradients before asking for statistics).
+    into ``Σs``, ``Σs²`` and ``max s``; in ``Σ s·ln s`` an infinite score gives inf and a NaN
+    one counts as 0 (callers reject non-finite gradients before asking for statistics).
     The entropy of ``p = s / Σs`` follows without storing ``p``: ``H = ln S − (Σ s ln s) / S``.
     """
     device = weights[0].device if len(weights) else "cpu"
