@@ -67,14 +67,13 @@ def _gather_selected_grad(optimizer_ref, param: Tensor) -> None:
     optimizer = optimizer_ref()
     if optimizer is None or optimizer._phase != "training":
         return
-    state = optimizer.state.get(param)
+    coords = optimizer._coords.get(param)
     grad = param.grad
-    if not state or "indices" not in state or grad is None or grad.is_sparse:
+    if coords is None or grad is None or grad.is_sparse:
         return
-    indices = state["indices"]
-    values = grad.reshape(-1)[indices]
-    coords = torch.stack(torch.unravel_index(indices, param.shape))
-    # Coalesced COO order is ascending flat index, which is how our indices are kept.
+    values = grad.reshape(-1)[optimizer.state[param]["indices"]]
+    # Coalesced COO order is ascending flat index, which is how our indices are kept. Sharing
+    # the cached coords also marks the gradient as ours (see _compact_grad).
     param.grad = torch.sparse_coo_tensor(coords, values, param.shape, is_coalesced=True,
                                          check_invariants=False)
 
@@ -139,6 +138,7 @@ class SparseAdamW(torch.optim.Optimizer):
         self._report = []
         self._flat = {}
         self._hook_handles = []
+        self._coords = {}  # per hooked param: its indices as COO coordinates, made once
 
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
                         amsgrad=False, maximize=maximize, foreach=foreach, capturable=False,
@@ -454,12 +454,14 @@ class SparseAdamW(torch.optim.Optimizer):
         hook = functools.partial(_gather_selected_grad, weakref.ref(self))
         for _, p in self._sparse_params():
             if p.requires_grad:
+                self._coords[p] = torch.stack(torch.unravel_index(self.state[p]["indices"], p.shape))
                 self._hook_handles.append(p.register_post_accumulate_grad_hook(hook))
 
     def _remove_hooks(self) -> None:
         for handle in self._hook_handles:
             handle.remove()
         self._hook_handles = []
+        self._coords = {}
 
     def _compact_grad(self, p: Tensor):
         """The gradient of sparse param ``p`` at its selected entries (param dtype), or None."""
@@ -470,6 +472,9 @@ class SparseAdamW(torch.optim.Optimizer):
         if not grad.is_sparse:
             return grad.reshape(-1)[indices]
         grad = grad.coalesce()
+        coords = self._coords.get(p)
+        if coords is not None and grad._indices().data_ptr() == coords.data_ptr():
+            return grad._values()  # made by our hook: no need to compare positions
         if grad._nnz() == indices.numel() and torch.equal(_flat_positions(grad), indices):
             return grad._values()
         # Someone else's sparse gradient (or one zeroed by zero_grad(set_to_none=False)).

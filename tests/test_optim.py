@@ -398,3 +398,26 @@ def test_nonfinite_grad_in_dense_group_names_it_and_changes_nothing():
     with pytest.raises(ValueError, match=r"param_groups\[1\]\['params'\]\[1\] \(shape \(3,\)\).*NaN or inf"):
         opt.step()
     assert _same(weights, model.state_dict()) and _same(state, _snapshot(opt))
+
+
+def test_gradients_not_made_by_the_hook_are_read_at_the_selected_entries():
+    # A sparse gradient the user sets (not the hook's) and a dense one both give the same step.
+    models = [_mlp() for _ in range(3)]
+    opts = [SparseAdamW(m.parameters(), lr=1e-2, density=0.05, calibration_steps=1) for m in models]
+    batches = _batches(4)
+    for m, o in zip(models, opts):
+        _train(m, o, batches[:1])
+        assert o.phase == "training"
+    for batch in batches[1:]:
+        for i, (m, o) in enumerate(zip(models, opts)):
+            _loss(m, batch).backward()  # the hook leaves a sparse COO gradient of the selection
+            if i > 0:
+                for p in m.parameters():
+                    if p.grad is not None and p.grad.is_sparse:
+                        dense = p.grad.to_dense()
+                        p.grad = dense.to_sparse() if i == 1 else dense
+            o.step()
+            o.zero_grad()
+    for other in models[1:]:
+        for a, b in zip(models[0].parameters(), other.parameters()):
+            assert torch.equal(a, b)
