@@ -355,11 +355,15 @@ class SparseAdamW(torch.optim.Optimizer):
         return budget
 
     def _check_finite(self, described_grads) -> None:
-        for describe, grad in described_grads:
-            values = grad._values() if grad.is_sparse else grad
-            if not bool(torch.isfinite(values).all()):
-                raise ValueError(f"the gradient of {describe()} has NaN or inf entries; nothing was "
-                                 "changed (with a GradScaler such steps are skipped for you)")
+        if not described_grads:
+            return
+        finite = [torch.isfinite(g._values() if g.is_sparse else g).all() for _, g in described_grads]
+        device = finite[0].device
+        if bool(torch.stack([f.to(device) for f in finite]).all()):  # one host sync per step
+            return
+        describe = next(d for (d, _), ok in zip(described_grads, finite) if not bool(ok))
+        raise ValueError(f"the gradient of {describe()} has NaN or inf entries; nothing was "
+                         "changed (with a GradScaler such steps are skipped for you)")
 
     def _dense_grads_described(self, sparse: bool):
         """``[(describe, grad)]`` of the params with a gradient in the sparse or dense groups."""
