@@ -1,4 +1,5 @@
-"""One entry point per op: inputs are checked once here, then sent to a backend.
+"""The public ops: each checks its inputs, normalises them and calls its ``torch.library``
+operator (``gem_kernels.library``), which runs the kernel of the tensors' device.
 
 Backends (``gem_kernels.backends()`` lists the live ones):
 
@@ -10,77 +11,22 @@ CPU tensors go to ``cpu`` and CUDA tensors to ``triton``. ``GEM_KERNELS_BACKEND`
 of the names above forces that backend; a forced backend that cannot run raises instead of
 falling back. Unforced, a device with no kernel of its own uses the reference, which gives
 the same answers (a warning at import says when the compiled kernels are missing).
+
+The checks here need the data (index ranges, ``k`` bounds) and run before any tensor is
+written, so a call that raises changes nothing.
 """
 from __future__ import annotations
 
-import importlib
 import math
 import operator
-import os
 from typing import Sequence
 
 import torch
 
-from . import reference
+from . import library
+from .library import BACKEND_NAMES, FLOAT_DTYPES, backends, check_strided  # noqa: F401
 
 Tensor = torch.Tensor
-
-BACKEND_NAMES = ("reference", "cpu", "triton")
-FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-
-
-# ---------------------------------------------------------------------------------------
-# Backends
-
-
-def _load_backend(name: str):
-    """The backend module, or None when it cannot be imported here."""
-    if name == "reference":
-        return reference
-    try:
-        return importlib.import_module(f"gem_kernels.{name}")
-    except ImportError:
-        return None
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-def _can_run(name: str, device: torch.device) -> bool:
-    if name == "reference":
-        return True
-    if name == "cpu":
-        return device.type == "cpu" and _load_backend("cpu") is not None and _load_backend("cpu").available()
-    if name == "triton":
-        wanted = "cpu" if _interpreting() else "cuda"
-        return device.type == wanted and _load_backend("triton") is not None
-    return False
-
-
-def backends() -> list[str]:
-    """Names of the backends that can run in this process."""
-    live = ["reference"]
-    if _can_run("cpu", torch.device("cpu")):
-        live.append("cpu")
-    if _load_backend("triton") is not None and (torch.cuda.is_available() or _interpreting()):
-        live.append("triton")
-    return live
-
-
-def _backend_for(device: torch.device):
-    forced = os.environ.get("GEM_KERNELS_BACKEND", "").strip()
-    if forced:
-        if forced not in BACKEND_NAMES:
-            raise ValueError(f"GEM_KERNELS_BACKEND={forced!r} is not one of {BACKEND_NAMES}")
-        if not _can_run(forced, device):
-            raise RuntimeError(f"GEM_KERNELS_BACKEND={forced!r} was forced but cannot run on "
-                               f"{device.type} tensors here (live backends: {backends()})")
-        return _load_backend(forced)
-    for name in ("cpu", "triton"):
-        if _can_run(name, device):
-            return _load_backend(name)
-    return reference
 
 
 # ---------------------------------------------------------------------------------------
@@ -90,6 +36,7 @@ def _backend_for(device: torch.device):
 def _check_tensor(name: str, t, *, dtypes, device=None, shape=None, dim=None) -> None:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    check_strided(name, t)
     if t.dtype not in dtypes:
         allowed = ", ".join(str(d).replace("torch.", "") for d in dtypes)
         raise TypeError(f"{name} has dtype {str(t.dtype).replace('torch.', '')}; expected {allowed}")
@@ -187,9 +134,9 @@ def check_adamw_hyper(lr, betas, eps, weight_decay) -> None:
 def layer_stats(grads: Sequence[Tensor], weights: Sequence[Tensor], eps: float = 1e-8,
                 exponent: float = 1.0) -> Tensor:
     """Per-tensor ``[Σs, Σs², Σ s·ln s, max s]`` (float64 ``[L, 4]``) of ``s = |g| / (|w|+eps)^exponent``."""
-    device = _check_segments(grads, weights)
+    _check_segments(grads, weights)
     _check_score_args(eps, exponent)
-    return _backend_for(device).layer_stats(list(grads), list(weights), float(eps), float(exponent))
+    return torch.ops.gem_kernels.layer_stats(list(grads), list(weights), float(eps), float(exponent))
 
 
 def ratio_topk(grads: Sequence[Tensor], weights: Sequence[Tensor], k, eps: float = 1e-8,
@@ -208,7 +155,8 @@ def ratio_topk(grads: Sequence[Tensor], weights: Sequence[Tensor], k, eps: float
         n_excluded = exclude[1].diff().tolist()
     else:
         n_excluded = [0] * len(numels)
-    if isinstance(k, (list, tuple)):
+    per_segment = isinstance(k, (list, tuple))
+    if per_segment:
         if len(k) != len(numels):
             raise ValueError(f"k has {len(k)} entries but there are {len(numels)} tensors")
         k = [_as_count(f"k[{i}]", kk) for i, kk in enumerate(k)]
@@ -222,19 +170,19 @@ def ratio_topk(grads: Sequence[Tensor], weights: Sequence[Tensor], k, eps: float
         if not 0 <= k <= available:
             raise ValueError(f"k={k} must be in [0, {available}] ({sum(numels)} elements, "
                              f"{sum(n_excluded)} excluded)")
-    return _backend_for(device).ratio_topk(list(grads), list(weights), k, float(eps),
-                                           float(exponent), exclude)
+        k = [k]
+    ex_indices, ex_offsets = (None, None) if exclude is None else exclude
+    return torch.ops.gem_kernels.ratio_topk(list(grads), list(weights), k, per_segment, float(eps),
+                                            float(exponent), ex_indices, ex_offsets)
 
 
-def sparse_adamw_(params: Sequence[Tensor], grads, indices: Tensor, offsets: Tensor,
-                  exp_avg: Tensor, exp_avg_sq: Tensor, *, lr: float, betas=(0.9, 0.999),
-                  eps: float = 1e-8, weight_decay: float = 1e-2, step=None, age=None,
-                  maximize: bool = False, check_indices: bool = True) -> None:
-    """In-place AdamW step on the selected entries of ``params``; see ``gem_kernels.reference``.
+def check_sparse_adamw_args(params: Sequence[Tensor], grads, indices: Tensor, offsets: Tensor,
+                            exp_avg: Tensor, exp_avg_sq: Tensor, *, lr: float, betas=(0.9, 0.999),
+                            eps: float = 1e-8, weight_decay: float = 1e-2, step=None, age=None,
+                            maximize: bool = False, check_indices: bool = True) -> tuple:
+    """Every check of ``sparse_adamw_``, touching nothing; returns the operator's arguments.
 
-    ``check_indices=False`` skips the O(k) pass over ``indices``/``offsets`` (range, order) and
-    its host syncs, for a caller that keeps an index set it checked once, as SparseAdamW does.
-    Out-of-range indices would then write out of bounds: leave it True for anything else.
+    SparseAdamW checks all its groups this way before it writes any of them.
     """
     if isinstance(params, torch.Tensor) or not isinstance(params, Sequence):
         raise TypeError(f"params must be a list of tensors, got {type(params).__name__}")
@@ -244,9 +192,12 @@ def sparse_adamw_(params: Sequence[Tensor], grads, indices: Tensor, offsets: Ten
     numels = [p.numel() for p in params]
     check_index_set("sparse_adamw_", indices, offsets, numels, device, check_values=check_indices)
     n_selected = indices.numel()
-    if isinstance(grads, torch.Tensor):
+    compact = isinstance(grads, torch.Tensor)
+    if compact:
         _check_tensor("grads (compact)", grads, dtypes=FLOAT_DTYPES, device=device, shape=(n_selected,))
     else:
+        if isinstance(grads, str) or not isinstance(grads, Sequence):
+            raise TypeError(f"grads must be a list of tensors or one compact tensor, got {type(grads).__name__}")
         if len(grads) != len(params):
             raise ValueError(f"grads has {len(grads)} tensors but params has {len(params)}")
         for i, (g, p) in enumerate(zip(grads, params)):
@@ -261,12 +212,29 @@ def sparse_adamw_(params: Sequence[Tensor], grads, indices: Tensor, offsets: Ten
         if n_selected and int(age.min()) < 1:
             raise ValueError("age must be >= 1 for every entry (the step number of this update)")
     elif isinstance(step, torch.Tensor):
-        _check_tensor("step", step, dtypes=(torch.int64,), device=device, shape=(len(params),))
+        _check_tensor("step", step, dtypes=(torch.int64,), shape=(len(params),))
         if len(params) and int(step.min()) < 1:
             raise ValueError("step must be >= 1 (the step number of this update)")
     elif _as_count("step", step) < 1:
         raise ValueError(f"step must be >= 1 (the step number of this update), got {step}")
-    _backend_for(device).sparse_adamw_(
-        list(params), grads if isinstance(grads, torch.Tensor) else list(grads), indices, offsets,
-        exp_avg, exp_avg_sq, lr=float(lr), betas=(float(betas[0]), float(betas[1])), eps=float(eps),
-        weight_decay=float(weight_decay), step=step, age=age, maximize=bool(maximize))
+    else:
+        step = torch.full((len(params),), int(step), dtype=torch.int64)
+    return (list(params), [] if compact else list(grads), grads if compact else None, indices, offsets,
+            exp_avg, exp_avg_sq, float(lr), float(betas[0]), float(betas[1]), float(eps),
+            float(weight_decay), step, age, bool(maximize))
+
+
+def sparse_adamw_(params: Sequence[Tensor], grads, indices: Tensor, offsets: Tensor,
+                  exp_avg: Tensor, exp_avg_sq: Tensor, *, lr: float, betas=(0.9, 0.999),
+                  eps: float = 1e-8, weight_decay: float = 1e-2, step=None, age=None,
+                  maximize: bool = False, check_indices: bool = True) -> None:
+    """In-place AdamW step on the selected entries of ``params``; see ``gem_kernels.reference``.
+
+    ``check_indices=False`` skips the O(k) pass over ``indices``/``offsets`` (range, order) and
+    its host syncs, for a caller that keeps an index set it checked once, as SparseAdamW does.
+    Out-of-range indices would then write out of bounds: leave it True for anything else.
+    """
+    args = check_sparse_adamw_args(params, grads, indices, offsets, exp_avg, exp_avg_sq, lr=lr,
+                                   betas=betas, eps=eps, weight_decay=weight_decay, step=step, age=age,
+                                   maximize=maximize, check_indices=check_indices)
+    torch.ops.gem_kernels.sparse_adamw_(*args)

@@ -5,8 +5,9 @@ it never stores a score per entry. Index sets are ``(indices, offsets)`` as in
 ``gem_kernels.reference``: flat indices per tensor, sorted ascending.
 
 * ``GEM``: one calibration sum of gradients, a per-tensor budget from entropy, top-k inside
-  each tensor. Needs calibration.
-* ``ID3``: incremental unmasking, one global top-k per step for ``total_steps`` steps.
+  each tensor. A one-shot selector (``OneShotSelector``: ``select`` once, after calibration).
+* ``ID3``: incremental unmasking, one global top-k per step for ``total_steps`` steps
+  (``IncrementalSelector``: ``unmask_count`` and ``select_new`` at each step).
 * ``GradMagnitude`` and ``Random``: baselines at the same budget.
 """
 from __future__ import annotations
@@ -23,6 +24,7 @@ from .reference import entropy_from_stats
 Tensor = torch.Tensor
 
 ALLOCATIONS = ("entropy", "uniform")
+ROUNDINGS = ("largest_remainder", "floor")
 
 
 @dataclass
@@ -42,24 +44,36 @@ def _check_number(name: str, value, *, positive: bool) -> float:
     return float(value)
 
 
-def split_budget(weights: Sequence[float], numels: Sequence[int], budget: int) -> list[int]:
-    """``n_l = floor(B * w_l / Σw)``, with ``n_l`` clamped to the tensor's size.
+def split_budget(weights: Sequence[float], numels: Sequence[int], budget: int,
+                 rounding: str = "largest_remainder") -> list[int]:
+    """Splits ``budget`` over tensors in proportion to ``weights``: ``n_l = floor(B * w_l / Σw)``,
+    with ``n_l`` clamped to the tensor's size.
 
-    What a clamped tensor cannot take is redistributed over the other tensors by the same
-    rule (repeated until nothing overflows), so the budget is not lost to small tensors. The
-    floor's remainder (fewer than one entry per tensor) is not redistributed, as in GEM.
-    Tensors with weight 0 get nothing.
+    What a clamped tensor cannot take is redistributed over the other tensors by the same rule
+    (repeated until nothing overflows), so the budget is not lost to small tensors. The floors
+    leave fewer than one entry per tensor unassigned: ``rounding="largest_remainder"`` gives
+    those to the tensors with the largest fractional parts (ties to the first tensor), so the
+    counts add up to exactly ``B`` when the tensors with weight > 0 can hold it;
+    ``rounding="floor"`` leaves them out, as the GEM paper's formula does. Tensors with weight 0
+    get nothing.
     """
+    if rounding not in ROUNDINGS:
+        raise ValueError(f"rounding must be one of {ROUNDINGS}, got {rounding!r}")
     counts = [0] * len(numels)
     active = [i for i, w in enumerate(weights) if w > 0]
     remaining = budget
     while active and remaining > 0:
         total = math.fsum(weights[i] for i in active)
-        share = {i: math.floor(remaining * weights[i] / total) for i in active}
-        full = [i for i in active if share[i] >= numels[i]]
+        exact = {i: remaining * weights[i] / total for i in active}
+        full = [i for i in active if math.floor(exact[i]) >= numels[i]]
         if not full:
             for i in active:
-                counts[i] = share[i]
+                counts[i] = math.floor(exact[i])
+            if rounding == "largest_remainder":
+                left = remaining - sum(counts[i] for i in active)
+                by_remainder = sorted(active, key=lambda i: (-(exact[i] - counts[i]), i))
+                for i in [i for i in by_remainder if counts[i] < numels[i]][:left]:
+                    counts[i] += 1
             break
         for i in full:
             counts[i] = numels[i]
@@ -69,31 +83,53 @@ def split_budget(weights: Sequence[float], numels: Sequence[int], budget: int) -
 
 
 class Selector:
-    """Base of the selectors. ``needs_calibration``: whether ``select`` reads gradients."""
-    needs_calibration = True
-    incremental = False
+    """Base of every selector (what ``SparseAdamW(selector=...)`` accepts)."""
+
+
+class OneShotSelector(Selector):
+    """Chooses the whole set at once, after calibration (``needs_gradients``: whether
+    ``select`` reads the summed calibration gradients; Random does not)."""
+    needs_gradients = True
 
     def select(self, grads: Sequence[Tensor], weights: Sequence[Tensor], budget: int) -> Selection:
         raise NotImplementedError
 
 
-class GEM(Selector):
+class IncrementalSelector(Selector):
+    """Grows the set over ``total_steps`` training steps, from each step's gradient."""
+    total_steps: int
+
+    def unmask_count(self, step: int, budget: int) -> int:
+        raise NotImplementedError
+
+    def select_new(self, grads: Sequence[Tensor], weights: Sequence[Tensor], count: int,
+                   exclude) -> Selection:
+        raise NotImplementedError
+
+
+class GEM(OneShotSelector):
     """Gradient-to-weight ratio and entropy-guided masking (arXiv 2508.16191).
 
     ``s = |G| / (|W0| + eps)``; per tensor ``H_l`` (entropy of ``s / Σs``) and
     ``score_l = ‖s‖₂ · H_l``; ``n_l = floor(B · score_l / Σ score)`` (see ``split_budget`` for
     clamping); the top ``n_l`` entries by ``s`` inside each tensor.
     ``allocation="uniform"`` is the ablation: ``n_l = floor(B · numel_l / Σ numel)``.
+    ``rounding``: ``"largest_remainder"`` (default) hands the entries the floors leave over to
+    the largest fractional parts, so exactly ``B`` entries train; ``"floor"`` is the paper's
+    formula as written, a few entries short of ``B``.
     """
 
-    def __init__(self, eps: float = 1e-8, allocation: str = "entropy"):
+    def __init__(self, eps: float = 1e-8, allocation: str = "entropy", rounding: str = "largest_remainder"):
         self.eps = _check_number("eps", eps, positive=False)
         if allocation not in ALLOCATIONS:
             raise ValueError(f"allocation must be one of {ALLOCATIONS}, got {allocation!r}")
+        if rounding not in ROUNDINGS:
+            raise ValueError(f"rounding must be one of {ROUNDINGS}, got {rounding!r}")
         self.allocation = allocation
+        self.rounding = rounding
 
     def __repr__(self) -> str:
-        return f"GEM(eps={self.eps!r}, allocation={self.allocation!r})"
+        return f"GEM(eps={self.eps!r}, allocation={self.allocation!r}, rounding={self.rounding!r})"
 
     def allocate(self, stats: Tensor, numels: Sequence[int], budget: int):
         """Per-tensor counts from ``layer_stats`` rows; also returns entropy and score lists."""
@@ -106,7 +142,7 @@ class GEM(Selector):
             if not math.fsum(weights) > 0:
                 raise ValueError("GEM cannot split the budget: every tensor scores 0 (all calibration "
                                  "gradients are zero, or each tensor has at most one non-zero score)")
-        return split_budget(weights, numels, budget), entropy.tolist(), score.tolist()
+        return split_budget(weights, numels, budget, self.rounding), entropy.tolist(), score.tolist()
 
     def select(self, grads, weights, budget):
         stats = ops.layer_stats(grads, weights, self.eps, 1.0)
@@ -115,7 +151,7 @@ class GEM(Selector):
         return Selection(indices, offsets, entropy, score)
 
 
-class GradMagnitude(Selector):
+class GradMagnitude(OneShotSelector):
     """Baseline: the global top-B of ``|G|`` (``ratio_topk`` with exponent 0 scores exactly |g|)."""
 
     def __repr__(self) -> str:
@@ -126,13 +162,13 @@ class GradMagnitude(Selector):
         return Selection(indices, offsets)
 
 
-class Random(Selector):
+class Random(OneShotSelector):
     """Baseline: B entries drawn uniformly over all sparse entries, reproducible from ``seed``.
 
     Draws one fp32 key per entry on the CPU (the same on every device) and keeps the global
     top-B keys; needs no gradient, so it selects at construction when ``calibration_steps=0``.
     """
-    needs_calibration = False
+    needs_gradients = False
 
     def __init__(self, seed: int = 0):
         if isinstance(seed, bool) or not isinstance(seed, int):
@@ -149,16 +185,13 @@ class Random(Selector):
         return Selection(indices, offsets)
 
 
-class ID3(Selector):
+class ID3(IncrementalSelector):
     """Incremental dynamic unmasking (arXiv 2408.14470) over ``total_steps`` steps.
 
     At unmasking step ``t`` (1-based): ``D³ = |g| / (eps + |θ|)^exponent`` from the current
     gradient and weights; ``unmask_count(t, B)`` new entries, the global top-k among entries not
     yet unmasked. Entries are never removed. No calibration.
     """
-    needs_calibration = False
-    incremental = True
-
     def __init__(self, total_steps: int, eps: float = 1e-3, exponent: float = 1.0):
         if isinstance(total_steps, bool) or not isinstance(total_steps, int):
             raise TypeError(f"total_steps must be an int, got {type(total_steps).__name__}")
@@ -182,6 +215,3 @@ class ID3(Selector):
     def select_new(self, grads, weights, count: int, exclude) -> Selection:
         indices, offsets = ops.ratio_topk(grads, weights, int(count), self.eps, self.exponent, exclude)
         return Selection(indices, offsets)
-
-    def select(self, grads, weights, budget):
-        raise TypeError("ID3 unmasks step by step; SparseAdamW calls select_new")

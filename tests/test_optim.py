@@ -360,17 +360,22 @@ def test_nonfinite_grad_raises_and_changes_nothing(phase_steps, selector):
     assert _same(weights, model.state_dict()) and _same(state, _snapshot(opt))
 
 
-def test_sparse_param_without_grad_during_calibration():
-    model = _mlp()
+def test_frozen_and_unused_params_get_no_entries_and_the_budget_goes_elsewhere():
+    # Frozen: never a candidate. Unused (requires grad, but no gradient in calibration, like
+    # BertModel's pooler under a loss on last_hidden_state): a warning, a note, no entries.
+    model = torch.nn.Sequential(torch.nn.Linear(12, 24), torch.nn.Tanh(), torch.nn.Linear(24, 3))
+    unused = torch.nn.Linear(5, 7)
     model[0].weight.requires_grad_(False)
-    opt = SparseAdamW(model.parameters(), budget=10, calibration_steps=2)
+    params = list(model.parameters()) + [unused.weight]
+    opt = SparseAdamW(params, budget=40, calibration_steps=2)
     batches = _batches(2)
     _train(model, opt, batches[:1])
     _loss(model, batches[1]).backward()
-    state = _snapshot(opt)
-    with pytest.raises(ValueError, match=r"shape \(24, 12\)\) got no gradient"):
+    with pytest.warns(UserWarning, match="got no gradient during calibration"):
         opt.step()
-    assert _same(state, _snapshot(opt)) and opt.phase == "calibration"
+    rows = opt.selection_report()
+    assert [row["count"] for row in rows] == [0, 40, 0]
+    assert "frozen" in rows[0]["note"] and "no gradient" in rows[2]["note"] and rows[1]["note"] is None
 
 
 def test_params_without_grad_are_skipped_in_training():

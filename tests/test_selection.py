@@ -48,7 +48,7 @@ def _direct_gem(grads, weights, budget):
 @pytest.mark.parametrize("budget", [7, 20, 41])  # 41: the 10-entry tensor is asked for 12
 def test_gem_allocation_matches_direct_rule(budget):
     grads, weights = _hand_made_case()
-    selection = GEM().select(grads, weights, budget)
+    selection = GEM(rounding="floor").select(grads, weights, budget)
     counts, chosen, layer_scores = _direct_gem(grads, weights, budget)
     assert selection.offsets.diff().tolist() == counts
     off = selection.offsets.tolist()
@@ -57,9 +57,22 @@ def test_gem_allocation_matches_direct_rule(budget):
     assert selection.score == pytest.approx(layer_scores, rel=1e-5)
 
 
+@pytest.mark.parametrize("budget", [7, 20, 41, 71])
+def test_gem_gives_exactly_the_budget_by_largest_remainder(budget):
+    # The paper's floors leave up to one entry per tensor unassigned; the default hands them to
+    # the tensors with the largest fractional shares, so the count is exactly the budget.
+    grads, weights = _hand_made_case()
+    counts = GEM().select(grads, weights, budget).offsets.diff().tolist()
+    floors, _, _ = _direct_gem(grads, weights, budget)
+    assert sum(counts) == budget
+    assert all(f <= c <= f + 1 for f, c in zip(floors, counts))
+    assert split_budget([1.0, 1.0, 1.0], [10, 10, 10], 8) == [3, 3, 2]  # ties: the first tensor
+    assert split_budget([1.0, 1.0, 1.0], [10, 10, 10], 8, rounding="floor") == [2, 2, 2]
+
+
 def test_gem_uniform_allocation_gives_equal_density():
     grads, weights = _hand_made_case()
-    selection = GEM(allocation="uniform").select(grads, weights, 36)
+    selection = GEM(allocation="uniform", rounding="floor").select(grads, weights, 36)
     assert selection.offsets.diff().tolist() == [math.floor(36 * n / 72) for n in (30, 32, 10)]
 
 

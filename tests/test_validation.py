@@ -27,7 +27,7 @@ BAD_SCORE_INPUTS = [
     ("weights[0]", lambda g, w: (g, [w[0].t(), w[1]]), ValueError),  # shape first, then contiguity
     ("weights[0]", lambda g, w: ([g[0].t().contiguous(), g[1]], [w[0].t(), w[1]]), ValueError),
     ("weights", lambda g, w: (g, w[0]), TypeError),
-    ("grads[1]", lambda g, w: ([g[0], g[1].to("meta")], w), ValueError),
+    ("grads[1]", lambda g, w: ([g[0], g[1].to("meta")], w), TypeError),  # no data to read
 ]
 
 

@@ -1,0 +1,257 @@
+"""The ops as ``torch.library`` operators: one definition each, a kernel per device.
+
+``gem_kernels::layer_stats``, ``gem_kernels::ratio_topk`` and ``gem_kernels::sparse_adamw_``
+are defined here with their schemas (``sparse_adamw_`` declares the tensors it writes, so
+autograd bumps their version counters on every backend and ``torch.compile`` functionalises
+the mutation). Each op has
+
+* a fake (meta) kernel that checks dtypes and shapes and makes outputs of the right size,
+  which is what ``torch.compile`` and FakeTensor tracing run;
+* the reference (``gem_kernels.reference``) as the default kernel, for any device;
+* the C++ kernels for CPU tensors and the Triton kernels for CUDA tensors.
+
+The schemas take normalised arguments (``k`` always a list plus a flag, ``exclude`` as two
+optional tensors, ``step`` as one int64 per segment); ``gem_kernels.ops`` holds the public
+functions, which check everything that needs the data (index ranges, ``k`` bounds) and call
+these. ``GEM_KERNELS_BACKEND=reference|cpu|triton`` forces a backend (tests use it); a forced
+backend that cannot run raises instead of falling back.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+from typing import Optional, Sequence
+
+import torch
+
+from . import reference
+
+Tensor = torch.Tensor
+
+BACKEND_NAMES = ("reference", "cpu", "triton")
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+# ---------------------------------------------------------------------------------------
+# Backends
+
+
+def _load_backend(name: str):
+    """The backend module, or None when it cannot be imported here."""
+    if name == "reference":
+        return reference
+    try:
+        module = importlib.import_module(f"gem_kernels.{name}")
+    except ImportError:
+        return None
+    if name == "cpu" and not module.available():
+        return None
+    return module
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _can_run(name: str, device_type: str) -> bool:
+    if name == "reference":
+        return True
+    if name == "cpu":
+        return device_type == "cpu" and _load_backend("cpu") is not None
+    if name == "triton":
+        return device_type == ("cpu" if _interpreting() else "cuda") and _load_backend("triton") is not None
+    return False
+
+
+def backends() -> list[str]:
+    """Names of the backends that can run in this process."""
+    live = ["reference"]
+    if _can_run("cpu", "cpu"):
+        live.append("cpu")
+    if _load_backend("triton") is not None and (torch.cuda.is_available() or _interpreting()):
+        live.append("triton")
+    return live
+
+
+def backend_for(device_type: str):
+    """The backend module for tensors on ``device_type``: forced, else the device's own kernels."""
+    forced = os.environ.get("GEM_KERNELS_BACKEND", "").strip()
+    if forced:
+        if forced not in BACKEND_NAMES:
+            raise ValueError(f"GEM_KERNELS_BACKEND={forced!r} is not one of {BACKEND_NAMES}")
+        if not _can_run(forced, device_type):
+            raise RuntimeError(f"GEM_KERNELS_BACKEND={forced!r} was forced but cannot run on "
+                               f"{device_type} tensors here (live backends: {backends()})")
+        return _load_backend(forced)
+    for name in ("cpu", "triton"):
+        if _can_run(name, device_type):
+            return _load_backend(name)
+    return reference
+
+
+def check_strided(name: str, t) -> None:
+    """Refuses what the kernels cannot read through ``data_ptr()``: tensor subclasses (DTensor
+    reports a null pointer for its local shard), non-strided layouts and meta tensors.
+
+    Every public op runs this on every tensor before a pointer leaves Python; the device
+    kernels below run it again, for callers of ``torch.ops.gem_kernels.*`` directly.
+    """
+    if type(t) not in (torch.Tensor, torch.nn.Parameter):
+        raise TypeError(f"{name} is a {type(t).__name__}; the gem_kernels ops take plain dense "
+                        "tensors (for FSDP2/DTensor parameters pass their local shards)")
+    if t.layout != torch.strided:
+        raise TypeError(f"{name} has layout {t.layout}; the gem_kernels ops take dense (strided) tensors")
+    if t.device.type == "meta":
+        raise TypeError(f"{name} is a meta tensor: it has no data for the kernels to read")
+
+
+def _check_all_strided(**named) -> None:
+    for name, value in named.items():
+        if isinstance(value, (list, tuple)):
+            for i, t in enumerate(value):
+                check_strided(f"{name}[{i}]", t)
+        elif value is not None:
+            check_strided(name, value)
+
+
+def _device_type(tensors: Sequence[Tensor]) -> str:
+    return tensors[0].device.type if len(tensors) else "cpu"
+
+
+# ---------------------------------------------------------------------------------------
+# layer_stats
+
+
+@torch.library.custom_op("gem_kernels::layer_stats", mutates_args=())
+def layer_stats(grads: list[Tensor], weights: list[Tensor], eps: float, exponent: float) -> Tensor:
+    """Per-segment ``[Σs, Σs², Σ s·ln s, max s]`` (float64 ``[L, 4]``); see the reference."""
+    return reference.layer_stats(grads, weights, eps, exponent)
+
+
+@layer_stats.register_fake
+def _(grads, weights, eps, exponent):
+    _fake_check_segments(grads, weights)
+    device = weights[0].device if len(weights) else torch.device("cpu")
+    return torch.empty(len(weights), 4, dtype=torch.float64, device=device)
+
+
+@layer_stats.register_kernel(["cpu", "cuda"])
+def _(grads, weights, eps, exponent):
+    _check_all_strided(grads=grads, weights=weights)
+    return backend_for(_device_type(weights)).layer_stats(list(grads), list(weights), eps, exponent)
+
+
+# ---------------------------------------------------------------------------------------
+# ratio_topk
+
+
+@torch.library.custom_op("gem_kernels::ratio_topk", mutates_args=())
+def ratio_topk(grads: list[Tensor], weights: list[Tensor], k: list[int], per_segment: bool,
+               eps: float, exponent: float, exclude_indices: Optional[Tensor],
+               exclude_offsets: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+    """Exact top-k of the ratio score: one ``k`` per segment (``per_segment``) or ``k[0]`` overall."""
+    return _ratio_topk_with(reference, grads, weights, k, per_segment, eps, exponent,
+                            exclude_indices, exclude_offsets)
+
+
+def _ratio_topk_with(module, grads, weights, k, per_segment, eps, exponent, exclude_indices,
+                     exclude_offsets):
+    exclude = None if exclude_indices is None else (exclude_indices, exclude_offsets)
+    k_arg = [int(kk) for kk in k] if per_segment else int(k[0])
+    return module.ratio_topk(list(grads), list(weights), k_arg, eps, exponent, exclude)
+
+
+@ratio_topk.register_fake
+def _(grads, weights, k, per_segment, eps, exponent, exclude_indices, exclude_offsets):
+    _fake_check_segments(grads, weights)
+    if len(k) != (len(weights) if per_segment else 1):
+        raise ValueError(f"k has {len(k)} entries for {len(weights)} segments (per_segment={per_segment})")
+    if (exclude_indices is None) != (exclude_offsets is None):
+        raise ValueError("exclude_indices and exclude_offsets go together")
+    device = weights[0].device if len(weights) else torch.device("cpu")
+    total = sum(k) if per_segment else k[0]
+    return (torch.empty(total, dtype=torch.int64, device=device),
+            torch.empty(len(weights) + 1, dtype=torch.int64, device=device))
+
+
+@ratio_topk.register_kernel(["cpu", "cuda"])
+def _(grads, weights, k, per_segment, eps, exponent, exclude_indices, exclude_offsets):
+    _check_all_strided(grads=grads, weights=weights, exclude_indices=exclude_indices,
+                       exclude_offsets=exclude_offsets)
+    return _ratio_topk_with(backend_for(_device_type(weights)), grads, weights, k, per_segment, eps,
+                            exponent, exclude_indices, exclude_offsets)
+
+
+# ---------------------------------------------------------------------------------------
+# sparse_adamw_
+
+
+@torch.library.custom_op("gem_kernels::sparse_adamw_", mutates_args=("params", "exp_avg", "exp_avg_sq"))
+def sparse_adamw_(params: list[Tensor], dense_grads: list[Tensor], compact_grads: Optional[Tensor],
+                  indices: Tensor, offsets: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, lr: float,
+                  beta1: float, beta2: float, eps: float, weight_decay: float, step: Optional[Tensor],
+                  age: Optional[Tensor], maximize: bool) -> None:
+    """torch AdamW's update on the selected entries, in place. Grads are ``dense_grads`` (one per
+    param) or ``compact_grads`` (one value per entry); ``step`` is int64 ``[L]`` or ``age`` per entry."""
+    _sparse_adamw_with(reference, params, dense_grads, compact_grads, indices, offsets, exp_avg,
+                       exp_avg_sq, lr, beta1, beta2, eps, weight_decay, step, age, maximize)
+
+
+def _sparse_adamw_with(module, params, dense_grads, compact_grads, indices, offsets, exp_avg,
+                       exp_avg_sq, lr, beta1, beta2, eps, weight_decay, step, age, maximize):
+    grads = compact_grads if compact_grads is not None else list(dense_grads)
+    module.sparse_adamw_(list(params), grads, indices, offsets, exp_avg, exp_avg_sq, lr=lr,
+                         betas=(beta1, beta2), eps=eps, weight_decay=weight_decay, step=step, age=age,
+                         maximize=maximize)
+
+
+@sparse_adamw_.register_fake
+def _(params, dense_grads, compact_grads, indices, offsets, exp_avg, exp_avg_sq, lr, beta1, beta2,
+      eps, weight_decay, step, age, maximize):
+    n = indices.shape[0]
+    if (compact_grads is None) == (len(dense_grads) == 0) and len(params):
+        raise ValueError("give either dense_grads (one per param) or compact_grads, not both")
+    if compact_grads is None and len(dense_grads) != len(params):
+        raise ValueError(f"dense_grads has {len(dense_grads)} tensors but params has {len(params)}")
+    for i, (g, p) in enumerate(zip(dense_grads, params)):
+        _fake_check("dense_grads", i, g, p.shape)
+    if compact_grads is not None:
+        _fake_check("compact_grads", None, compact_grads, (n,))
+    for name, t in (("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)):
+        if t.dtype != torch.float32 or tuple(t.shape) != (n,):
+            raise ValueError(f"{name} must be float32 of shape ({n},), got {t.dtype} {tuple(t.shape)}")
+    if (step is None) == (age is None):
+        raise ValueError("give exactly one of step (per segment) and age (per entry)")
+    if tuple(offsets.shape) != (len(params) + 1,):
+        raise ValueError(f"offsets must have shape ({len(params) + 1},), got {tuple(offsets.shape)}")
+
+
+@sparse_adamw_.register_kernel(["cpu", "cuda"])
+def _(params, dense_grads, compact_grads, indices, offsets, exp_avg, exp_avg_sq, lr, beta1, beta2,
+      eps, weight_decay, step, age, maximize):
+    _check_all_strided(params=params, dense_grads=dense_grads, compact_grads=compact_grads,
+                       indices=indices, offsets=offsets, exp_avg=exp_avg, exp_avg_sq=exp_avg_sq,
+                       step=step, age=age)
+    _sparse_adamw_with(backend_for(_device_type(params)), params, dense_grads, compact_grads, indices,
+                       offsets, exp_avg, exp_avg_sq, lr, beta1, beta2, eps, weight_decay, step, age,
+                       maximize)
+
+
+# ---------------------------------------------------------------------------------------
+# Fake-kernel checks: dtypes and shapes only (no data under tracing)
+
+
+def _fake_check(name: str, i, t: Tensor, shape) -> None:
+    where = name if i is None else f"{name}[{i}]"
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{where} has dtype {t.dtype}; expected float32, bfloat16 or float16")
+    if tuple(t.shape) != tuple(shape):
+        raise ValueError(f"{where} has shape {tuple(t.shape)}; expected {tuple(shape)}")
+
+
+def _fake_check_segments(grads, weights) -> None:
+    if len(grads) != len(weights):
+        raise ValueError(f"grads has {len(grads)} tensors but weights has {len(weights)}")
+    for i, (g, w) in enumerate(zip(grads, weights)):
+        _fake_check("weights", i, w, w.shape)
+        _fake_check("grads", i, g, w.shape)

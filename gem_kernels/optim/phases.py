@@ -1,0 +1,285 @@
+"""What one ``step()`` does in each phase: calibration, unmasking (ID3), training.
+
+Every step first checks everything it will read (gradients dense where needed, finite, of
+the right shape and dtype; the op's arguments), then writes. So a step that raises leaves
+weights, gradients sums, moments and step counts exactly as they were. The functions take
+the optimizer and use its state and helpers; ``SparseAdamW`` only routes to them.
+"""
+from __future__ import annotations
+
+import functools
+import warnings
+
+import torch
+from torch.optim.adamw import adamw as torch_adamw
+
+from .. import ops
+from .grads import check_finite, compact_grad
+from .layout import merged_state, new_state
+
+NOTE_FROZEN = "frozen (requires_grad=False) when the entries were chosen"
+NOTE_NO_GRADIENT = "got no gradient during calibration"
+
+
+# ---------------------------------------------------------------------------------------
+# Gradients, described for error messages
+
+
+def described_grads(opt, sparse: bool) -> list:
+    """``[(describe, grad)]`` of the params with a gradient in the sparse or dense groups."""
+    out = []
+    for gi, group in enumerate(opt.param_groups):
+        if group["sparse"] == sparse:
+            out += [(functools.partial(opt._describe, gi, i), p.grad)
+                    for i, p in enumerate(group["params"]) if p.grad is not None]
+    return out
+
+
+def _require_dense(described, why: str) -> None:
+    for describe, grad in described:
+        if grad.is_sparse:
+            raise ValueError(f"the gradient of {describe()} is sparse; {why} needs dense gradients")
+
+
+# ---------------------------------------------------------------------------------------
+# Calibration and the one-shot selection
+
+
+def add_gradients(opt, sums: dict) -> None:
+    """Adds each sparse param's gradient into ``sums[param]`` (fp32, made on first use), after
+    checking every gradient (dense, finite), so a bad one changes no sum."""
+    described = described_grads(opt, sparse=True)
+    _require_dense(described, "calibration")
+    check_finite(described)
+    for _, p in opt._sparse_params():
+        if p.grad is not None:
+            if p not in sums:
+                sums[p] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.contiguous_format)
+            sums[p].add_(p.grad)
+
+
+def stored_sums(opt, copy: bool) -> dict:
+    """The calibration sums kept in the state so far (copies, for a call that may still fail)."""
+    return {p: opt.state[p]["grad_sum"].clone() if copy else opt.state[p]["grad_sum"]
+            for _, p in opt._sparse_params() if "grad_sum" in opt.state.get(p, {})}
+
+
+def select(opt, sums: dict) -> None:
+    """Calibration -> training: choose the entries from the summed gradients ``sums``, create
+    the O(k) state, free the sums. Frozen params and params that got no gradient get no entry
+    (a warning names the latter); the budget goes to the others."""
+    named = opt._sparse_params()
+    selector = opt.selector
+    notes = {}
+    for i, (_, p) in enumerate(named):
+        if not p.requires_grad:
+            notes[i] = NOTE_FROZEN
+        elif selector.needs_gradients and p not in sums:
+            notes[i] = NOTE_NO_GRADIENT
+    candidates = [i for i in range(len(named)) if i not in notes]
+    budget = opt._resolve_budget()
+    _warn_no_gradient(named, notes)
+    available = sum(named[i][1].numel() for i in candidates)
+    if not candidates or budget > available:
+        raise ValueError(f"the budget of {budget} entries does not fit in the {available} entries of "
+                         "the sparse params that can train (not frozen and, for gradient selectors, "
+                         "with a calibration gradient); see selection_report()")
+    weights = [named[i][1].detach() for i in candidates]
+    grads = [sums[named[i][1]] for i in candidates] if selector.needs_gradients else weights
+    selection = selector.select(grads, weights, budget)
+    bounds = selection.offsets.tolist()
+    chosen = {i: selection.indices[bounds[j]:bounds[j + 1]].clone() for j, i in enumerate(candidates)}
+    empty = torch.zeros(0, dtype=torch.int64)
+    for i, (_, p) in enumerate(named):
+        opt.state[p] = new_state(p, chosen.get(i, empty.to(p.device)), incremental=False)
+    at = {i: j for j, i in enumerate(candidates)}
+    opt._set_selected(budget, [
+        {"entropy": None if selection.entropy is None or i not in at else selection.entropy[at[i]],
+         "score": None if selection.score is None or i not in at else selection.score[at[i]],
+         "note": notes.get(i)} for i in range(len(named))])
+    opt._set_phase("training")
+
+
+def _warn_no_gradient(named, notes) -> None:
+    missing = [str(named[i][0]) for i, note in notes.items() if note == NOTE_NO_GRADIENT]
+    if missing:
+        warnings.warn(f"{len(missing)} sparse param(s) got no gradient during calibration and get no "
+                      f"entries ({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}); the budget "
+                      "goes to the others. Freeze them (requires_grad=False) or leave them out of the "
+                      "optimizer to silence this.", UserWarning, stacklevel=4)
+
+
+# ---------------------------------------------------------------------------------------
+# Updates: prepared (checked) first, run after every check of the step has passed
+
+
+def _precheck_sparse_inputs(group, params, grads) -> None:
+    """The op's checks of params, dense grads and hyper-parameters, with an empty index set:
+    for a step that changes the index set before its update."""
+    empty_f32 = torch.zeros(0, dtype=torch.float32, device=params[0].device)
+    ops.check_sparse_adamw_args(
+        params, grads, torch.zeros(0, dtype=torch.int64, device=params[0].device),
+        torch.zeros(len(params) + 1, dtype=torch.int64, device=params[0].device), empty_f32, empty_f32,
+        lr=group["lr"], betas=group["betas"], eps=group["eps"], weight_decay=group["weight_decay"],
+        step=1, maximize=group["maximize"])
+
+
+def prepare_sparse_update(opt, gi: int, grads: list, compact: bool):
+    """A callable doing one ``sparse_adamw_`` for the params of sparse group ``gi`` that have a
+    gradient (``grads[i]``: compact values or the dense gradient, or None); None if none has.
+    Every argument is checked here; the callable then cannot fail on bad input."""
+    group = opt.param_groups[gi]
+    params = group["params"]
+    have = [i for i, g in enumerate(grads) if g is not None]
+    if not have:
+        return None
+    states = [opt.state[p] for p in params]
+    layout = opt._layout(gi)
+    buffers = layout.arguments(have, states)
+    op_grads = torch.cat([grads[i].float() for i in have]) if compact else [grads[i] for i in have]
+    incremental = "age" in buffers
+    if incremental:
+        age = buffers["age"] + 1
+        schedule = {"age": age}
+    else:
+        schedule = {"step": torch.tensor([int(states[i]["step"]) + 1 for i in have], dtype=torch.int64)}
+    args = ops.check_sparse_adamw_args(
+        [params[i] for i in have], op_grads, buffers["indices"], buffers["offsets"], buffers["exp_avg"],
+        buffers["exp_avg_sq"], lr=group["lr"], betas=group["betas"], eps=group["eps"],
+        weight_decay=group["weight_decay"], maximize=group["maximize"],
+        check_indices=False, **schedule)  # checked when selected or loaded
+
+    def run():
+        torch.ops.gem_kernels.sparse_adamw_(*args)
+        for i in have:
+            states[i]["step"] += 1
+        if incremental:
+            buffers["age"].copy_(age)
+        layout.write_back(have, states, buffers)
+    return run
+
+
+def _scalar_dtype(fused: bool) -> torch.dtype:
+    """The dtype torch.optim.AdamW gives its ``step`` state."""
+    if fused:
+        return torch.float32
+    return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
+
+
+def prepare_dense_update(opt, group):
+    """A callable doing ``torch.optim.AdamW``'s step for a dense group (torch's own functional
+    AdamW: the same bits), or None when no param of the group has a gradient."""
+    params = [p for p in group["params"] if p.grad is not None]
+    if not params:
+        return None
+    ops.check_adamw_hyper(group["lr"], group["betas"], group["eps"], group["weight_decay"])
+    for p in params:
+        if p.grad.is_sparse:
+            raise RuntimeError("dense param groups do not take sparse gradients (as AdamW)")
+        if p.grad.shape != p.shape or p.grad.dtype != p.dtype or p.grad.device != p.device:
+            raise ValueError(f"a dense param of shape {tuple(p.shape)} ({p.dtype}, {p.device}) has a "
+                             f"gradient of shape {tuple(p.grad.shape)} ({p.grad.dtype}, {p.grad.device})")
+
+    def run():
+        for p in params:
+            state = opt.state[p]
+            if len(state) == 0:
+                fused = bool(group["fused"])
+                state["step"] = (torch.zeros((), dtype=_scalar_dtype(True), device=p.device) if fused
+                                 else torch.tensor(0.0, dtype=_scalar_dtype(False)))
+                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        states = [opt.state[p] for p in params]
+        beta1, beta2 = group["betas"]
+        torch_adamw(params, [p.grad for p in params], [s["exp_avg"] for s in states],
+                    [s["exp_avg_sq"] for s in states], [], [s["step"] for s in states],
+                    foreach=group["foreach"], fused=group["fused"],
+                    has_complex=any(torch.is_complex(p) for p in params), amsgrad=False, beta1=beta1,
+                    beta2=beta2, lr=group["lr"], weight_decay=group["weight_decay"], eps=group["eps"],
+                    maximize=group["maximize"])
+    return run
+
+
+def _run_all(updates) -> None:
+    for update in updates:
+        if update is not None:
+            update()
+
+
+def _dense_updates(opt) -> list:
+    return [prepare_dense_update(opt, g) for g in opt.param_groups if not g["sparse"]]
+
+
+# ---------------------------------------------------------------------------------------
+# The phases
+
+
+def calibration_step(opt) -> None:
+    """Adds this step's gradients to the sums; the last calibration step selects from them. That
+    step works on copies of the sums (one more fp32 copy of the sparse params, still less than
+    AdamW's two moments), so a selection that raises leaves the sums as they were."""
+    last = opt._calibration_done + 1 == opt._calibration_steps
+    sums = stored_sums(opt, copy=last)
+    add_gradients(opt, sums)
+    if last:
+        select(opt, sums)
+    else:
+        for p, total in sums.items():
+            opt.state[p]["grad_sum"] = total
+    opt._calibration_done += 1
+
+
+def training_step(opt) -> None:
+    grads = {}
+    for gi, group in enumerate(opt.param_groups):
+        if group["sparse"]:
+            grads[gi] = [compact_grad(p, opt.state[p]["indices"], opt._hooks) for p in group["params"]]
+    check_finite([(functools.partial(opt._describe, gi, i), g) for gi, gs in grads.items()
+                  for i, g in enumerate(gs) if g is not None] + described_grads(opt, sparse=False))
+    updates = [prepare_sparse_update(opt, gi, gs, compact=True) for gi, gs in grads.items()]
+    _run_all(updates + _dense_updates(opt))
+
+
+def unmask_step(opt) -> None:
+    """ID3: unmask this step's new entries (global top-k outside the set among the params that
+    have a gradient), then train every unmasked entry with the dense gradients."""
+    selector = opt.selector
+    described = described_grads(opt, sparse=True)
+    _require_dense(described, "ID3")
+    check_finite(described + described_grads(opt, sparse=False))
+    for group in opt.param_groups:
+        have = [p for p in group["params"] if p.grad is not None]
+        if group["sparse"] and have:
+            _precheck_sparse_inputs(group, have, [p.grad for p in have])
+    dense_updates = _dense_updates(opt)
+
+    named = opt._sparse_params()
+    started = opt._selection_started
+    budget = opt._resolve_budget() if not started else opt._budget
+    states = {p: opt.state[p] if started else new_state(p, torch.zeros(0, dtype=torch.int64, device=p.device),
+                                                        incremental=True) for _, p in named}
+    step = opt._unmask_done + 1
+    candidates = [p for _, p in named if p.grad is not None and p.requires_grad]
+    if candidates:
+        current = [states[p]["indices"] for p in candidates]
+        offsets = torch.zeros(len(candidates) + 1, dtype=torch.int64, device=current[0].device)
+        offsets[1:] = torch.tensor([c.numel() for c in current], dtype=torch.int64).cumsum(0)
+        available = sum(p.numel() for p in candidates) - int(offsets[-1])
+        count = min(selector.unmask_count(step, budget), available)
+        new = selector.select_new([p.grad.contiguous() for p in candidates], [p.detach() for p in candidates],
+                                  count, (torch.cat(current), offsets))
+        bounds = new.offsets.tolist()
+        for j, p in enumerate(candidates):
+            states[p] = merged_state(states[p], p, new.indices[bounds[j]:bounds[j + 1]])
+    for _, p in named:
+        opt.state[p] = states[p]
+    if not started:
+        opt._set_selected(budget, [{"entropy": None, "score": None, "note": None} for _ in named])
+    else:
+        opt._repack()
+    sparse_updates = [prepare_sparse_update(opt, gi, [p.grad for p in g["params"]], compact=False)
+                      for gi, g in enumerate(opt.param_groups) if g["sparse"]]
+    _run_all(sparse_updates + dense_updates)
+    opt._unmask_done = step
+    if step == selector.total_steps:
+        opt._set_phase("training")

@@ -1,0 +1,406 @@
+"""SparseAdamW: a drop-in ``torch.optim.AdamW`` that trains only a chosen set of weight entries.
+
+Use it as AdamW::
+
+    opt = SparseAdamW(model.parameters(), lr=1e-4, density=1e-3)   # GEM by default
+    for batch in loader:
+        model(**batch).loss.backward()
+        opt.step()
+        opt.zero_grad()
+
+Groups and phases
+-----------------
+* A param group is *sparse* or *dense* (key ``sparse``). Without the key, tensors with
+  ``dim >= 2`` go to a sparse group and the others to a dense one (the group is split in two).
+  Dense groups get torch's own functional AdamW (``torch.optim.adamw.adamw``): the same bits
+  as ``torch.optim.AdamW``; ``foreach`` and ``fused`` only matter for them.
+* ``density`` (a fraction in (0, 1]) or ``budget`` (a count) sets how many entries of the
+  sparse groups train, ``B = round(density * N)``, N the entries of the sparse params that
+  require grad when the selection is made. Frozen params (``requires_grad=False``) are never
+  candidates.
+* ``phase`` is ``"calibration"`` then ``"training"`` (ID3: ``"unmasking"`` then ``"training"``).
+  Calibration: the first ``calibration_steps`` calls to ``step()`` only add the gradients of
+  the sparse tensors into an fp32 sum; no weight changes, *dense groups do not train either*.
+  Then the selector picks the entries (GEM, GradMagnitude; Random needs no gradient and picks
+  at construction when ``calibration_steps=0``, its default). ``calibrate()`` does the same
+  over explicit batches. A sparse param that got no gradient in calibration gets no entry (a
+  warning names it, ``selection_report()`` says why); the budget goes to the others.
+* Training: one ``sparse_adamw_`` op call per sparse group (see ``phases``); a hook keeps only
+  the selected entries of each fresh gradient (see ``grads``). Optimizer state per sparse
+  param is O(k) (see ``layout``); checkpoints go through torch's ``state_dict`` /
+  ``load_state_dict`` (see ``checkpoint``).
+
+A param is trained sparsely by one SparseAdamW at a time: ``close()`` (or leaving a ``with``
+block) removes the hooks; a new SparseAdamW on the same params closes the old one, with a
+warning. Every ``step()`` checks
+all it reads before writing, so a step that raises changes nothing.
+
+``step()`` is excluded from ``torch.compile`` tracing (``torch.compiler.disable``): its phase
+machine changes Python attributes and syncs with the host (the finite-gradient check, index
+counts), which a traced graph would not replay. A compiled training step that calls it runs
+it eagerly, in between two graphs, with the eager result in every phase.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .. import ops
+from ..selection import GEM, IncrementalSelector, OneShotSelector, Selector
+from . import checkpoint, grads, phases
+from .layout import GroupLayout
+
+Tensor = torch.Tensor
+
+DEFAULT_CALIBRATION_STEPS = 8
+
+
+def _check_budget_args(density, budget) -> None:
+    if (density is None) == (budget is None):
+        raise ValueError("give exactly one of density (a fraction) and budget (a count)")
+    if density is not None:
+        if isinstance(density, bool) or not isinstance(density, (int, float)):
+            raise TypeError(f"density must be a number, got {type(density).__name__}")
+        if not (math.isfinite(density) and 0 < density <= 1):
+            raise ValueError(f"density must be in (0, 1], got {density!r}")
+    if budget is not None:
+        if isinstance(budget, bool) or not isinstance(budget, int):
+            raise TypeError(f"budget must be an int, got {type(budget).__name__}")
+        if budget < 1:
+            raise ValueError(f"budget must be >= 1, got {budget}")
+
+
+class SparseAdamW(torch.optim.Optimizer):
+    """AdamW on a selected ~0.1% of the entries of the sparse groups; see the module doc."""
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2,
+                 amsgrad=False, *, maximize=False, foreach=None, capturable=False,
+                 differentiable=False, fused=None, density=None, budget=None, selector=None,
+                 calibration_steps=None):
+        for name, value in (("amsgrad", amsgrad), ("capturable", capturable),
+                            ("differentiable", differentiable)):
+            if value:
+                raise ValueError(f"{name}=True is not supported by SparseAdamW")
+        if foreach and fused:
+            raise ValueError("foreach and fused cannot both be True")
+        ops.check_adamw_hyper(lr, betas, eps, weight_decay)
+        selector = GEM() if selector is None else selector
+        if not isinstance(selector, Selector):
+            raise TypeError(f"selector must be a gem_kernels.selection selector (GEM, ID3, "
+                            f"GradMagnitude, Random), got {type(selector).__name__}")
+        _check_budget_args(density, budget)
+        incremental = isinstance(selector, IncrementalSelector)
+        if calibration_steps is None:
+            calibration_steps = DEFAULT_CALIBRATION_STEPS if not incremental and selector.needs_gradients else 0
+        if isinstance(calibration_steps, bool) or not isinstance(calibration_steps, int):
+            raise TypeError(f"calibration_steps must be an int, got {type(calibration_steps).__name__}")
+        if calibration_steps < 0:
+            raise ValueError(f"calibration_steps must be >= 0, got {calibration_steps}")
+        if incremental and calibration_steps:
+            raise ValueError("ID3 has no calibration: leave calibration_steps unset (or 0)")
+
+        self._selector = selector
+        self._density = density
+        self._budget_arg = budget
+        self._calibration_steps = calibration_steps
+        self._phase = "unmasking" if incremental else "calibration"
+        self._selection_started = False  # True once any entry is selected: no sparse group may join
+        self._calibration_done = 0
+        self._unmask_done = 0
+        self._budget = None  # resolved when the selection starts
+        self._report = []
+        self._layouts = {}
+        self._hooks = grads.SelectedGradHooks()
+        self.closed = False
+
+        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
+                        amsgrad=False, maximize=maximize, foreach=foreach, capturable=False,
+                        differentiable=False, fused=fused, decoupled_weight_decay=True)
+        try:
+            super().__init__(params, defaults)
+            if not self._sparse_params():
+                raise ValueError("no sparse parameters: SparseAdamW needs tensors with dim >= 2 or a "
+                                 "group with sparse=True (for dense training use torch.optim.AdamW)")
+            self._resolve_budget()  # bad budgets fail now, not after calibration
+            if self._phase == "calibration" and calibration_steps == 0 and not selector.needs_gradients:
+                phases.select(self, {})
+        except BaseException:
+            self._hooks.remove()  # a half-built optimizer leaves no hook behind
+            raise
+        grads.claim([p for _, p in self._sparse_params()], self)
+        self._constructed = True
+        self.register_state_dict_post_hook(checkpoint.add_meta)
+        self.register_load_state_dict_pre_hook(checkpoint.load_pre_hook)
+        self.register_load_state_dict_post_hook(checkpoint.load_post_hook)
+
+    # -----------------------------------------------------------------------------------
+    # Public API beyond torch's
+
+    @property
+    def phase(self) -> str:
+        return self._phase
+
+    @property
+    def selector(self) -> Selector:
+        return self._selector
+
+    @property
+    def incremental(self) -> bool:
+        return isinstance(self._selector, IncrementalSelector)
+
+    def selected_count(self) -> int:
+        """Number of entries selected so far (0 during calibration)."""
+        return sum(int(self.state[p]["indices"].numel()) for _, p in self._sparse_params()
+                   if "indices" in self.state.get(p, {}))
+
+    def selected_entries(self) -> dict:
+        """``{param: (indices, original_values)}`` for every sparse param: flat int64 indices
+        sorted ascending and the values there when they were selected (param dtype). Copies;
+        empty before anything is selected."""
+        out = {}
+        for _, p in self._sparse_params():
+            state = self.state.get(p, {})
+            if "indices" in state:
+                out[p] = (state["indices"].clone(), state["original"].clone())
+            else:
+                out[p] = (torch.zeros(0, dtype=torch.int64, device=p.device),
+                          torch.zeros(0, dtype=p.dtype, device=p.device))
+        return out
+
+    def selection_report(self) -> list:
+        """Per sparse tensor: name (or index), shape, count, GEM's entropy and score, and a
+        note saying why a tensor got no entry (frozen, no gradient in calibration)."""
+        rows = []
+        for i, (name, p) in enumerate(self._sparse_params()):
+            state = self.state.get(p, {})
+            row = {"name": name, "shape": tuple(p.shape), "numel": p.numel(),
+                   "count": int(state["indices"].numel()) if "indices" in state else 0,
+                   "entropy": None, "score": None, "note": None}
+            if i < len(self._report):
+                row.update(self._report[i])
+            rows.append(row)
+        return rows
+
+    @torch.compiler.disable
+    @torch.no_grad()
+    def calibrate(self, model: torch.nn.Module, batches, loss_fn) -> None:
+        """Sum the gradients of ``loss_fn(model, batch)`` over ``batches``, then select.
+
+        Adds to what earlier calibration steps summed; leaves every ``.grad`` of ``model``
+        set to None. The model's train/eval mode is left as the caller set it. If it raises,
+        the optimizer is as before the call.
+        """
+        self._check_open()
+        if self._phase != "calibration":
+            raise RuntimeError(f"calibrate() needs the calibration phase; the phase is {self._phase!r}")
+        if not isinstance(model, torch.nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if not callable(loss_fn):
+            raise TypeError("loss_fn must be callable as loss_fn(model, batch)")
+        sums, count = phases.stored_sums(self, copy=True), 0
+        try:
+            for batch in batches:
+                model.zero_grad(set_to_none=True)
+                self.zero_grad(set_to_none=True)
+                with torch.enable_grad():
+                    loss_fn(model, batch).backward()
+                phases.add_gradients(self, sums)
+                count += 1
+        finally:
+            model.zero_grad(set_to_none=True)
+            self.zero_grad(set_to_none=True)
+        if count == 0:
+            raise ValueError("batches gave no batch to calibrate on")
+        phases.select(self, sums)
+
+    def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0) -> Tensor:
+        """``torch.nn.utils.clip_grad_norm_`` over this optimizer's grads, sparse ones included
+        (torch's cannot read sparse gradients). Returns the total norm before clipping. After
+        the selection a sparse param's gradient holds only its selected entries, so the norm is
+        that of the gradients that train, not of the dense gradients AdamW would see."""
+        return grads.clip_grad_norm_([p for g in self.param_groups for p in g["params"]], max_norm, norm_type)
+
+    def close(self) -> None:
+        """Removes the gradient hooks and frees the params for another SparseAdamW; ``step()``
+        raises afterwards. Idempotent."""
+        self._hooks.remove()
+        grads.release_all(self)
+        self.closed = True
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self.close()
+        return False
+
+    # -----------------------------------------------------------------------------------
+    # torch.optim.Optimizer overrides
+
+    def add_param_group(self, param_group: dict) -> None:
+        """As torch's, plus the ``sparse`` key; without it the group is split by ``dim >= 2``.
+        Adds all of it or nothing."""
+        if not isinstance(param_group, dict):
+            raise TypeError(f"param_group must be a dict, got {type(param_group).__name__}")
+        params = param_group["params"]
+        if isinstance(params, torch.Tensor):
+            items = [params]
+        elif isinstance(params, set):
+            raise TypeError("optimizer parameters need to be organized in ordered collections, not sets")
+        else:
+            items = list(params)
+
+        def tensor_of(item):
+            return item[1] if isinstance(item, tuple) else item
+
+        if "sparse" in param_group:
+            if not isinstance(param_group["sparse"], bool):
+                raise TypeError(f"sparse must be True or False, got {param_group['sparse']!r}")
+            parts = [(param_group["sparse"], items)]
+        else:
+            is_sparse = [isinstance(tensor_of(it), torch.Tensor) and tensor_of(it).dim() >= 2 for it in items]
+            parts = [(True, [it for it, s in zip(items, is_sparse) if s]),
+                     (False, [it for it, s in zip(items, is_sparse) if not s])]
+            parts = [part for part in parts if part[1]] or [(False, items)]
+
+        count = len(self.param_groups)
+        try:
+            for sparse, part in parts:
+                group = {**param_group, "params": part, "sparse": sparse}
+                merged = {**self.defaults, **group}
+                ops.check_adamw_hyper(merged["lr"], merged["betas"], merged["eps"], merged["weight_decay"])
+                for name in ("amsgrad", "capturable", "differentiable"):
+                    if merged.get(name):
+                        raise ValueError(f"{name}=True is not supported by SparseAdamW")
+                if sparse:
+                    self._check_sparse_group(part, tensor_of)
+                super().add_param_group(group)
+        except BaseException:
+            del self.param_groups[count:]
+            raise
+        if hasattr(self, "_constructed"):  # the constructor claims once all its checks passed
+            grads.claim([p for g in self.param_groups[count:] if g["sparse"] for p in g["params"]], self)
+
+    def _check_sparse_group(self, items, tensor_of) -> None:
+        if self._selection_started:
+            raise ValueError("a sparse param group can only be added before the selection; "
+                             "add it with sparse=False, or before the first step")
+        tensors = []
+        for item in items:
+            p = tensor_of(item)
+            if not isinstance(p, torch.Tensor):
+                continue  # torch's add_param_group raises its TypeError
+            ops.check_strided("a sparse param", p)
+            if p.dtype not in ops.FLOAT_DTYPES:
+                raise TypeError(f"sparse params must be float32, bfloat16 or float16, got {p.dtype}")
+            if p.dim() == 0 or not p.is_contiguous():
+                raise ValueError(f"sparse params must be contiguous with dim >= 1, got shape "
+                                 f"{tuple(p.shape)} (put it in a sparse=False group)")
+            if any(p is t for t in tensors):
+                raise ValueError("a sparse param group lists the same tensor twice")
+            tensors.append(p)
+
+    @torch.compiler.disable
+    @torch.no_grad()
+    def step(self, closure=None):
+        """One optimizer step (calibration, unmasking or training, by phase); returns the closure's loss."""
+        self._check_open()
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        if self._phase == "calibration":
+            if self._calibration_steps == 0:
+                raise RuntimeError("calibration_steps=0: call opt.calibrate(model, batches, loss_fn) "
+                                   "before the first step()")
+            phases.calibration_step(self)
+        elif self._phase == "unmasking":
+            phases.unmask_step(self)
+        else:
+            phases.training_step(self)
+        return loss
+
+    # -----------------------------------------------------------------------------------
+    # Shared with the phases and checkpoint modules
+
+    def _check_open(self) -> None:
+        if self.closed:
+            raise RuntimeError("this SparseAdamW was closed (by close(), or because a newer SparseAdamW "
+                               "took over its params); make a new one to train again")
+
+    def _sparse_params(self) -> list:
+        """``[(name, param)]`` of every sparse param in group order; name is the param's name
+        when the optimizer got named parameters, else its position among the sparse params."""
+        out = []
+        for group in self.param_groups:
+            if group["sparse"]:
+                names = group.get("param_names")
+                for i, p in enumerate(group["params"]):
+                    out.append((names[i] if names else len(out), p))
+        return out
+
+    def _describe(self, gi: int, i: int) -> str:
+        group = self.param_groups[gi]
+        names = group.get("param_names")
+        p = group["params"][i]
+        where = repr(names[i]) if names else f"param_groups[{gi}]['params'][{i}]"
+        return f"parameter {where} (shape {tuple(p.shape)})"
+
+    def _resolve_budget(self) -> int:
+        trainable = sum(p.numel() for _, p in self._sparse_params() if p.requires_grad)
+        if trainable == 0:
+            raise ValueError("every sparse param is frozen (requires_grad=False): nothing to select")
+        if self._budget_arg is not None:
+            if self._budget_arg > trainable:
+                raise ValueError(f"budget={self._budget_arg} is larger than the {trainable} entries of "
+                                 "the sparse params that require grad")
+            return self._budget_arg
+        budget = round(self._density * trainable)
+        if budget < 1:
+            raise ValueError(f"density={self._density} selects no entry of the {trainable} sparse entries")
+        return budget
+
+    def _layout(self, gi: int) -> GroupLayout:
+        return self._layouts[gi]
+
+    def _repack(self) -> None:
+        """One flat buffer per state key and sparse group (see ``layout``)."""
+        self._layouts = {}
+        for gi, group in enumerate(self.param_groups):
+            if group["sparse"]:
+                params = group["params"]
+                self._layouts[gi] = GroupLayout(params, [self.state[p] for p in params], self.incremental)
+
+    def _set_selected(self, budget: int, report: list) -> None:
+        self._budget = budget
+        self._report = report
+        self._selection_started = True
+        self._repack()
+
+    def _set_phase(self, phase: str) -> None:
+        self._phase = phase
+        if phase == "training":
+            self._hooks.install([(p, self.state[p]["indices"]) for _, p in self._sparse_params()])
+        else:
+            self._hooks.remove()
+
+    def _config(self) -> dict:
+        return {"selector": repr(self._selector), "density": self._density,
+                "budget": self._budget_arg, "calibration_steps": self._calibration_steps}
+
+    def _restore(self, meta: dict) -> None:
+        """After a checkpoint load: the phase machine as it was saved."""
+        self._selection_started = meta["selection_started"]
+        self._calibration_done = meta["calibration_done"]
+        self._unmask_done = meta["unmask_done"]
+        self._budget = meta["resolved_budget"]
+        self._report = meta["report"]
+        self._layouts = {}
+        if self._selection_started:
+            self._repack()
+        self._set_phase(meta["phase"])
+
+
+# The selector interfaces the phases use, for readers of this module.
+__all__ = ["SparseAdamW", "DEFAULT_CALIBRATION_STEPS", "OneShotSelector", "IncrementalSelector"]
