@@ -56,6 +56,7 @@ def release_all(optimizer) -> None:
         del _OWNERS[p]
 
 
+@torch.compiler.disable  # dict lookups and a COO constructor: eager, in compiled steps too
 def _keep_selected(hooks_ref, param: Tensor) -> None:
     """Post-accumulate-grad hook: keep only the selected entries of the fresh dense gradient."""
     hooks = hooks_ref()
