@@ -50,6 +50,14 @@ def _check_tensor(name: str, t, *, dtypes, device=None, shape=None, dim=None) ->
         raise ValueError(f"{name} is not contiguous; call .contiguous() first")
 
 
+def _first_device(name: str, tensors) -> torch.device:
+    """The device of the first tensor (checked to be one), which the others must share."""
+    if not len(tensors):
+        return torch.device("cpu")
+    _check_tensor(f"{name}[0]", tensors[0], dtypes=FLOAT_DTYPES)
+    return tensors[0].device
+
+
 def _check_segments(grads, weights) -> torch.device:
     """Checks paired lists of gradient and weight tensors; returns their common device."""
     for name, seq in (("grads", grads), ("weights", weights)):
@@ -57,7 +65,7 @@ def _check_segments(grads, weights) -> torch.device:
             raise TypeError(f"{name} must be a list of tensors, got {type(seq).__name__}")
     if len(grads) != len(weights):
         raise ValueError(f"grads has {len(grads)} tensors but weights has {len(weights)}")
-    device = weights[0].device if len(weights) else torch.device("cpu")
+    device = _first_device("weights", weights)
     for i, (g, w) in enumerate(zip(grads, weights)):
         _check_tensor(f"weights[{i}]", w, dtypes=FLOAT_DTYPES, device=device)
         _check_tensor(f"grads[{i}]", g, dtypes=FLOAT_DTYPES, device=device, shape=w.shape)
@@ -186,7 +194,7 @@ def check_sparse_adamw_args(params: Sequence[Tensor], grads, indices: Tensor, of
     """
     if isinstance(params, torch.Tensor) or not isinstance(params, Sequence):
         raise TypeError(f"params must be a list of tensors, got {type(params).__name__}")
-    device = params[0].device if len(params) else torch.device("cpu")
+    device = _first_device("params", params)
     for i, p in enumerate(params):
         _check_tensor(f"params[{i}]", p, dtypes=FLOAT_DTYPES, device=device)
     numels = [p.numel() for p in params]

@@ -38,7 +38,7 @@ def described_grads(opt, sparse: bool) -> list:
 def _require_dense(described, why: str) -> None:
     for describe, grad in described:
         if grad.is_sparse:
-            raise ValueError(f"the gradient of {describe()} is sparse; {why} needs dense gradients")
+            raise TypeError(f"the gradient of {describe()} is sparse; {why} needs dense gradients")
 
 
 # ---------------------------------------------------------------------------------------
@@ -175,7 +175,8 @@ def prepare_dense_update(opt, group):
     ops.check_adamw_hyper(group["lr"], group["betas"], group["eps"], group["weight_decay"])
     for p in params:
         if p.grad.is_sparse:
-            raise RuntimeError("dense param groups do not take sparse gradients (as AdamW)")
+            raise TypeError(f"a dense param of shape {tuple(p.shape)} has a sparse gradient; dense "
+                            "param groups take dense gradients (as AdamW)")
         if p.grad.shape != p.shape or p.grad.dtype != p.dtype or p.grad.device != p.device:
             raise ValueError(f"a dense param of shape {tuple(p.shape)} ({p.dtype}, {p.device}) has a "
                              f"gradient of shape {tuple(p.grad.shape)} ({p.grad.dtype}, {p.grad.device})")

@@ -310,6 +310,8 @@ class SparseAdamW(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        for group in self.param_groups:  # in every phase: a bad lr fails at once, not steps later
+            ops.check_adamw_hyper(group["lr"], group["betas"], group["eps"], group["weight_decay"])
         if self._phase == "calibration":
             if self._calibration_steps == 0:
                 raise RuntimeError("calibration_steps=0: call opt.calibrate(model, batches, loss_fn) "
