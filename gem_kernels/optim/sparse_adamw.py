@@ -112,6 +112,7 @@ class SparseAdamW(torch.optim.Optimizer):
         self._report = []
         self._layouts = {}
         self._hooks = grads.SelectedGradHooks()
+        self._gradient_hooks_enabled = True  # off where a DDP comm hook reduces the selected values
         self.closed = False
 
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
@@ -382,10 +383,17 @@ class SparseAdamW(torch.optim.Optimizer):
 
     def _set_phase(self, phase: str) -> None:
         self._phase = phase
-        if phase == "training":
+        if phase == "training" and self._gradient_hooks_enabled:
             self._hooks.install([(p, self.state[p]["indices"]) for _, p in self._sparse_params()])
         else:
             self._hooks.remove()
+
+    def _use_gradient_hooks(self, enabled: bool) -> None:
+        """Whether trained sparse params get the hook that turns their gradient into a sparse
+        COO tensor. DDP's reducer needs dense gradients in its buckets: there, a comm hook
+        reduces the selected values and ``step()`` reads the dense gradient at the indices."""
+        self._gradient_hooks_enabled = enabled
+        self._set_phase(self._phase)
 
     def _config(self) -> dict:
         return {"selector": repr(self._selector), "density": self._density,
