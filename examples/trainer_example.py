@@ -18,7 +18,8 @@ import torch
 from transformers import (AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding,
                           TrainingArguments, get_linear_schedule_with_warmup)
 
-from gem_kernels.finetune import default_model_dir, read_task, take
+from gem_finetune.data import read_task, take
+from gem_finetune.models import default_model_dir
 from gem_kernels.integrations.transformers import SparseTrainer, param_groups
 from gem_kernels.optim import SparseAdamW
 from gem_kernels.selection import GEM

@@ -13,9 +13,9 @@ COMMON=(--method gem full lora bitfit id3 grad-magnitude random --seeds 0 1 2
         --train-examples 1000 --epochs 1 --batch-size 32 --max-length 64 --eval-examples 500
         --calibration-batches 8 --out "$OUT")
 
-OMP_NUM_THREADS=1 $PY -m gem_kernels.finetune --task-dir ../shared/data/glue/SST-2 "${COMMON[@]}" \
+OMP_NUM_THREADS=1 $PY -m gem_finetune --task-dir ../shared/data/glue/SST-2 "${COMMON[@]}" \
     > "$OUT-SST-2.log" 2>&1 &
-OMP_NUM_THREADS=1 $PY -m gem_kernels.finetune --task-dir ../shared/data/glue/CoLA "${COMMON[@]}" \
+OMP_NUM_THREADS=1 $PY -m gem_finetune --task-dir ../shared/data/glue/CoLA "${COMMON[@]}" \
     --select-metric mcc > "$OUT-CoLA.log" 2>&1 &
 wait
 cp "$OUT/results-SST-2.json" benchmarks/results/reproduce-SST-2.json
@@ -23,7 +23,7 @@ cp "$OUT/results-CoLA.json" benchmarks/results/reproduce-CoLA.json
 
 # An lr probe on SST-2, seed 0 only: two more lrs for GEM and for each dense baseline, to see
 # whether the defaults above hold any method back (compare with seed 0 of the main run).
-$PY -m gem_kernels.finetune --task-dir ../shared/data/glue/SST-2 --method gem full lora bitfit --seeds 0 \
+$PY -m gem_finetune --task-dir ../shared/data/glue/SST-2 --method gem full lora bitfit --seeds 0 \
     --train-examples 1000 --epochs 1 --batch-size 32 --max-length 64 --eval-examples 500 \
     --calibration-batches 8 --out "$OUT-lr-probe" \
     --lr gem=3e-3,1e-2 full=1e-4,2e-4 lora=2e-3,5e-3 bitfit=3e-3,1e-2 > "$OUT-lr-probe.log" 2>&1

