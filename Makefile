@@ -9,7 +9,7 @@ PY := $(VENV)/bin/python
 SETUP_STAMP := $(VENV)/.gem_kernels_installed
 SOURCES := $(wildcard setup.py pyproject.toml CMakeLists.txt csrc/* csrc/*/* python/*)
 
-.PHONY: setup test demo bench clean
+.PHONY: setup test demo bench clean asan
 
 setup: $(SETUP_STAMP)
 
@@ -35,6 +35,36 @@ demo: setup
 
 bench: setup
 	$(PY) benchmarks/report.py
+
+# `make asan`: the C++ op tests against a _C built with AddressSanitizer and UndefinedBehaviorSanitizer
+# (UB aborts, as an ASan finding does), in build/asan, never touching the gem_kernels/_C*.so that the
+# other targets use. Python is not instrumented, so gcc's libasan is preloaded, and libstdc++ right
+# after it: without it ASan cannot find the real __cxa_throw and dies at the first C++ exception. The
+# tests import gem_kernels from an overlay copy of the package (build/asan/overlay, on PYTHONPATH, run
+# from build/asan so the checkout's own gem_kernels is not on sys.path) that holds the sanitized _C;
+# the run stops before any test if the _C it imported is another one, or none (test_cpu_ops would
+# skip). --capture=sys: pytest's default fd capture would swallow a report printed just before exit.
+ASAN_DIR := build/asan
+ASAN_CXX ?= g++
+ASAN_FLAGS := -fsanitize=address,undefined -fno-sanitize-recover=undefined -fno-omit-frame-pointer
+ASAN_TESTS ?= tests/test_cpu_ops.py tests/test_validation.py
+
+asan: setup
+	$(PY) -m pip install --quiet "pybind11>=2.10" "cmake>=3.18" ninja  # pyproject.toml's build requirements
+	$(PY) -c "import shutil; shutil.copytree('gem_kernels', '$(ASAN_DIR)/overlay/gem_kernels', dirs_exist_ok=True, \
+		ignore=shutil.ignore_patterns('_C*.so', '__pycache__'))"
+	$(VENV)/bin/cmake -S . -B $(ASAN_DIR)/cmake -G Ninja -DCMAKE_MAKE_PROGRAM=$(abspath $(VENV)/bin/ninja) \
+		-DCMAKE_CXX_COMPILER=$(ASAN_CXX) -DCMAKE_BUILD_TYPE=RelWithDebInfo \
+		-DCMAKE_CXX_FLAGS="$(ASAN_FLAGS)" -DCMAKE_MODULE_LINKER_FLAGS="$(ASAN_FLAGS)" \
+		-DPython_EXECUTABLE=$(abspath $(PY)) -Dpybind11_DIR=$$($(PY) -m pybind11 --cmakedir) \
+		-DGEM_KERNELS_OUTPUT_DIR=$(abspath $(ASAN_DIR)/overlay/gem_kernels)
+	$(VENV)/bin/cmake --build $(ASAN_DIR)/cmake
+	cd $(ASAN_DIR) && LD_PRELOAD="$$($(ASAN_CXX) -print-file-name=libasan.so) $$($(ASAN_CXX) -print-file-name=libstdc++.so)" \
+		ASAN_OPTIONS=detect_leaks=0 UBSAN_OPTIONS=print_stacktrace=1 PYTHONPATH=$(abspath $(ASAN_DIR)/overlay) $(abspath $(PY)) -c \
+		"import sys, pytest, gem_kernels.cpu as cpu; f = getattr(cpu._C, '__file__', ''); \
+		print('sanitized _C:', f, flush=True); \
+		assert f.startswith('$(abspath $(ASAN_DIR))/'), 'gem_kernels._C is not the sanitized build'; \
+		sys.exit(pytest.main(['-q', '--capture=sys', '-p', 'no:cacheprovider', *'$(abspath $(ASAN_TESTS))'.split()]))"
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info gem_kernels/_C*.so

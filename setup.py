@@ -2,12 +2,8 @@
 
 Metadata lives in pyproject.toml; this file only wires the CMake build into setuptools.
 Environment:
-  GEM_KERNELS_BUILD_CUDA=auto|0|1  compile the CUDA sources in csrc/: when nvcc is found
-                                   (auto, the default), never (0), or always, failing if
-                                   nvcc is missing (1).
-  CMAKE_BUILD_PARALLEL_LEVEL       parallel compile jobs (CMake's own variable).
+  CMAKE_BUILD_PARALLEL_LEVEL  parallel compile jobs (CMake's own variable).
 """
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -16,7 +12,6 @@ from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
 ROOT = Path(__file__).resolve().parent
-CUDA_CHOICES = ("auto", "0", "1")
 
 
 class CMakeExtension(Extension):
@@ -30,14 +25,12 @@ class CMakeBuild(build_ext):
         import ninja
         import pybind11
 
-        build_cuda = os.environ.get("GEM_KERNELS_BUILD_CUDA", "auto").strip().lower()
-        if build_cuda not in CUDA_CHOICES:
-            raise ValueError(f"GEM_KERNELS_BUILD_CUDA must be one of {CUDA_CHOICES}, got {build_cuda!r}")
         output_dir = Path(self.get_ext_fullpath(ext.name)).resolve().parent
         build_dir = Path(self.build_temp).resolve() / "cmake"
         build_dir.mkdir(parents=True, exist_ok=True)
-        # A cached configuration would remember an nvcc that is gone (or a choice that changed);
-        # configure afresh each time, keeping the objects so unchanged sources are not recompiled.
+        # Configure afresh each time, keeping the objects so unchanged sources are not recompiled:
+        # a cached configuration keeps what an earlier run found (compiler, Python, OpenMP) even
+        # after the environment changed.
         (build_dir / "CMakeCache.txt").unlink(missing_ok=True)
         cmake_exe = str(Path(cmake.CMAKE_BIN_DIR) / "cmake")
         configure = [
@@ -46,7 +39,6 @@ class CMakeBuild(build_ext):
             "-DCMAKE_BUILD_TYPE=Release",
             f"-DPython_EXECUTABLE={sys.executable}",
             f"-Dpybind11_DIR={pybind11.get_cmake_dir()}",
-            f"-DGEM_KERNELS_BUILD_CUDA={build_cuda}",
             f"-DGEM_KERNELS_OUTPUT_DIR={output_dir}",
         ]
         subprocess.run(configure, check=True)

@@ -37,6 +37,19 @@ struct AdamWArgs {
 
 void sparse_adamw(const AdamWArgs& args, int num_threads);
 
+// Segment l: X = inputs[l] [tokens, in], dY = grad_outputs[l] [tokens, out], both row-major.
+struct WeightGradArgs {
+  std::vector<const void*> inputs, grad_outputs;
+  std::vector<int> input_dtypes, grad_output_dtypes;
+  std::vector<int64_t> tokens, in_features, out_features;
+  const int64_t* indices = nullptr;  // flat o * in + i, sorted within each segment
+  const int64_t* offsets = nullptr;  // L + 1
+  float* out = nullptr;              // one fp32 value per index
+};
+
+// out[j] = sum_t dY[t, o] * X[t, i] for each selected (o, i), accumulated in fp32.
+void sparse_weight_grad(const WeightGradArgs& args, int num_threads);
+
 // Throws std::invalid_argument unless every code is a float dtype code (checked before any
 // parallel region, where an exception could not be thrown).
 void check_float_dtypes(const std::vector<int>& codes, const char* what);

@@ -80,3 +80,14 @@ def sparse_adamw_(params: Sequence[Tensor], grads, indices: Tensor, offsets: Ten
                     indices.data_ptr(), offsets.data_ptr(), exp_avg.data_ptr(), exp_avg_sq.data_ptr(),
                     lr, betas[0], betas[1], eps, weight_decay, steps, age_ptr, age_code, maximize,
                     torch.get_num_threads())
+
+
+def sparse_weight_grad(inputs: Sequence[Tensor], grad_outputs: Sequence[Tensor], indices: Tensor,
+                       offsets: Tensor) -> Tensor:
+    out = torch.empty(indices.numel(), dtype=torch.float32)
+    x_ptrs, x_codes = _tables(inputs)
+    dy_ptrs, dy_codes = _tables(grad_outputs)
+    _C.sparse_weight_grad(x_ptrs, x_codes, dy_ptrs, dy_codes, [x.shape[0] for x in inputs],
+                          [x.shape[1] for x in inputs], [dy.shape[1] for dy in grad_outputs],
+                          indices.data_ptr(), offsets.data_ptr(), out.data_ptr(), torch.get_num_threads())
+    return out

@@ -179,7 +179,15 @@ def _read_metadata(blob: bytes, path) -> dict:
         header = json.loads(blob[8:8 + header_len])
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
         raise ValueError(f"delta file {path} has a corrupt header ({error})") from None
-    return header.get("__metadata__") or {}
+    # Parseable JSON is not enough: a list or a number here has no .get, and would crash below.
+    if not isinstance(header, dict):
+        raise ValueError(f"delta file {path} has a corrupt header (JSON {type(header).__name__}, "
+                         f"not an object)")
+    metadata = header.get("__metadata__", {})
+    if not isinstance(metadata, dict):
+        raise ValueError(f"delta file {path} has a corrupt header (__metadata__ is JSON "
+                         f"{type(metadata).__name__}, not an object)")
+    return metadata
 
 
 def load_delta(path) -> dict:
@@ -207,6 +215,8 @@ def _load(path):
         table = json.loads(metadata["tensors"])
     except (KeyError, json.JSONDecodeError) as error:
         raise ValueError(f"delta file {path} has no readable tensor table ({error})") from None
+    if not isinstance(table, dict) or not all(isinstance(info, dict) for info in table.values()):
+        raise ValueError(f"delta file {path} has no readable tensor table (not an object of objects)")
 
     expected_keys = {f"{name}{_KEY_SEP}{part}" for name in table for part in _PARTS}
     if set(tensors) != expected_keys:

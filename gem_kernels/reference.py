@@ -1,4 +1,4 @@
-"""The three ops in plain PyTorch: the specification and the test oracle (DESIGN.md §3).
+"""Every op in plain PyTorch: the specification and the test oracle (DESIGN.md §3).
 
 Every backend must give these answers: top-k indices identical, floats within the
 tolerance of their dtype. Inputs are assumed valid here; `gem_kernels.ops` checks them.
@@ -167,3 +167,59 @@ def sparse_adamw_(params: Sequence[Tensor], grads, indices: Tensor, offsets: Ten
         denom = (v.sqrt() / bc2_sqrt) + eps
         w = w + (-step_size * m) / denom  # addcdiv's order: (value * t1) / t2
         flat[idx] = w.to(p.dtype)
+
+
+# sparse_weight_grad computes dW a block of rows at a time: [rows, in] fp32, with rows =
+# max(_WEIGHT_GRAD_MIN_ROWS, _WEIGHT_GRAD_BLOCK // in), capped at out. MKL's sgemm gives a row
+# of dY^T X the same bits whatever the row count, but only from about 8 rows up (fewer take a
+# different kernel), so blocks never have fewer than _WEIGHT_GRAD_MIN_ROWS rows.
+_WEIGHT_GRAD_BLOCK = 1 << 20
+_WEIGHT_GRAD_MIN_ROWS = 16
+
+
+def sparse_weight_grad(inputs: Sequence[Tensor], grad_outputs: Sequence[Tensor], indices: Tensor,
+                       offsets: Tensor) -> Tensor:
+    """The selected entries of each segment's weight gradient ``dW = dYᵀ X``, as fp32 ``[len(indices)]``.
+
+    * ``inputs[l]``: ``X``, ``[T_l, in_l]``; ``grad_outputs[l]``: ``dY``, ``[T_l, out_l]``, both
+      contiguous, of one dtype per segment (fp32, bf16 or fp16; segments may differ). For an
+      ``nn.Linear`` fed ``[..., in]`` activations, flatten the leading dimensions into ``T``.
+    * ``indices[offsets[l]:offsets[l+1]]``: flat row-major indices ``o * in_l + i`` into
+      ``W_l`` of shape ``[out_l, in_l]``, sorted ascending.
+    * Entry ``j`` is ``Σ_t dY[t, o] · X[t, i]`` in fp32 (inputs widened exactly first). A
+      segment with ``T = 0`` gives zeros; one with no indices gives nothing.
+
+    transformers' ``Conv1D`` stores its weight as ``[in, out]`` (``y = x @ W + b``), so its
+    ``dW[i, o] = Σ_t X[t, i] · dY[t, o]`` is this op with the roles swapped: pass
+    ``inputs=dY, grad_outputs=X``, and the flat index of ``dW[i, o]`` is ``i * out + o``, which
+    is row-major in ``W``'s own ``[in, out]`` shape. No flag is needed.
+
+    Memory: never the dense ``dW``. Per segment, ``X`` widened to fp32 (a copy only when it is
+    not fp32), and per block of rows ``[r0, r0 + R)`` of ``dW`` that holds selected entries, the
+    fp32 ``dY[:, r0:r0+R]`` (``T·R``) and the block ``[R, in]``, with
+    ``R = min(out, max(16, 2**20 // in))``: at most ``T·in + (T + in)·R`` floats.
+
+    Each block is ``dY[:, r0:r0+R]ᵀ @ X``, the same GEMM as the dense product with fewer rows; on
+    CPU fp32 (MKL) its rows come out bit-identical to the dense ``dYᵀ X`` (tests check it),
+    elsewhere (other BLAS, CUDA) they agree to fp32 rounding.
+    """
+    device = indices.device
+    out = torch.zeros(indices.numel(), dtype=torch.float32, device=device)
+    for seg, (x, dy) in enumerate(zip(inputs, grad_outputs)):
+        lo, hi = int(offsets[seg]), int(offsets[seg + 1])
+        if hi == lo:
+            continue
+        n_in, n_out = x.shape[1], dy.shape[1]
+        idx = indices[lo:hi]
+        rows = idx // n_in  # sorted, as idx is
+        x32 = x.float()
+        block = min(n_out, max(_WEIGHT_GRAD_MIN_ROWS, _WEIGHT_GRAD_BLOCK // max(1, n_in)))
+        pos = 0
+        while pos < hi - lo:
+            # The block that starts at the next entry's row, moved up to stay inside dW.
+            r0 = min(int(rows[pos]), n_out - block)
+            end = int(torch.searchsorted(rows, r0 + block))
+            part = dy[:, r0:r0 + block].float().T @ x32
+            out[lo + pos:lo + end] = part.reshape(-1)[idx[pos:end] - r0 * n_in]
+            pos = end
+    return out

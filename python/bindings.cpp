@@ -8,9 +8,6 @@
 #include <vector>
 
 #include "../csrc/kernels.h"
-#ifdef GEM_KERNELS_WITH_CUDA
-#include "../csrc/cuda_info.h"
-#endif
 
 namespace py = pybind11;
 
@@ -109,6 +106,32 @@ PYBIND11_MODULE(_C, m) {
         "AdamW on the selected entries. Dense grads (one pointer per param) or compact grads "
         "(compact_grads != 0); steps per param, or age (one per entry, age != 0).");
 
+  m.def("sparse_weight_grad",
+        [](const std::vector<uintptr_t>& inputs, const std::vector<int>& input_dtypes,
+           const std::vector<uintptr_t>& grad_outputs, const std::vector<int>& grad_output_dtypes,
+           const std::vector<int64_t>& tokens, const std::vector<int64_t>& in_features,
+           const std::vector<int64_t>& out_features, uintptr_t indices, uintptr_t offsets, uintptr_t out,
+           int num_threads) {
+          gem::WeightGradArgs a;
+          a.inputs = as_pointers<const void*>(inputs);
+          a.grad_outputs = as_pointers<const void*>(grad_outputs);
+          a.input_dtypes = input_dtypes;
+          a.grad_output_dtypes = grad_output_dtypes;
+          a.tokens = tokens;
+          a.in_features = in_features;
+          a.out_features = out_features;
+          a.indices = reinterpret_cast<const int64_t*>(indices);
+          a.offsets = reinterpret_cast<const int64_t*>(offsets);
+          a.out = reinterpret_cast<float*>(out);
+          py::gil_scoped_release release;
+          gem::sparse_weight_grad(a, num_threads);
+        },
+        py::arg("inputs"), py::arg("input_dtypes"), py::arg("grad_outputs"), py::arg("grad_output_dtypes"),
+        py::arg("tokens"), py::arg("in_features"), py::arg("out_features"), py::arg("indices"),
+        py::arg("offsets"), py::arg("out"), py::arg("num_threads"),
+        "Selected entries of dW = dY^T X per segment (X [T, in], dY [T, out], flat index o * in + i); "
+        "writes one fp32 value per index to out.");
+
   // The codes cpu.py passes for each dtype, defined once in csrc/common.h.
   py::dict dtype_codes;
   dtype_codes["float32"] = int(gem::kFloat32);
@@ -117,14 +140,4 @@ PYBIND11_MODULE(_C, m) {
   dtype_codes["int32"] = int(gem::kInt32);
   dtype_codes["int64"] = int(gem::kInt64);
   m.attr("dtype_codes") = dtype_codes;
-
-#ifdef GEM_KERNELS_WITH_CUDA
-  m.attr("cuda_compiled") = true;
-  m.attr("cuda_version") = gem::cuda_build_version();
-  m.attr("cuda_architectures") = gem::cuda_architectures();
-#else
-  m.attr("cuda_compiled") = false;
-  m.attr("cuda_version") = py::none();
-  m.attr("cuda_architectures") = py::none();
-#endif
 }

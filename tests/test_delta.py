@@ -344,6 +344,29 @@ def test_not_a_delta_file_is_rejected(tmp_path):
     _expect_rejected(model, lambda: delta.apply_delta(model, garbage), "corrupt header")
 
 
+@pytest.mark.parametrize("header", [b"[]", b"[1, 2]", b"7", b'"text"', b"null", b'{"__metadata__": [1]}'])
+def test_header_that_is_not_a_json_object_is_rejected(header, tmp_path):
+    """Parseable JSON of the wrong shape is as corrupt as unparseable JSON (it was an AttributeError)."""
+    model = _fresh_base()
+    bad = tmp_path / "not_an_object.safetensors"
+    bad.write_bytes(struct.pack("<Q", len(header)) + header)
+    _expect_rejected(model, lambda: delta.apply_delta(model, bad), "corrupt header")
+
+
+def test_tensor_table_that_is_not_an_object_is_rejected(trained_fp32, tmp_path):
+    """A forged file (checksum recomputed) whose table is a JSON list of the tensor names."""
+    from safetensors.torch import load, save
+    _, _, path, _ = trained_fp32
+    tensors = load(path.read_bytes())
+    metadata = delta._read_metadata(path.read_bytes(), path)
+    metadata["tensors"] = json.dumps(sorted(json.loads(metadata["tensors"])))
+    metadata["payload_sha256"] = delta._payload_sha256(tensors, metadata)
+    bad = tmp_path / "table_list.safetensors"
+    bad.write_bytes(save(tensors, metadata=metadata))
+    model = _fresh_base()
+    _expect_rejected(model, lambda: delta.apply_delta(model, bad), "no readable tensor table")
+
+
 def test_bad_argument_types(trained_fp32, tmp_path):
     _, trained, path, opt = trained_fp32
     with pytest.raises(TypeError, match="model"):

@@ -22,10 +22,10 @@ MODULES = ["layer_stats", "ratio_topk", "sparse_adamw"]
 def _configs():
     for name in MODULES:
         module = sys.modules[f"gem_kernels.triton.{name}"]  # the attribute of the same name is the op
-        for kernel, signature, constexprs, num_warps in module.compile_configs():
+        for kernel, signature, constexprs, options in module.compile_configs():
             label = f"{name}.{kernel.__name__}[{','.join(f'{k}={v}' for k, v in constexprs.items())},"
-            label += f"{','.join(v for v in signature.values() if v.startswith('*'))},w{num_warps}]"
-            yield pytest.param(kernel, signature, constexprs, num_warps, id=label)
+            label += f"{','.join(v for v in signature.values() if v.startswith('*'))},w{options['num_warps']}]"
+            yield pytest.param(kernel, signature, constexprs, options, id=label)
 
 
 def resource_usage(cubin: bytes, tmp_path) -> dict:
@@ -41,10 +41,10 @@ def resource_usage(cubin: bytes, tmp_path) -> dict:
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET", "0") == "1",
                     reason="kernels decorated under the interpreter cannot be compiled")
 @pytest.mark.parametrize("target", TARGETS, ids=lambda t: f"sm{t.arch}")
-@pytest.mark.parametrize("kernel, signature, constexprs, num_warps", list(_configs()))
-def test_compiles_without_spills(kernel, signature, constexprs, num_warps, target, tmp_path):
-    compiled = triton.compile(ASTSource(kernel, signature, constexprs), target=target,
-                              options={"num_warps": num_warps})
+@pytest.mark.parametrize("kernel, signature, constexprs, options", list(_configs()))
+def test_compiles_without_spills(kernel, signature, constexprs, options, target, tmp_path):
+    # The options the host function launches with (num_warps, and fp fusion where it is set).
+    compiled = triton.compile(ASTSource(kernel, signature, constexprs), target=target, options=options)
     cubin = compiled.asm["cubin"]
     assert cubin[:4] == b"\x7fELF", "no cubin produced"
     usage = resource_usage(cubin, tmp_path)

@@ -175,6 +175,52 @@ def check_adamw(device, param_dtypes, seed, *, compact=False, step=None, age_dty
     return f"{n} entries, worst param difference {worst:.3g}"
 
 
+def check_adamw_steps(device, param_dtype, seed, *, steps=5, compact=False, age_dtype=None,
+                      betas=(0.9, 0.999), counts=(1, 5, 300, 0, 2000)):
+    """Several steps in a row, new gradients each step, params and state compared bit for bit
+    with the reference (torch.equal): the kernel rounds where torch does (fp32 math, its fused
+    lerp and addcmul, round to nearest even into bf16/fp16), so nothing may differ. A store
+    that truncates, or a multiply-add fused where torch rounds twice, moves entries by an ulp
+    that the one-step cases' tolerances would let through. Not for fp32 params: those can
+    differ from the reference by an ulp, as the C++ backend's do (csrc/sparse_adamw.cpp)."""
+    from gem_kernels import reference
+    inputs = _adamw_inputs(device, [param_dtype], seed, counts)
+    n = inputs[2].numel()
+    gen = torch.Generator().manual_seed(seed + 1)
+    step_grads = [torch.randn(n, generator=gen).to(param_dtype).to(device) if compact else
+                  [torch.randn(p.shape, generator=gen).to(param_dtype).to(device) for p in inputs[0]]
+                  for _ in range(steps)]
+    first_age = torch.randint(1, 50, (n,), generator=gen).to(device) if age_dtype else None
+    results = []
+    for impl in (_backend(), reference):
+        params, _, indices, offsets, exp_avg, exp_avg_sq = [x.clone() if isinstance(x, torch.Tensor)
+                                                            else [t.clone() for t in x] for x in inputs]
+        for step, grads in enumerate(step_grads, start=1):
+            age = (first_age + step - 1).to(age_dtype) if age_dtype else None
+            impl.sparse_adamw_(params, grads, indices, offsets, exp_avg, exp_avg_sq, lr=3e-3,
+                               betas=betas, eps=1e-8, weight_decay=0.05,
+                               step=None if age_dtype else step, age=age)
+        results.append((params, exp_avg, exp_avg_sq))
+    (got_p, got_m, got_v), (want_p, want_m, want_v) = results
+    indices, offsets = inputs[2], inputs[3]
+
+    def selected(params):  # the selected entries of all segments, in the order of indices
+        return torch.cat([p.view(-1)[indices[int(offsets[i]):int(offsets[i + 1])]] for i, p in enumerate(params)])
+    for name, got, want in [("params", selected(got_p), selected(want_p)), ("exp_avg", got_m, want_m),
+                            ("exp_avg_sq", got_v, want_v)]:
+        if not torch.equal(got.cpu(), want.cpu()):
+            bad = (got.cpu() != want.cpu()).nonzero().view(-1)
+            first = int(bad[0])
+            raise AssertionError(f"after {steps} steps, {bad.numel()} of {got.numel()} {name} entries differ "
+                                 f"from the reference; first at {first}: got {float(got[first])!r}, "
+                                 f"want {float(want[first])!r}")
+    for seg, (gp, p0) in enumerate(zip(got_p, inputs[0])):  # and nothing else was written
+        untouched = torch.ones(p0.numel(), dtype=torch.bool, device=p0.device)
+        untouched[indices[int(offsets[seg]):int(offsets[seg + 1])]] = False
+        assert torch.equal(gp.view(-1)[untouched], p0.view(-1)[untouched]), f"segment {seg}: unselected entries changed"
+    return f"{n} entries x {steps} steps, params and state bit-identical"
+
+
 # ---------------------------------------------------------------------------------------
 # The cases: name -> function(device) returning a one-line summary.
 
@@ -231,6 +277,12 @@ CASES = {
                                                 compact=True, age_dtype=torch.int64),
     "adamw_compact_fp16_step1": _case_adamw(param_dtypes=[torch.float16], seed=8, compact=True, step=1),
     "adamw_nan_grad": _case_adamw(param_dtypes=[torch.float32], seed=9, step=3, nan_grad=True),
+    "adamw_steps_bf16_exact": lambda device: check_adamw_steps(device, torch.bfloat16, seed=10),
+    "adamw_steps_fp16_compact_age_exact": lambda device: check_adamw_steps(
+        device, torch.float16, seed=11, compact=True, age_dtype=torch.int32),
+    # beta1 <= 0.5: torch's lerp then fuses from the other end (weight - 1, from g).
+    "adamw_steps_bf16_low_beta1_exact": lambda device: check_adamw_steps(device, torch.bfloat16, seed=12,
+                                                                         betas=(0.3, 0.99)),
 }
 
 

@@ -72,11 +72,26 @@ def gather_f32(bases, offs, mask, codes):
 
 
 @triton.jit
+def f32_to_bf16_rtne(x):
+    """fp32 -> bf16, rounded to nearest even, as integer arithmetic on the bits (torch's
+    ``c10::BFloat16`` conversion, NaN -> 0x7FC0 included). Not ``x.to(tl.bfloat16)``: the GPU
+    rounds that to nearest even, but the interpreter truncates it, even when asked for
+    ``fp_downcast_rounding="rtne"`` (triton 3.9), so it would check other numbers than the GPU
+    writes. Written out, both run the same integer steps; a few ops in a memory-bound store."""
+    bits = x.to(tl.uint32, bitcast=True)
+    rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16  # a carry into the exponent is the rounding up
+    rounded = tl.where(x != x, 0x7FC0, rounded)
+    return rounded.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+
+
+@triton.jit
 def scatter_f32(bases, offs, mask, codes, x):
-    """Stores fp32 ``x`` to ``bases[i][offs[i]]`` in each lane's dtype (round to nearest even)."""
+    """Stores fp32 ``x`` to ``bases[i][offs[i]]`` in each lane's dtype, rounded to nearest even
+    (fp16: the interpreter's numpy cast and the GPU's cvt.rn both round so)."""
     tl.store(bases.to(tl.pointer_type(tl.float32)) + offs, x, mask=mask & (codes == 0))
-    tl.store(bases.to(tl.pointer_type(tl.bfloat16)) + offs, x.to(tl.bfloat16), mask=mask & (codes == 1))
-    tl.store(bases.to(tl.pointer_type(tl.float16)) + offs, x.to(tl.float16), mask=mask & (codes == 2))
+    tl.store(bases.to(tl.pointer_type(tl.bfloat16)) + offs, f32_to_bf16_rtne(x), mask=mask & (codes == 1))
+    tl.store(bases.to(tl.pointer_type(tl.float16)) + offs, x.to(tl.float16, fp_downcast_rounding="rtne"),
+             mask=mask & (codes == 2))
 
 
 @triton.jit
@@ -86,7 +101,7 @@ def ratio_score(g, w, eps, exponent, HAS_EXPONENT: tl.constexpr):
     power taken in fp64 then rounded, as the reference does."""
     d = tl.abs(w) + eps
     if HAS_EXPONENT:
-        d = pow_f64(d.to(tl.float64), exponent).to(tl.float32)
+        d = pow_f64(d.to(tl.float64), exponent).to(tl.float32, fp_downcast_rounding="rtne")
     return tl.math.div_rn(tl.abs(g), d)
 
 

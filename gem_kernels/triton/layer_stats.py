@@ -106,14 +106,14 @@ def layer_stats(grads, weights, eps=1e-8, exponent=1.0):
 
 
 def compile_configs():
-    """Every (kernel, signature, constexprs, num_warps) the host function can launch."""
+    """Every (kernel, signature, constexprs, compile options) the host function can launch."""
     configs = []
     for has_exponent in (False, True):
         configs.append((_partials_kernel,
                         {"table": "*i64", "block_start": "*i64", "num_segments": "i32", "partials": "*fp32",
                          "eps": "fp32", "exponent": "fp64", "TILE": "constexpr", "TILES": "constexpr",
                          "HAS_EXPONENT": "constexpr"},
-                        {"TILE": TILE, "TILES": TILES, "HAS_EXPONENT": has_exponent}, NUM_WARPS))
+                        {"TILE": TILE, "TILES": TILES, "HAS_EXPONENT": has_exponent}, {"num_warps": NUM_WARPS}))
     configs.append((_finish_kernel, {"partials": "*fp32", "block_start": "*i64", "out": "*fp64",
-                                     "ROWS": "constexpr"}, {"ROWS": FINISH_ROWS}, FINISH_WARPS))
+                                     "ROWS": "constexpr"}, {"ROWS": FINISH_ROWS}, {"num_warps": FINISH_WARPS}))
     return configs

@@ -211,7 +211,7 @@ def ratio_topk(grads, weights, k, eps=1e-8, exponent=1.0, exclude=None):
 
 
 def compile_configs():
-    """Every (kernel, signature, constexprs, num_warps) the host function can launch."""
+    """Every (kernel, signature, constexprs, compile options) the host function can launch."""
     common = {"table": "*i64", "block_start": "*i64", "num_segments": "i32", "excluded": "*u8"}
     tail = {"is_global": "i32", "eps": "fp32", "exponent": "fp64", "TILE": "constexpr",
             "TILES": "constexpr", "HAS_EXPONENT": "constexpr", "HAS_EXCLUDE": "constexpr"}
@@ -222,10 +222,10 @@ def compile_configs():
                         "out_base": "*i64", "out": "*i64", **tail},
     }
     configs = [(_pick_digit_kernel, {"hist": "*i64", "prefix": "*i64", "need": "*i64", "shift": "i32"},
-                {}, PICK_WARPS)]
+                {}, {"num_warps": PICK_WARPS})]
     for kernel, signature in signatures.items():
         for has_exponent in (False, True):
             for has_exclude in (False, True):
                 configs.append((kernel, signature, {"TILE": TILE, "TILES": TILES, "HAS_EXPONENT": has_exponent,
-                                                    "HAS_EXCLUDE": has_exclude}, NUM_WARPS))
+                                                    "HAS_EXCLUDE": has_exclude}, {"num_warps": NUM_WARPS}))
     return configs

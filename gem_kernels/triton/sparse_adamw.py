@@ -19,6 +19,12 @@ from ._common import dtype_code, gather_f32, int_table, pow_f64, scatter_f32
 # so more warps fit on an SM. Chosen from register counts only; not yet timed on a GPU.
 BLOCK = 1024
 NUM_WARPS = 8
+# No implicit fusion: by default Triton lets LLVM and ptxas fuse any multiply into a following
+# add, and they fused ``w * decay`` into the update's add, which torch rounds on its own (and
+# the interpreter never fuses, so it could not see it). The fused steps torch does take (its
+# x86 lerp and addcmul, as csrc/sparse_adamw.cpp) are written as tl.fma, so the GPU, the
+# interpreter and the reference round at the same places.
+OPTIONS = {"num_warps": NUM_WARPS, "enable_fp_fusion": False}
 
 TABLE_COLS = 5  # param address, dense grad address, param dtype code, grad dtype code, step
 
@@ -55,15 +61,18 @@ def _sparse_adamw_kernel(table, offsets, num_segments, search_steps, indices, co
         n = tl.load(row + 4, mask=active, other=1).to(tl.float64)
     # Bias corrections in fp64 then rounded, as torch computes them in Python doubles.
     ones = tl.zeros([BLOCK], dtype=tl.float64) + 1.0
-    step_size = (lr / (1.0 - pow_f64(ones * beta1, n))).to(tl.float32)
-    bc2_sqrt = tl.sqrt(1.0 - pow_f64(ones * beta2, n)).to(tl.float32)  # fp64 sqrt is IEEE
+    step_size = (lr / (1.0 - pow_f64(ones * beta1, n))).to(tl.float32, fp_downcast_rounding="rtne")
+    bc2_sqrt = tl.sqrt(1.0 - pow_f64(ones * beta2, n))  # fp64 sqrt is IEEE
+    bc2_sqrt = bc2_sqrt.to(tl.float32, fp_downcast_rounding="rtne")
 
     w = gather_f32(p_base, idx, active, p_code)
     m = tl.load(exp_avg + entry, mask=active, other=0.0)
     v = tl.load(exp_avg_sq + entry, mask=active, other=0.0)
     w = w * decay                                     # decoupled weight decay first
-    m = m + one_minus_beta1 * (g - m)                 # lerp(g, 1-beta1), weight < 0.5 form
-    v = v * beta2_f32 + one_minus_beta2 * g * g       # mul_(beta2).addcmul_(g, g, 1-beta2)
+    # lerp_(g, 1-beta1) as torch's vectorised lerp: one fma from the end nearer the weight.
+    m = tl.where(tl.abs(one_minus_beta1) < 0.5, tl.fma(one_minus_beta1, g - m, m),
+                 tl.fma(one_minus_beta1 - 1.0, g - m, g))
+    v = tl.fma(one_minus_beta2 * g, g, v * beta2_f32)  # mul_(beta2).addcmul_(g, g, 1-beta2), fused
     denom = tl.math.div_rn(tl.sqrt_rn(v), bc2_sqrt) + eps
     w = w + tl.math.div_rn(-step_size * m, denom)     # addcdiv: (value * m) / denom
     tl.store(exp_avg + entry, m, mask=active)
@@ -94,11 +103,11 @@ def sparse_adamw_(params, grads, indices, offsets, exp_avg, exp_avg_sq, *, lr, b
         grads if compact else exp_avg, age if age is not None else indices,
         exp_avg, exp_avg_sq, num_selected, lr, beta1, beta2, 1 - beta1, 1 - beta2, beta2, eps,
         1 - lr * weight_decay, int(maximize), BLOCK=BLOCK, COMPACT=compact, USE_AGE=age is not None,
-        num_warps=NUM_WARPS)
+        **OPTIONS)
 
 
 def compile_configs():
-    """Every (kernel, signature, constexprs, num_warps) the host function can launch."""
+    """Every (kernel, signature, constexprs, compile options) the host function can launch."""
     configs = []
     grad_kinds = [(False, "*fp32")] + [(True, t) for t in ("*fp32", "*bf16", "*fp16")]
     age_kinds = [(False, "*i64"), (True, "*i32"), (True, "*i64")]
@@ -112,5 +121,5 @@ def compile_configs():
                 "beta2_f32": "fp32", "eps": "fp32", "decay": "fp32", "maximize": "i32",
                 "BLOCK": "constexpr", "COMPACT": "constexpr", "USE_AGE": "constexpr"}
             configs.append((_sparse_adamw_kernel, signature,
-                            {"BLOCK": BLOCK, "COMPACT": compact, "USE_AGE": use_age}, NUM_WARPS))
+                            {"BLOCK": BLOCK, "COMPACT": compact, "USE_AGE": use_age}, OPTIONS))
     return configs
