@@ -1,7 +1,7 @@
 """The ops as ``torch.library`` operators: one definition each, a kernel per device.
 
-``gem_kernels::layer_stats``, ``gem_kernels::ratio_topk`` and ``gem_kernels::sparse_adamw_``
-are defined here with their schemas (``sparse_adamw_`` declares the tensors it writes, so
+``gem_kernels::layer_stats``, ``gem_kernels::ratio_topk``, ``gem_kernels::sparse_adamw_`` and
+``gem_kernels::sparse_weight_grad`` are defined here with their schemas (``sparse_adamw_`` declares the tensors it writes, so
 autograd bumps their version counters on every backend and ``torch.compile`` functionalises
 the mutation). Each op has
 
@@ -235,6 +235,36 @@ def _(params, dense_grads, compact_grads, indices, offsets, exp_avg, exp_avg_sq,
     _sparse_adamw_with(backend_for(_device_type(params)), params, dense_grads, compact_grads, indices,
                        offsets, exp_avg, exp_avg_sq, lr, beta1, beta2, eps, weight_decay, step, age,
                        maximize)
+
+
+# ---------------------------------------------------------------------------------------
+# sparse_weight_grad
+
+
+@torch.library.custom_op("gem_kernels::sparse_weight_grad", mutates_args=())
+def sparse_weight_grad(inputs: list[Tensor], grad_outputs: list[Tensor], indices: Tensor,
+                       offsets: Tensor) -> Tensor:
+    """The selected entries of each segment's ``dW = dYᵀ X`` (fp32 ``[len(indices)]``)."""
+    return reference.sparse_weight_grad(inputs, grad_outputs, indices, offsets)
+
+
+@sparse_weight_grad.register_fake
+def _(inputs, grad_outputs, indices, offsets):
+    if len(inputs) != len(grad_outputs):
+        raise ValueError(f"inputs has {len(inputs)} tensors but grad_outputs has {len(grad_outputs)}")
+    for i, (x, dy) in enumerate(zip(inputs, grad_outputs)):
+        if x.dim() != 2 or dy.dim() != 2 or x.shape[0] != dy.shape[0]:
+            raise ValueError(f"segment {i}: inputs [T, in] and grad_outputs [T, out] must share T, got "
+                             f"{tuple(x.shape)} and {tuple(dy.shape)}")
+        _fake_check("inputs", i, x, x.shape)
+        _fake_check("grad_outputs", i, dy, dy.shape)
+    return torch.empty(indices.shape[0], dtype=torch.float32, device=indices.device)
+
+
+@sparse_weight_grad.register_kernel(["cpu", "cuda"])
+def _(inputs, grad_outputs, indices, offsets):
+    _check_all_strided(inputs=inputs, grad_outputs=grad_outputs, indices=indices, offsets=offsets)
+    return backend_for(indices.device.type).sparse_weight_grad(list(inputs), list(grad_outputs), indices, offsets)
 
 
 # ---------------------------------------------------------------------------------------

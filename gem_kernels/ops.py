@@ -246,3 +246,29 @@ def sparse_adamw_(params: Sequence[Tensor], grads, indices: Tensor, offsets: Ten
                                    betas=betas, eps=eps, weight_decay=weight_decay, step=step, age=age,
                                    maximize=maximize, check_indices=check_indices)
     torch.ops.gem_kernels.sparse_adamw_(*args)
+
+
+def sparse_weight_grad(inputs: Sequence[Tensor], grad_outputs: Sequence[Tensor], indices: Tensor,
+                       offsets: Tensor, check_indices: bool = True) -> Tensor:
+    """The selected entries of each weight gradient ``dW = dYᵀ X`` (fp32), never the dense ``dW``.
+
+    ``inputs[l]`` is ``X`` ``[T, in]`` and ``grad_outputs[l]`` is ``dY`` ``[T, out]`` (one dtype per
+    segment); ``indices`` are flat row-major indices into ``W`` ``[out, in]``. For transformers'
+    ``Conv1D`` (weight ``[in, out]``) swap the two lists; see ``gem_kernels.reference``.
+    ``check_indices=False`` skips the pass over the index values, as in ``sparse_adamw_``.
+    """
+    for name, seq in (("inputs", inputs), ("grad_outputs", grad_outputs)):
+        if isinstance(seq, torch.Tensor) or not isinstance(seq, Sequence):
+            raise TypeError(f"{name} must be a list of tensors, got {type(seq).__name__}")
+    if len(inputs) != len(grad_outputs):
+        raise ValueError(f"inputs has {len(inputs)} tensors but grad_outputs has {len(grad_outputs)}")
+    device = _first_device("inputs", inputs)
+    numels = []
+    for i, (x, dy) in enumerate(zip(inputs, grad_outputs)):
+        _check_tensor(f"inputs[{i}]", x, dtypes=FLOAT_DTYPES, device=device, dim=2)
+        _check_tensor(f"grad_outputs[{i}]", dy, dtypes=(x.dtype,), device=device, dim=2)
+        if dy.shape[0] != x.shape[0]:
+            raise ValueError(f"grad_outputs[{i}] has {dy.shape[0]} rows but inputs[{i}] has {x.shape[0]}")
+        numels.append(dy.shape[1] * x.shape[1])
+    check_index_set("sparse_weight_grad", indices, offsets, numels, device, check_values=check_indices)
+    return torch.ops.gem_kernels.sparse_weight_grad(list(inputs), list(grad_outputs), indices, offsets)

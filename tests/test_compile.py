@@ -2,6 +2,8 @@
 compiled training step that calls opt.step(), and opt.step itself compiled. step() is
 excluded from tracing on purpose (torch.compiler.disable), so each phase change happens
 eagerly and is never lost from a traced graph."""
+import gc
+
 import pytest
 import torch
 
@@ -90,18 +92,25 @@ def test_inductor_training_step_matches_eager():
 @pytest.mark.parametrize("kind", ["gem", "id3"])
 def test_graph_breaks_per_phase(kind):
     """In every phase a compiled training step is one graph (forward and loss); its only break
-    is torch's own at loss.backward(). opt.step() and the gradient hook are excluded from
-    tracing (torch.compiler.disable) and run eagerly, so they add no graph and no break."""
+    is torch's own at loss.backward(). opt.step() and the gradient hooks are excluded from
+    tracing (torch.compiler.disable) and run eagerly, so they add no graph and no break. The
+    first training step alone has more graphs: the optimizer still watches module calls then,
+    to find the Linear modules whose weight gradient it makes sparse (optim/weight_grads.py)."""
+    gc.collect()  # optimizers of earlier tests still watching module calls would add graphs
     model = _model()
     opt = _optimizer(model, kind)
     seen = {}
     for batch in _batches():
         phase = opt.phase
+        first_training = phase == "training" and "training" not in seen
         torch._dynamo.reset()
         explanation = torch._dynamo.explain(train_step)(model, opt, batch)  # runs the step for real
         reasons = sorted({str(r.reason).split("\n")[0] for r in explanation.break_reasons})
-        seen.setdefault(phase, set()).add((explanation.graph_count, tuple(reasons)))
+        assert reasons == ["Unsupported Tensor.backward() call"], reasons
+        seen.setdefault(phase, []).append(explanation.graph_count)
+        if first_training:
+            seen["training"] = []
     assert opt.phase == "training" and opt.selected_count() > 0
     assert set(seen) == {"calibration" if kind == "gem" else "unmasking", "training"}
-    for phase, found in seen.items():
-        assert found == {(1, ("Unsupported Tensor.backward() call",))}, (phase, found)
+    for phase, counts in seen.items():
+        assert counts and set(counts) == {1}, (phase, counts)

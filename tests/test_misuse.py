@@ -56,8 +56,9 @@ def test_second_optimizer_takes_over_and_trains_on_real_gradients():
     for (p, (indices, _)), q in zip(second.selected_entries().items(), [twin[0].weight, twin[2].weight]):
         # Only the second optimizer's hook ran: the gradient holds the real values at its own
         # entries (the first one's hook would have left zeros at most of them).
-        assert p.grad.is_sparse
-        assert torch.equal(p.grad.coalesce()._values(), q.grad.reshape(-1)[indices])
+        assert p.grad.is_sparse  # (the sparse_weight_grad op: equal to fp32 rounding)
+        torch.testing.assert_close(p.grad.coalesce()._values(), q.grad.reshape(-1)[indices],
+                                   rtol=1e-5, atol=1e-7)
     second.step()
     with pytest.raises(RuntimeError, match="closed"):
         first.step()

@@ -87,7 +87,14 @@ def _sparse_trainer_class():
     from transformers import Trainer
 
     class SparseTrainer(Trainer):
-        """``transformers.Trainer`` whose gradient norm and clipping read sparse gradients."""
+        """``transformers.Trainer`` whose gradient norm and clipping read sparse gradients, and
+        whose SparseAdamW knows the model's modules (sparse weight gradients from the first
+        training step on, after a resume too)."""
+
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            if self.optimizer is not None:
+                self._sparse_optimizer().register_modules(self.model)
 
         def _sparse_optimizer(self):
             inner = getattr(self.optimizer, "optimizer", self.optimizer)  # accelerate wraps it

@@ -49,7 +49,9 @@ import torch
 from .. import ops
 from ..selection import GEM, IncrementalSelector, OneShotSelector, Selector
 from . import checkpoint, grads, phases
+from .groups import split_param_group
 from .layout import GroupLayout
+from .weight_grads import SparseWeightGrads
 
 Tensor = torch.Tensor
 
@@ -77,7 +79,7 @@ class SparseAdamW(torch.optim.Optimizer):
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2,
                  amsgrad=False, *, maximize=False, foreach=None, capturable=False,
                  differentiable=False, fused=None, density=None, budget=None, selector=None,
-                 calibration_steps=None):
+                 calibration_steps=None, sparse_weight_grads=True):
         for name, value in (("amsgrad", amsgrad), ("capturable", capturable),
                             ("differentiable", differentiable)):
             if value:
@@ -113,6 +115,9 @@ class SparseAdamW(torch.optim.Optimizer):
         self._layouts = {}
         self._hooks = grads.SelectedGradHooks()
         self._gradient_hooks_enabled = True  # off where a DDP comm hook reduces the selected values
+        if not isinstance(sparse_weight_grads, bool):
+            raise TypeError(f"sparse_weight_grads must be True or False, got {sparse_weight_grads!r}")
+        self._weight_grads = SparseWeightGrads() if sparse_weight_grads else None
         self.closed = False
 
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
@@ -124,10 +129,13 @@ class SparseAdamW(torch.optim.Optimizer):
                 raise ValueError("no sparse parameters: SparseAdamW needs tensors with dim >= 2 or a "
                                  "group with sparse=True (for dense training use torch.optim.AdamW)")
             self._resolve_budget()  # bad budgets fail now, not after calibration
+            self._watch_modules()
             if self._phase == "calibration" and calibration_steps == 0 and not selector.needs_gradients:
                 phases.select(self, {})
         except BaseException:
             self._hooks.remove()  # a half-built optimizer leaves no hook behind
+            if self._weight_grads is not None:
+                self._weight_grads.remove()
             raise
         grads.claim([p for _, p in self._sparse_params()], self)
         self._constructed = True
@@ -215,6 +223,15 @@ class SparseAdamW(torch.optim.Optimizer):
             raise ValueError("batches gave no batch to calibrate on")
         phases.select(self, sums)
 
+    def register_modules(self, model: torch.nn.Module) -> None:
+        """Tells the optimizer which ``nn.Linear``/``Conv1D`` modules hold the weights it trains, so
+        that their weight gradients are sparse from the first training step on (see
+        ``optim/weight_grads.py``). Without it they are found on their first call."""
+        if not isinstance(model, torch.nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if self._weight_grads is not None:
+            self._weight_grads.register(model.modules())
+
     def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0) -> Tensor:
         """``torch.nn.utils.clip_grad_norm_`` over this optimizer's grads, sparse ones included
         (torch's cannot read sparse gradients). Returns the total norm before clipping. After
@@ -226,6 +243,8 @@ class SparseAdamW(torch.optim.Optimizer):
         """Removes the gradient hooks and frees the params for another SparseAdamW; ``step()``
         raises afterwards. Idempotent."""
         self._hooks.remove()
+        if self._weight_grads is not None:
+            self._weight_grads.remove()
         grads.release_all(self)
         self.closed = True
 
@@ -242,65 +261,16 @@ class SparseAdamW(torch.optim.Optimizer):
     def add_param_group(self, param_group: dict) -> None:
         """As torch's, plus the ``sparse`` key; without it the group is split by ``dim >= 2``.
         Adds all of it or nothing."""
-        if not isinstance(param_group, dict):
-            raise TypeError(f"param_group must be a dict, got {type(param_group).__name__}")
-        params = param_group["params"]
-        if isinstance(params, torch.Tensor):
-            items = [params]
-        elif isinstance(params, set):
-            raise TypeError("optimizer parameters need to be organized in ordered collections, not sets")
-        else:
-            items = list(params)
-
-        def tensor_of(item):
-            return item[1] if isinstance(item, tuple) else item
-
-        if "sparse" in param_group:
-            if not isinstance(param_group["sparse"], bool):
-                raise TypeError(f"sparse must be True or False, got {param_group['sparse']!r}")
-            parts = [(param_group["sparse"], items)]
-        else:
-            is_sparse = [isinstance(tensor_of(it), torch.Tensor) and tensor_of(it).dim() >= 2 for it in items]
-            parts = [(True, [it for it, s in zip(items, is_sparse) if s]),
-                     (False, [it for it, s in zip(items, is_sparse) if not s])]
-            parts = [part for part in parts if part[1]] or [(False, items)]
-
         count = len(self.param_groups)
         try:
-            for sparse, part in parts:
-                group = {**param_group, "params": part, "sparse": sparse}
-                merged = {**self.defaults, **group}
-                ops.check_adamw_hyper(merged["lr"], merged["betas"], merged["eps"], merged["weight_decay"])
-                for name in ("amsgrad", "capturable", "differentiable"):
-                    if merged.get(name):
-                        raise ValueError(f"{name}=True is not supported by SparseAdamW")
-                if sparse:
-                    self._check_sparse_group(part, tensor_of)
+            for group in split_param_group(param_group, self.defaults, self._selection_started):
                 super().add_param_group(group)
         except BaseException:
             del self.param_groups[count:]
             raise
         if hasattr(self, "_constructed"):  # the constructor claims once all its checks passed
             grads.claim([p for g in self.param_groups[count:] if g["sparse"] for p in g["params"]], self)
-
-    def _check_sparse_group(self, items, tensor_of) -> None:
-        if self._selection_started:
-            raise ValueError("a sparse param group can only be added before the selection; "
-                             "add it with sparse=False, or before the first step")
-        tensors = []
-        for item in items:
-            p = tensor_of(item)
-            if not isinstance(p, torch.Tensor):
-                continue  # torch's add_param_group raises its TypeError
-            ops.check_strided("a sparse param", p)
-            if p.dtype not in ops.FLOAT_DTYPES:
-                raise TypeError(f"sparse params must be float32, bfloat16 or float16, got {p.dtype}")
-            if p.dim() == 0 or not p.is_contiguous():
-                raise ValueError(f"sparse params must be contiguous with dim >= 1, got shape "
-                                 f"{tuple(p.shape)} (put it in a sparse=False group)")
-            if any(p is t for t in tensors):
-                raise ValueError("a sparse param group lists the same tensor twice")
-            tensors.append(p)
+            self._watch_modules()
 
     @torch.compiler.disable
     @torch.no_grad()
@@ -322,6 +292,8 @@ class SparseAdamW(torch.optim.Optimizer):
             phases.unmask_step(self)
         else:
             phases.training_step(self)
+            if self._weight_grads is not None:  # every module in use has been seen by now
+                self._weight_grads.finish_watching()
         return loss
 
     # -----------------------------------------------------------------------------------
@@ -384,9 +356,19 @@ class SparseAdamW(torch.optim.Optimizer):
     def _set_phase(self, phase: str) -> None:
         self._phase = phase
         if phase == "training" and self._gradient_hooks_enabled:
-            self._hooks.install([(p, self.state[p]["indices"]) for _, p in self._sparse_params()])
+            selected = [(p, self.state[p]["indices"]) for _, p in self._sparse_params()]
+            self._hooks.install(selected)
+            if self._weight_grads is not None:
+                self._weight_grads.install(selected, self._hooks.coords)
         else:
             self._hooks.remove()
+            if self._weight_grads is not None:
+                self._weight_grads.remove_patches()
+
+    def _watch_modules(self) -> None:
+        """Until the first training step, note the Linear/Conv1D modules whose weight we train."""
+        if self._weight_grads is not None:
+            self._weight_grads.watch([p for _, p in self._sparse_params()])
 
     def _use_gradient_hooks(self, enabled: bool) -> None:
         """Whether trained sparse params get the hook that turns their gradient into a sparse

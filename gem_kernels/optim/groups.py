@@ -1,0 +1,65 @@
+"""Param groups of SparseAdamW: a group is sparse or dense (key ``sparse``); without the key
+a group is split in two, tensors with ``dim >= 2`` sparse and the others dense."""
+from __future__ import annotations
+
+import torch
+
+from .. import ops
+
+
+def _tensor_of(item):
+    return item[1] if isinstance(item, tuple) else item  # (name, param) pairs or params
+
+
+def split_param_group(param_group: dict, defaults: dict, selection_started: bool) -> list:
+    """The groups to add for ``param_group``, each checked (hyper-parameters, sparse params);
+    raises before returning anything if one part is bad."""
+    if not isinstance(param_group, dict):
+        raise TypeError(f"param_group must be a dict, got {type(param_group).__name__}")
+    params = param_group["params"]
+    if isinstance(params, torch.Tensor):
+        items = [params]
+    elif isinstance(params, set):
+        raise TypeError("optimizer parameters need to be organized in ordered collections, not sets")
+    else:
+        items = list(params)
+    if "sparse" in param_group:
+        if not isinstance(param_group["sparse"], bool):
+            raise TypeError(f"sparse must be True or False, got {param_group['sparse']!r}")
+        parts = [(param_group["sparse"], items)]
+    else:
+        is_sparse = [isinstance(_tensor_of(it), torch.Tensor) and _tensor_of(it).dim() >= 2 for it in items]
+        parts = [(True, [it for it, s in zip(items, is_sparse) if s]),
+                 (False, [it for it, s in zip(items, is_sparse) if not s])]
+        parts = [part for part in parts if part[1]] or [(False, items)]
+    groups = []
+    for sparse, part in parts:
+        group = {**param_group, "params": part, "sparse": sparse}
+        merged = {**defaults, **group}
+        ops.check_adamw_hyper(merged["lr"], merged["betas"], merged["eps"], merged["weight_decay"])
+        for name in ("amsgrad", "capturable", "differentiable"):
+            if merged.get(name):
+                raise ValueError(f"{name}=True is not supported by SparseAdamW")
+        if sparse:
+            _check_sparse_params([_tensor_of(it) for it in part], selection_started)
+        groups.append(group)
+    return groups
+
+
+def _check_sparse_params(tensors, selection_started: bool) -> None:
+    if selection_started:
+        raise ValueError("a sparse param group can only be added before the selection; "
+                         "add it with sparse=False, or before the first step")
+    seen = []
+    for p in tensors:
+        if not isinstance(p, torch.Tensor):
+            continue  # torch's add_param_group raises its TypeError
+        ops.check_strided("a sparse param", p)
+        if p.dtype not in ops.FLOAT_DTYPES:
+            raise TypeError(f"sparse params must be float32, bfloat16 or float16, got {p.dtype}")
+        if p.dim() == 0 or not p.is_contiguous():
+            raise ValueError(f"sparse params must be contiguous with dim >= 1, got shape "
+                             f"{tuple(p.shape)} (put it in a sparse=False group)")
+        if any(p is t for t in seen):
+            raise ValueError("a sparse param group lists the same tensor twice")
+        seen.append(p)
