@@ -54,7 +54,7 @@ from gem_finetune.data import Split, encode, read_task
 from gem_finetune.methods import optimizer_state_bytes, optimizer_state_tensors, set_up
 from gem_finetune.models import classification_loss, default_model_dir, load_model
 
-SST2_DIR = Path("/work/shared/data/glue/SST-2")
+SST2_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "glue" / "SST-2"  # ../shared beside the repo
 BATCH_SIZE = 32
 SEQ_LEN = 64
 SPARSE_DENSITY = 1e-3  # of all the classifier's parameters, as the GEM paper sets its budget
@@ -87,7 +87,7 @@ def _numel(params) -> int:
     return sum(p.numel() for p in params)
 
 
-def _resident_bytes(model, optimizer, batch) -> int:
+def resident_bytes(model, optimizer, batch) -> int:
     """Bytes of the distinct storages the step starts with (views of one buffer count once)."""
     storages = {}
     tensors = list(model.parameters()) + list(model.buffers()) + list(batch.values())
@@ -104,12 +104,12 @@ def _train_step(model, optimizer, batch) -> None:
     optimizer.step()
 
 
-def step_peak_extra_bytes(model, optimizer, batch) -> int:
-    """Peak of (allocated - freed) bytes through PyTorch's CPU allocator during one step."""
+def step_peak_extra_bytes(run_step) -> int:
+    """Peak of (allocated - freed) bytes through PyTorch's CPU allocator during ``run_step()``."""
     from torch.profiler import ProfilerActivity, profile
     gc.collect()  # garbage of earlier work must not be freed inside the measured step
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        _train_step(model, optimizer, batch)
+        run_step()
     with tempfile.TemporaryDirectory() as tmp:
         trace = Path(tmp) / "trace.json"
         prof.export_chrome_trace(str(trace))
@@ -170,8 +170,8 @@ def run_config(name: str, batches, calibration_batches, steps: int, warmup: int)
         cpu_times.append(time.process_time() - cpu_start)
     optimizer.zero_grad(set_to_none=True)
     batch = batches[0]
-    resident = _resident_bytes(model, optimizer, batch)
-    extra = step_peak_extra_bytes(model, optimizer, batch)
+    resident = resident_bytes(model, optimizer, batch)
+    extra = step_peak_extra_bytes(lambda: _train_step(model, optimizer, batch))
     row = {
         "method": name,
         "model_params": n_params,
