@@ -23,7 +23,7 @@ from typing import Sequence
 
 import torch
 
-from . import library
+from . import library  # noqa: F401  (registers the torch.ops.gem_kernels operators)
 from .library import BACKEND_NAMES, FLOAT_DTYPES, backends, check_strided  # noqa: F401
 
 Tensor = torch.Tensor

@@ -44,14 +44,8 @@ def claim(params, optimizer) -> None:
         _OWNERS[p] = weakref.ref(optimizer)
 
 
-def release(params, optimizer) -> None:
-    for p in params:
-        owner_ref = _OWNERS.get(p)
-        if owner_ref is not None and owner_ref() is optimizer:
-            del _OWNERS[p]
-
-
 def release_all(optimizer) -> None:
+    """Frees every param ``optimizer`` owns (when it is closed)."""
     for p in [p for p, ref in _OWNERS.items() if ref() is optimizer]:
         del _OWNERS[p]
 

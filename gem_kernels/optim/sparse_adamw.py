@@ -43,11 +43,12 @@ it eagerly, in between two graphs, with the eager result in every phase.
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 
 from .. import ops
-from ..selection import GEM, IncrementalSelector, OneShotSelector, Selector
+from ..selection import GEM, IncrementalSelector, Selector
 from . import checkpoint, grads, phases
 from .groups import split_param_group
 from .layout import GroupLayout
@@ -356,6 +357,13 @@ class SparseAdamW(torch.optim.Optimizer):
     def _set_phase(self, phase: str) -> None:
         self._phase = phase
         if phase == "training" and self._gradient_hooks_enabled:
+            if torch.distributed.is_available() and torch.distributed.is_initialized() \
+                    and torch.distributed.get_world_size() > 1:
+                warnings.warn("SparseAdamW now turns the sparse params' gradients into sparse COO tensors "
+                              "while torch.distributed runs; if the model is wrapped in DistributedDataParallel, "
+                              "call gem_kernels.distributed.attach(ddp_model, optimizer) before training, or the "
+                              "next backward fails inside DDP ('Cannot access storage of SparseTensorImpl')",
+                              UserWarning, stacklevel=3)
             selected = [(p, self.state[p]["indices"]) for _, p in self._sparse_params()]
             self._hooks.install(selected)
             if self._weight_grads is not None:
@@ -393,6 +401,3 @@ class SparseAdamW(torch.optim.Optimizer):
             self._repack()
         self._set_phase(meta["phase"])
 
-
-# The selector interfaces the phases use, for readers of this module.
-__all__ = ["SparseAdamW", "DEFAULT_CALIBRATION_STEPS", "OneShotSelector", "IncrementalSelector"]
