@@ -188,11 +188,13 @@ def read_task(task_dir: str | Path, text_columns: list[str] | None = None,
     return Task(task_dir.resolve().name, text, label_names, split(train), split(dev))
 
 
-def take(split: Split, count: int | None, seed: int) -> Split:
-    """The first ``count`` examples of a seeded shuffle (all of them, shuffled, if None)."""
+def take(split: Split, count: int | None, seed: int, skip: int = 0) -> Split:
+    """The first ``count`` examples of a seeded shuffle (all of them, shuffled, if None), after
+    its first ``skip``: ``take(s, n, seed)`` and ``take(s, m, seed, skip=n)`` never share an
+    example, which is how the held-out split stays apart from the training examples."""
     order = list(range(len(split.labels)))
     random.Random(seed).shuffle(order)
-    order = order[:count] if count is not None else order
+    order = order[skip:skip + count] if count is not None else order[skip:]
     pick = lambda values: [values[i] for i in order]  # noqa: E731
     return Split(pick(split.first), pick(split.second) if split.second else None, pick(split.labels))
 

@@ -70,7 +70,8 @@ def summarize(runs: list[dict]) -> dict:
     acc = mean_std([r["accuracy"] for r in runs])
     mcc = mean_std([r["mcc"] for r in runs])
     peaks = [r["peak_rss_mib"] for r in runs if r["peak_rss_mib"] is not None]
-    return {"lr": runs[0]["lr"], "seeds": [r["seed"] for r in runs],
+    return {"method": runs[0]["method"], "density": runs[0].get("density"),
+            "lr": runs[0]["lr"], "seeds": [r["seed"] for r in runs],
             "accuracy_mean": acc[0], "accuracy_std": acc[1], "mcc_mean": mcc[0], "mcc_std": mcc[1],
             "trainable_entries": runs[0]["trainable_entries"],
             "optimizer_state_bytes": runs[0]["optimizer_state_bytes"],
@@ -104,8 +105,9 @@ def plot(results: dict, path: Path, metric: str) -> None:
     gem_budget = next((r["per_tensor_budget"] for r in results["runs"] if r["method"] == "gem"), None)
     panels = 3 if gem_budget else 2
     fig, axes = plt.subplots(1, panels, figsize=(5.5 * panels, 4.2))
-    for method in results["summary"]:
-        runs = [r for r in results["runs"] if r["method"] == method and r["lr"] == results["summary"][method]["lr"]]
+    for method in results["summary"]:  # a label: the method, or METHOD@DENSITY on a density curve
+        runs = [r for r in results["runs"]
+                if r.get("label", r["method"]) == method and r["lr"] == results["summary"][method]["lr"]]
         steps = min(len(r["losses"]) for r in runs)
         mean_loss = [statistics.fmean(r["losses"][i] for r in runs) for i in range(steps)]
         window = max(1, steps // 20)  # a running mean so the curves can be told apart
@@ -129,3 +131,73 @@ def plot(results: dict, path: Path, metric: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def plot_density(results: dict, path: Path, metric: str) -> None:
+    """The dev metric (mean ± std over seeds) against density, one line per sparse method; the
+    dense methods of the same run, which no density changes, as horizontal references."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    scale = 100 if metric == "accuracy" else 1
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    curves: dict[str, list] = {}
+    dense = 0
+    for label, s in results["summary"].items():
+        mean, std = scale * s[f"{metric}_mean"], scale * s[f"{metric}_std"]
+        if s.get("density") is None:
+            dense += 1  # colours from the far end of the cycle, apart from the curves'
+            ax.axhline(mean, linestyle="--", linewidth=1, color=f"C{10 - dense}", label=f"{label} (dense)")
+        else:
+            curves.setdefault(s["method"], []).append((s["density"], mean, std))
+    for method, points in curves.items():
+        points.sort()
+        ax.errorbar([100 * d for d, _, _ in points], [m for _, m, _ in points], yerr=[sd for _, _, sd in points],
+                    marker="o", capsize=3, label=method)
+    ax.set_xscale("log")
+    ticks = sorted({100 * d for points in curves.values() for d, _, _ in points})
+    ax.set_xticks(ticks, [f"{t:g} %" for t in ticks])
+    ax.minorticks_off()
+    ax.set(xlabel="density (share of all parameters trained)", ylabel=f"dev {metric}" + (" %" if metric == "accuracy" else ""),
+           title=f"{results['task']}: dev {metric} against density (mean ± std over seeds)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def markdown(results: dict) -> str:
+    """A results JSON as Markdown: settings, the command, the table, each lr grid with its
+    held-out scores (flagging a choice at the edge of its grid) and the chosen lrs."""
+    s, metric = results["settings"], results["settings"]["select_metric"]
+    curve = " (density curve)" if len(s.get("densities", [])) > 1 else ""
+    lines = [f"## {results['task']}{curve}", ""]
+    if not results["complete"]:
+        lines += ["**Incomplete**: the run stopped before its end; below is what it finished.", ""]
+    lines += [f"{s['train_examples']} training examples, {s.get('heldout_examples', 0)} held-out, "
+              f"dev n={s['eval_examples']} (the reported set), {s['epochs']} epochs, batch {s['batch_size']}, "
+              f"max length {s['max_length']}, seeds {s['seeds']}; {s.get('lr_selection', 'lr choice not recorded')}.",
+              "", f"`{' '.join(results['command'])}`", "", table(results["summary"]), ""]
+    grid = {label: rows for label, rows in results["lr_grid"].items() if label in results["summary"]}
+    if grid:
+        value = (lambda v: f"{100 * v:.1f}") if metric == "accuracy" else (lambda v: f"{v:.3f}")
+        lines += [f"lr grids: held-out {metric} (mean over the grid seeds) of each lr; the chosen one in bold.", "",
+                  f"| method | lr → held-out {metric} | note |", "|---|---|---|"]
+        for label, rows in grid.items():
+            chosen, lrs = results["summary"][label]["lr"], [r["lr"] for r in rows]
+            cells = [f"{r['lr']:g} → {value(r[f'heldout_{metric}'])}" for r in rows]
+            cells = [f"**{c}**" if r["lr"] == chosen else c for c, r in zip(cells, rows)]
+            # A best lr at either end of its grid may not be the best lr at all.
+            note = "chosen at the edge of the grid: widen it" if chosen in (min(lrs), max(lrs)) else ""
+            lines.append(f"| {label} | {', '.join(cells)} | {note} |")
+        lines.append("")
+    lines += ["Chosen lrs: " + ", ".join(f"{label} {v['lr']:g}" for label, v in results["summary"].items()), ""]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":  # python -m gem_finetune.report RESULTS.json [...] > table.md
+    import json
+    import sys
+    if len(sys.argv) < 2:
+        sys.exit("usage: python -m gem_finetune.report RESULTS.json [RESULTS.json ...]")
+    print("\n".join(markdown(json.loads(Path(name).read_text())) for name in sys.argv[1:]))

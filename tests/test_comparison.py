@@ -1,0 +1,207 @@
+"""The tuned comparison's protocol on a tiny BERT (test_finetune's fixture): the lr grid is
+decided on a held-out split of train, apart from the training examples and from dev;
+gem-uniform and gem-all select what they should; the density curve and the Markdown report."""
+import itertools
+import json
+import random
+
+import pytest
+
+from gem_finetune import cli, data, methods, models, report
+from test_finetune import tiny_model, write_tsv  # noqa: F401  (tiny_model is a fixture)
+
+POSITIVE, NEGATIVE = ["good", "great", "fine"], ["bad", "awful", "poor"]
+FILLER = ["movie", "film", "the", "a", "plot", "is", "was", "yes", "no", "maybe", "cat", "dog", "sat", "ran"]
+
+
+def unique_task(directory, n_train, n_dev, flip_dev=False):
+    """A task whose label is carried by one sentiment word and whose sentences are all distinct,
+    within and across train.tsv and dev.tsv, so that examples can be told apart by their tokens.
+    ``flip_dev``: dev's labels are the opposite of what train teaches."""
+    directory.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(0)
+    fillers = list(itertools.permutations(FILLER, 3))  # 2184 distinct tails
+    rng.shuffle(fillers)
+    tails = iter(fillers)
+    for name, n in (("train", n_train), ("dev", n_dev)):
+        rows = []
+        for i in range(n):
+            label = i % 2
+            text = " ".join([rng.choice(POSITIVE if label else NEGATIVE), *next(tails)])
+            rows.append([text, 1 - label if flip_dev and name == "dev" else label])
+        write_tsv(directory / f"{name}.tsv", ["sentence", "label"], rows)
+    return directory
+
+
+def run_cli(tiny_model, task_dir, out, *extra):
+    return cli.main(["--task-dir", str(task_dir), "--model", str(tiny_model), "--out", str(out),
+                     "--batch-size", "8", "--max-length", "16", "--density", "0.01", *extra])
+
+
+def token_rows(batch_list):
+    """The unpadded token ids of every example in a list of batches."""
+    return [tuple(ids[mask.bool()].tolist()) for b in batch_list
+            for ids, mask in zip(b["input_ids"], b["attention_mask"])]
+
+
+# ---------------------------------------------------------------------------------------
+# The held-out split
+
+
+def test_heldout_split_is_apart_from_training_and_dev(tmp_path, tiny_model, monkeypatch):
+    task_dir = unique_task(tmp_path / "task", n_train=48, n_dev=16)
+    seen, real_run_once = [], cli.run_once
+
+    def spy(method, lr, seed, config, train, dev_batches, heldout_batches=None):
+        seen.append((lr, seed, train, dev_batches, heldout_batches))
+        return real_run_once(method, lr, seed, config, train, dev_batches, heldout_batches)
+
+    monkeypatch.setattr(cli, "run_once", spy)
+    code = run_cli(tiny_model, task_dir, tmp_path / "out", "--method", "bitfit", "--lr", "bitfit=1e-4,3e-2",
+                   "--train-examples", "24", "--heldout-examples", "12", "--seeds", "0", "1", "2",
+                   "--grid-seeds", "2", "--epochs", "1")
+    assert code == 0
+    from transformers import AutoTokenizer
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_model))
+    task = data.read_task(task_dir)
+    train_file = {tuple(ids) for ids in tokenizer(task.train.first)["input_ids"]}
+    dev_file = {tuple(ids) for ids in tokenizer(task.dev.first)["input_ids"]}
+    assert len(train_file) == 48 and len(dev_file) == 16 and not train_file & dev_file
+
+    # Every lr of the grid on the 2 grid seeds, then the chosen lr on the third seed.
+    assert [(lr, seed) for lr, seed, *_ in seen][:4] == [(1e-4, 0), (1e-4, 1), (3e-2, 0), (3e-2, 1)]
+    assert len(seen) == 5 and seen[4][1] == 2
+    for _, _, train, dev_batches, heldout_batches in seen:
+        trained = {tuple(ids) for ids in train.input_ids}
+        heldout, dev = set(token_rows(heldout_batches)), set(token_rows(dev_batches))
+        assert len(trained) == 24 and len(heldout) == 12 and len(dev) == 16
+        assert heldout <= train_file and trained <= train_file  # held out of train.tsv ...
+        assert not heldout & trained  # ... never trained on ...
+        assert dev == dev_file and not heldout & dev  # ... and dev is dev, untouched
+    assert len({tuple(token_rows(h)) for *_, h in seen}) == 1  # one held-out split for every run
+
+    results = json.loads((tmp_path / "out" / "results-task.json").read_text())
+    assert results["settings"]["heldout_examples"] == 12
+    grid = results["lr_grid"]["bitfit"]
+    assert [row["seeds"] for row in grid] == [[0, 1], [0, 1]]
+    chosen = max(grid, key=lambda row: row["heldout_accuracy"])["lr"]
+    assert results["summary"]["bitfit"]["lr"] == chosen
+    assert sorted(r["seed"] for r in results["runs"] if r["lr"] == chosen) == [0, 1, 2]
+
+
+def test_lr_is_chosen_on_heldout_where_dev_disagrees(tmp_path, tiny_model):
+    # Dev's labels are flipped: the lr that learns the task scores high on held-out (drawn from
+    # train) and near 0 on dev; the lr that learns nothing scores ~50 % on both. Choosing on
+    # dev would keep the useless lr.
+    task_dir = unique_task(tmp_path / "flip", n_train=96, n_dev=24, flip_dev=True)
+    code = run_cli(tiny_model, task_dir, tmp_path / "out", "--method", "full", "--lr", "full=1e-7,3e-3",
+                   "--train-examples", "64", "--heldout-examples", "32", "--seeds", "0", "--epochs", "3")
+    assert code == 0
+    results = json.loads((tmp_path / "out" / "results-flip.json").read_text())
+    by_lr = {r["lr"]: r for r in results["runs"]}
+    assert by_lr[1e-7]["accuracy"] > by_lr[3e-3]["accuracy"] + 0.3, by_lr  # dev prefers the useless lr
+    assert by_lr[3e-3]["heldout"]["accuracy"] >= 0.9 > by_lr[1e-7]["heldout"]["accuracy"]
+    assert results["summary"]["full"]["lr"] == 3e-3
+
+
+def test_heldout_errors_name_the_problem(tmp_path, tiny_model, capsys):
+    task_dir = unique_task(tmp_path / "small", n_train=40, n_dev=8)
+    code = run_cli(tiny_model, task_dir, tmp_path / "out", "--method", "bitfit", "--lr", "bitfit=1e-3,1e-2",
+                   "--train-examples", "32", "--heldout-examples", "16")
+    err = capsys.readouterr().err
+    assert code == 2 and "too few for --train-examples 32 plus --heldout-examples 16" in err
+    for extra, message in ((["--lr", "gem=1e-3,1e-3"], "listed twice"),
+                           (["--seeds", "0", "--grid-seeds", "2"], "only 1 seeds"),
+                           (["--density", "0.01", "0.01"], "a density is listed twice")):
+        with pytest.raises(SystemExit) as stop:
+            run_cli(tiny_model, task_dir, tmp_path / "out", *extra)
+        assert stop.value.code == 2 and message in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------
+# gem-uniform and gem-all
+
+
+def calibrated(method, tiny_model, encoded, budget):
+    model = models.load_model(tiny_model, 2, seed=0)
+    setup = methods.set_up(method, model, lr=1e-2, weight_decay=0.01, budget=budget, total_steps=3, seed=0)
+    train = data.batches(encoded, 16, 0, random.Random(0))
+    setup.optimizer.calibrate(model, train[:2], models.classification_loss)
+    return model, setup.optimizer, train
+
+
+@pytest.fixture
+def encoded(tmp_path, tiny_model):
+    from transformers import AutoTokenizer
+    task = data.read_task(unique_task(tmp_path / "task", n_train=48, n_dev=8))
+    return data.encode(AutoTokenizer.from_pretrained(str(tiny_model)), task.train, 16)
+
+
+def test_gem_uniform_splits_the_budget_by_tensor_size(tiny_model, encoded):
+    # The 4 query/value weights are all 32 x 32: a size-proportional split of 48 is 12 each,
+    # which the entropy-guided split (gem) is not.
+    counts = {m: report.per_tensor_budget(calibrated(m, tiny_model, encoded, 48)[1]) for m in ("gem-uniform", "gem")}
+    assert set(counts["gem-uniform"]) == set(methods.target_weight_names(models.load_model(tiny_model, 2, 0)))
+    assert list(counts["gem-uniform"].values()) == [12, 12, 12, 12]
+    assert sum(counts["gem"].values()) == 48 and counts["gem"] != counts["gem-uniform"]
+
+
+def test_gem_all_selects_in_every_linear_layer_but_the_pooler(tiny_model, encoded):
+    model, optimizer, train = calibrated("gem-all", tiny_model, encoded, 300)
+    counts = report.per_tensor_budget(optimizer)
+    linear = [f"encoder.encoder.layer.{i}.{name}.weight" for i in range(2)
+              for name in ("attention.self.query", "attention.self.key", "attention.self.value",
+                           "attention.output.dense", "intermediate.dense", "output.dense")]
+    assert sorted(counts) == sorted(linear) == sorted(methods.target_weight_names(model, "gem-all"))
+    assert sum(counts.values()) == 300
+    assert sum(c for n, c in counts.items() if ".query." not in n and ".value." not in n) > 0
+    # Training changes the selected entries of those tensors, the head, and nothing else.
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    for batch in train:
+        models.classification_loss(model, batch).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    changed = {n: int((p.detach() != before[n]).sum()) for n, p in model.named_parameters()}
+    assert all(changed[n] == 0 for n in changed if n not in linear and not n.startswith("head."))
+    assert all(0 < changed[n] <= counts[n] for n in linear if counts[n] > 0), changed
+    assert changed["encoder.pooler.dense.weight"] == 0
+
+
+# ---------------------------------------------------------------------------------------
+# The density curve and the report
+
+
+def test_density_curve_writes_its_plot(tmp_path, tiny_model):
+    task_dir = unique_task(tmp_path / "curve", n_train=32, n_dev=8)
+    code = run_cli(tiny_model, task_dir, tmp_path / "out", "--method", "gem", "bitfit",
+                   "--density", "0.005", "0.02", "--seeds", "0", "1", "--epochs", "1")
+    assert code == 0
+    results = json.loads((tmp_path / "out" / "results-curve.json").read_text())
+    assert list(results["summary"]) == ["gem@0.005", "gem@0.02", "bitfit"]
+    total = results["settings"]["total_parameters"]
+    for density in (0.005, 0.02):
+        runs = [r for r in results["runs"] if r["label"] == f"gem@{density:g}"]
+        assert [r["seed"] for r in runs] == [0, 1] and all(r["density"] == density for r in runs)
+        assert all(r["selected_count"] == int(density * total) for r in runs)
+        assert results["summary"][f"gem@{density:g}"]["density"] == density
+    assert results["summary"]["bitfit"]["density"] is None
+    assert (tmp_path / "out" / "density-curve.png").stat().st_size > 10_000
+    assert (tmp_path / "out" / "curves-curve.png").stat().st_size > 10_000
+
+
+def test_markdown_report_marks_the_choice_and_a_grid_edge():
+    def summary(method, lr):
+        return {"method": method, "density": None, "lr": lr, "seeds": [0], "accuracy_mean": 0.8, "accuracy_std": 0.0,
+                "mcc_mean": 0.6, "mcc_std": 0.0, "trainable_entries": 10, "optimizer_state_bytes": 80,
+                "peak_rss_mib": None, "median_step_seconds": 0.1}
+    results = {"task": "T", "command": ["gem-finetune", "--x"], "complete": False,
+               "settings": {"train_examples": 1000, "heldout_examples": 200, "eval_examples": 872, "epochs": 3,
+                            "batch_size": 32, "max_length": 64, "seeds": [0], "select_metric": "accuracy",
+                            "lr_selection": "held-out"},
+               "summary": {"gem": summary("gem", 1e-3), "full": summary("full", 1e-4)},
+               "lr_grid": {"gem": [{"lr": lr, "heldout_accuracy": a} for lr, a in ((3e-4, .7), (1e-3, .9), (3e-3, .8))],
+                           "full": [{"lr": lr, "heldout_accuracy": a} for lr, a in ((1e-5, .7), (1e-4, .9))]}}
+    text = report.markdown(results)
+    assert "**Incomplete**" in text and "| gem | 0.0003 → 70.0, **0.001 → 90.0**, 0.003 → 80.0 |  |" in text
+    assert "| full | 1e-05 → 70.0, **0.0001 → 90.0** | chosen at the edge of the grid: widen it |" in text
+    assert "Chosen lrs: gem 0.001, full 0.0001" in text
