@@ -81,7 +81,14 @@ def _check_path(path) -> Path:
 def _named_parameters(model) -> dict:
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    return dict(model.named_parameters())
+    params = dict(model.named_parameters())
+    for name, p in params.items():
+        # A sharded (FSDP2/DTensor) param holds only its rank's rows: flat indices of the full
+        # tensor would address the wrong entries.
+        if type(p) not in (torch.Tensor, torch.nn.Parameter):
+            raise TypeError(f"parameter {name!r} is a {type(p).__name__}; deltas read and write whole "
+                            "tensors (for FSDP2, gather the full model state dict into a plain model first)")
+    return params
 
 
 def _gather(param: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:

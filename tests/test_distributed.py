@@ -6,6 +6,7 @@ Each worker asserts and raises; ``mp.spawn`` re-raises a worker's error here wit
 from __future__ import annotations
 
 import copy
+import gc
 import os
 import tempfile
 
@@ -34,6 +35,10 @@ def _entry(rank, fn, init_file, tmpdir, args):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
     try:
         fn(rank, tmpdir, *args)
+        # Collect reference cycles (and the collectives' work objects they hold) while the
+        # process group lives: left to interpreter shutdown, gloo sometimes aborts the process.
+        gc.collect()
+        dist.barrier()  # no rank leaves (closing its sockets) while another is still in a collective
     finally:
         dist.destroy_process_group()
 

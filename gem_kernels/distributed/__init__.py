@@ -27,8 +27,8 @@ Sharded selection (FSDP2)
 ``sharded_layer_stats``, ``sharded_ratio_topk`` and ``sharded_select`` are the distributed
 versions of ``layer_stats``, ``ratio_topk`` and a selector's choice when each rank holds one
 row-block (``Shard(0)``) of every tensor: their answer is the single-process answer on the full
-tensors, cut to each rank's shard. ``SparseAdamW`` does not take DTensor params yet (it raises a
-``TypeError``); these are the selection half of that path (``docs/distributed.md``).
+tensors, cut to each rank's shard. ``SparseAdamW`` uses them for FSDP2 (``fully_shard``) params
+(``gem_kernels/optim/sharded.py``, ``docs/distributed.md``).
 """
 from .ddp import CommStats, SelectedAllReduce, attach
 from .sharded import local_shards, shard_offsets, sharded_layer_stats, sharded_ratio_topk, sharded_select

@@ -20,6 +20,7 @@ import torch
 
 from .. import ops
 from .layout import AGE_KEY
+from .sharded import local, refuse_dcp
 
 STATE_KEY = "sparse_adamw"
 PHASES = ("calibration", "unmasking", "training")
@@ -29,6 +30,7 @@ _META_KEYS = ("config", "phase", "selection_started", *_COUNTERS, "resolved_budg
 
 def add_meta(opt, state_dict: dict) -> dict:
     """State-dict post-hook: what torch's state dict does not know about SparseAdamW."""
+    refuse_dcp(opt)
     state_dict[STATE_KEY] = {
         "config": opt._config(),
         "phase": opt.phase,
@@ -38,8 +40,14 @@ def add_meta(opt, state_dict: dict) -> dict:
         "resolved_budget": opt._budget,
         "report": deepcopy(opt._report),
         "shapes": [[tuple(p.shape) for p in g["params"]] for g in opt.param_groups],
+        "shard": _shard_meta(opt),
     }
     return state_dict
+
+
+def _shard_meta(opt):
+    """FSDP2: this rank's place (its state holds local indices of its own row blocks), else None."""
+    return None if opt._sharding is None else opt._sharding.meta()
 
 
 def _bad(message: str):
@@ -53,6 +61,10 @@ def _check_meta(opt, meta, saved_groups) -> None:
     if meta["config"] != opt._config():
         raise ValueError(f"the checkpoint was written with {meta['config']}, this optimizer has "
                          f"{opt._config()}")
+    if meta.get("shard") != _shard_meta(opt):  # absent in single-process checkpoints
+        raise ValueError(f"the checkpoint holds the optimizer state of FSDP2 shard {meta.get('shard')}, "
+                         f"this optimizer's is {_shard_meta(opt)}: under FSDP2 each rank loads the "
+                         "state_dict() it saved itself, on the same world size")
     if meta["phase"] not in PHASES:
         raise _bad(f"unknown phase {meta['phase']!r}")
     for key in _COUNTERS:
@@ -89,6 +101,7 @@ def _check_step(where: str, step) -> None:
 
 
 def _check_sparse_state(where: str, p, state, incremental: bool, selected: bool) -> None:
+    p = local(p)  # FSDP2: the state (sums, indices) is of this rank's block
     if not selected:
         extra = set(state) - {"grad_sum"}
         if extra:
@@ -134,6 +147,7 @@ def _check_dense_state(where: str, p, state) -> None:
 
 def load_pre_hook(opt, state_dict: dict) -> dict:
     """Checks the whole checkpoint, then hands torch the dense part only."""
+    refuse_dcp(opt)
     if not isinstance(state_dict, dict) or not {"state", "param_groups"} <= set(state_dict):
         raise _bad("it is not an optimizer state dict (no 'state' and 'param_groups')")
     meta = state_dict.get(STATE_KEY)

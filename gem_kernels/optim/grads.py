@@ -18,6 +18,8 @@ import weakref
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
+from .sharded import agree_finite, local
+
 Tensor = torch.Tensor
 
 # param -> weakref of the SparseAdamW that trains it sparsely. Weak both ways: a param or an
@@ -110,6 +112,7 @@ def compact_grad(p: Tensor, indices: Tensor, hooks: SelectedGradHooks):
     grad = p.grad
     if grad is None:
         return None
+    grad = local(grad)  # an FSDP2 gradient: this rank's block, which the local indices address
     if not grad.is_sparse:
         return grad.reshape(-1)[indices]
     grad = grad.coalesce()
@@ -122,13 +125,16 @@ def compact_grad(p: Tensor, indices: Tensor, hooks: SelectedGradHooks):
     return grad.to_dense().reshape(-1)[indices]
 
 
-def check_finite(described_grads) -> None:
-    """Raises naming the first param whose gradient has NaN or inf; one host sync in all."""
-    if not described_grads:
-        return
+def check_finite(described_grads, sharding=None) -> None:
+    """Raises naming the first param whose gradient has NaN or inf; one host sync in all.
+    With ``sharding`` (FSDP2: local blocks) the verdict is agreed by every rank (a collective),
+    so that all raise or none does."""
     finite = [torch.isfinite(g._values() if g.is_sparse else g).all() for _, g in described_grads]
-    device = finite[0].device
-    if bool(torch.stack([f.to(device) for f in finite]).all()):
+    ok = not finite or bool(torch.stack([f.to(finite[0].device) for f in finite]).all())
+    if sharding is not None and not agree_finite(sharding, ok) and ok:
+        raise ValueError("a gradient on another rank has NaN or inf entries; nothing was changed "
+                         "(with a GradScaler such steps are skipped for you)")
+    if ok:
         return
     describe = next(d for (d, _), ok in zip(described_grads, finite) if not bool(ok))
     raise ValueError(f"the gradient of {describe()} has NaN or inf entries; nothing was "

@@ -1,10 +1,14 @@
 """Param groups of SparseAdamW: a group is sparse or dense (key ``sparse``); without the key
-a group is split in two, tensors with ``dim >= 2`` sparse and the others dense."""
+a group is split in two, tensors with ``dim >= 2`` sparse and the others dense. And the checks
+of the budget arguments (``density`` or ``budget``)."""
 from __future__ import annotations
+
+import math
 
 import torch
 
 from .. import ops
+from .sharded import check_param, local
 
 
 def _tensor_of(item):
@@ -54,12 +58,28 @@ def _check_sparse_params(tensors, selection_started: bool) -> None:
     for p in tensors:
         if not isinstance(p, torch.Tensor):
             continue  # torch's add_param_group raises its TypeError
-        ops.check_strided("a sparse param", p)
+        check_param("a sparse param", p)  # FSDP2 params pass: the kernels read their local blocks
+        ops.check_strided("a sparse param", local(p))
         if p.dtype not in ops.FLOAT_DTYPES:
             raise TypeError(f"sparse params must be float32, bfloat16 or float16, got {p.dtype}")
-        if p.dim() == 0 or not p.is_contiguous():
+        if p.dim() == 0 or not local(p).is_contiguous():
             raise ValueError(f"sparse params must be contiguous with dim >= 1, got shape "
                              f"{tuple(p.shape)} (put it in a sparse=False group)")
         if any(p is t for t in seen):
             raise ValueError("a sparse param group lists the same tensor twice")
         seen.append(p)
+
+
+def check_budget_args(density, budget) -> None:
+    if (density is None) == (budget is None):
+        raise ValueError("give exactly one of density (a fraction) and budget (a count)")
+    if density is not None:
+        if isinstance(density, bool) or not isinstance(density, (int, float)):
+            raise TypeError(f"density must be a number, got {type(density).__name__}")
+        if not (math.isfinite(density) and 0 < density <= 1):
+            raise ValueError(f"density must be in (0, 1], got {density!r}")
+    if budget is not None:
+        if isinstance(budget, bool) or not isinstance(budget, int):
+            raise TypeError(f"budget must be an int, got {type(budget).__name__}")
+        if budget < 1:
+            raise ValueError(f"budget must be >= 1, got {budget}")

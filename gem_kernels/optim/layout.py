@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import torch
 
+from .sharded import local
+
 Tensor = torch.Tensor
 
 FLAT_KEYS = ("indices", "exp_avg", "exp_avg_sq")
@@ -27,7 +29,7 @@ def new_state(p: Tensor, indices: Tensor, incremental: bool) -> dict:
     state = {
         "step": torch.tensor(0, dtype=torch.int64),
         "indices": indices,
-        "original": p.detach().reshape(-1)[indices].clone(),
+        "original": local(p).detach().reshape(-1)[indices].clone(),  # FSDP2: local indices
         "exp_avg": torch.zeros(n, dtype=torch.float32, device=p.device),
         "exp_avg_sq": torch.zeros(n, dtype=torch.float32, device=p.device),
     }

@@ -14,8 +14,10 @@ import torch
 from torch.optim.adamw import adamw as torch_adamw
 
 from .. import ops
+from . import sharded
 from .grads import check_finite, compact_grad
 from .layout import merged_state, new_state
+from .sharded import local
 
 NOTE_FROZEN = "frozen (requires_grad=False) when the entries were chosen"
 NOTE_NO_GRADIENT = "got no gradient during calibration"
@@ -26,11 +28,12 @@ NOTE_NO_GRADIENT = "got no gradient during calibration"
 
 
 def described_grads(opt, sparse: bool) -> list:
-    """``[(describe, grad)]`` of the params with a gradient in the sparse or dense groups."""
+    """``[(describe, grad)]`` of the params with a gradient in the sparse or dense groups (of
+    FSDP2 params, the local block of the gradient)."""
     out = []
     for gi, group in enumerate(opt.param_groups):
         if group["sparse"] == sparse:
-            out += [(functools.partial(opt._describe, gi, i), p.grad)
+            out += [(functools.partial(opt._describe, gi, i), local(p.grad))
                     for i, p in enumerate(group["params"]) if p.grad is not None]
     return out
 
@@ -50,12 +53,12 @@ def add_gradients(opt, sums: dict) -> None:
     checking every gradient (dense, finite), so a bad one changes no sum."""
     described = described_grads(opt, sparse=True)
     _require_dense(described, "calibration")
-    check_finite(described)
+    check_finite(described, opt._sharding)
     for _, p in opt._sparse_params():
         if p.grad is not None:
-            if p not in sums:
-                sums[p] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.contiguous_format)
-            sums[p].add_(p.grad)
+            if p not in sums:  # FSDP2: of the local block only, N / world entries per rank
+                sums[p] = torch.zeros_like(local(p), dtype=torch.float32, memory_format=torch.contiguous_format)
+            sums[p].add_(local(p.grad))
 
 
 def stored_sums(opt, copy: bool) -> dict:
@@ -84,9 +87,9 @@ def select(opt, sums: dict) -> None:
         raise ValueError(f"the budget of {budget} entries does not fit in the {available} entries of "
                          "the sparse params that can train (not frozen and, for gradient selectors, "
                          "with a calibration gradient); see selection_report()")
-    weights = [named[i][1].detach() for i in candidates]
+    weights = [local(named[i][1]).detach() for i in candidates]
     grads = [sums[named[i][1]] for i in candidates] if selector.needs_gradients else weights
-    selection = selector.select(grads, weights, budget)
+    selection = sharded.select(opt, selector, grads, weights, [named[i][1] for i in candidates], budget)
     bounds = selection.offsets.tolist()
     chosen = {i: selection.indices[bounds[j]:bounds[j + 1]].clone() for j, i in enumerate(candidates)}
     empty = torch.zeros(0, dtype=torch.int64)
@@ -116,6 +119,7 @@ def _warn_no_gradient(named, notes) -> None:
 def _precheck_sparse_inputs(group, params, grads) -> None:
     """The op's checks of params, dense grads and hyper-parameters, with an empty index set:
     for a step that changes the index set before its update."""
+    params, grads = [local(p) for p in params], [local(g) for g in grads]
     empty_f32 = torch.zeros(0, dtype=torch.float32, device=params[0].device)
     ops.check_sparse_adamw_args(
         params, grads, torch.zeros(0, dtype=torch.int64, device=params[0].device),
@@ -136,15 +140,15 @@ def prepare_sparse_update(opt, gi: int, grads: list, compact: bool):
     states = [opt.state[p] for p in params]
     layout = opt._layout(gi)
     buffers = layout.arguments(have, states)
-    op_grads = torch.cat([grads[i].float() for i in have]) if compact else [grads[i] for i in have]
+    op_grads = torch.cat([grads[i].float() for i in have]) if compact else [local(grads[i]) for i in have]
     incremental = "age" in buffers
     if incremental:
         age = buffers["age"] + 1
         schedule = {"age": age}
     else:
         schedule = {"step": torch.tensor([int(states[i]["step"]) + 1 for i in have], dtype=torch.int64)}
-    args = ops.check_sparse_adamw_args(
-        [params[i] for i in have], op_grads, buffers["indices"], buffers["offsets"], buffers["exp_avg"],
+    args = ops.check_sparse_adamw_args(  # FSDP2: the local blocks, written in place through the view
+        [local(params[i]) for i in have], op_grads, buffers["indices"], buffers["offsets"], buffers["exp_avg"],
         buffers["exp_avg_sq"], lr=group["lr"], betas=group["betas"], eps=group["eps"],
         weight_decay=group["weight_decay"], maximize=group["maximize"],
         check_indices=False, **schedule)  # checked when selected or loaded
@@ -236,7 +240,7 @@ def training_step(opt) -> None:
         if group["sparse"]:
             grads[gi] = [compact_grad(p, opt.state[p]["indices"], opt._hooks) for p in group["params"]]
     check_finite([(functools.partial(opt._describe, gi, i), g) for gi, gs in grads.items()
-                  for i, g in enumerate(gs) if g is not None] + described_grads(opt, sparse=False))
+                  for i, g in enumerate(gs) if g is not None] + described_grads(opt, sparse=False), opt._sharding)
     updates = [prepare_sparse_update(opt, gi, gs, compact=True) for gi, gs in grads.items()]
     _run_all(updates + _dense_updates(opt))
 
@@ -247,7 +251,7 @@ def unmask_step(opt) -> None:
     selector = opt.selector
     described = described_grads(opt, sparse=True)
     _require_dense(described, "ID3")
-    check_finite(described + described_grads(opt, sparse=False))
+    check_finite(described + described_grads(opt, sparse=False), opt._sharding)
     for group in opt.param_groups:
         have = [p for p in group["params"] if p.grad is not None]
         if group["sparse"] and have:
@@ -265,10 +269,12 @@ def unmask_step(opt) -> None:
         current = [states[p]["indices"] for p in candidates]
         offsets = torch.zeros(len(candidates) + 1, dtype=torch.int64, device=current[0].device)
         offsets[1:] = torch.tensor([c.numel() for c in current], dtype=torch.int64).cumsum(0)
-        available = sum(p.numel() for p in candidates) - int(offsets[-1])
+        so_far = int(offsets[-1]) if opt._sharding is None else opt._sharding.total(int(offsets[-1]))
+        available = sum(p.numel() for p in candidates) - so_far  # full tensors' counts under FSDP2
         count = min(selector.unmask_count(step, budget), available)
-        new = selector.select_new([p.grad.contiguous() for p in candidates], [p.detach() for p in candidates],
-                                  count, (torch.cat(current), offsets))
+        new = sharded.select(opt, selector, [local(p.grad).contiguous() for p in candidates],
+                             [local(p).detach() for p in candidates], candidates, count,
+                             (torch.cat(current), offsets))
         bounds = new.offsets.tolist()
         for j, p in enumerate(candidates):
             states[p] = merged_state(states[p], p, new.indices[bounds[j]:bounds[j + 1]])

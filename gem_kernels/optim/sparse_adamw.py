@@ -32,8 +32,8 @@ Groups and phases
 
 A param is trained sparsely by one SparseAdamW at a time: ``close()`` (or leaving a ``with``
 block) removes the hooks; a new SparseAdamW on the same params closes the old one, with a
-warning. Every ``step()`` checks
-all it reads before writing, so a step that raises changes nothing.
+warning. Every ``step()`` checks all it reads before writing, so a step that raises changes
+nothing. FSDP2 (``fully_shard``) params: see ``optim/sharded.py``.
 
 ``step()`` is excluded from ``torch.compile`` tracing (``torch.compiler.disable``): its phase
 machine changes Python attributes and syncs with the host (the finite-gradient check, index
@@ -42,36 +42,20 @@ it eagerly, in between two graphs, with the eager result in every phase.
 """
 from __future__ import annotations
 
-import math
 import warnings
 
 import torch
 
 from .. import ops
 from ..selection import GEM, IncrementalSelector, Selector
-from . import checkpoint, grads, phases
-from .groups import split_param_group
+from . import checkpoint, grads, phases, sharded
+from .groups import check_budget_args, split_param_group
 from .layout import GroupLayout
 from .weight_grads import SparseWeightGrads
 
 Tensor = torch.Tensor
 
 DEFAULT_CALIBRATION_STEPS = 8
-
-
-def _check_budget_args(density, budget) -> None:
-    if (density is None) == (budget is None):
-        raise ValueError("give exactly one of density (a fraction) and budget (a count)")
-    if density is not None:
-        if isinstance(density, bool) or not isinstance(density, (int, float)):
-            raise TypeError(f"density must be a number, got {type(density).__name__}")
-        if not (math.isfinite(density) and 0 < density <= 1):
-            raise ValueError(f"density must be in (0, 1], got {density!r}")
-    if budget is not None:
-        if isinstance(budget, bool) or not isinstance(budget, int):
-            raise TypeError(f"budget must be an int, got {type(budget).__name__}")
-        if budget < 1:
-            raise ValueError(f"budget must be >= 1, got {budget}")
 
 
 class SparseAdamW(torch.optim.Optimizer):
@@ -92,7 +76,7 @@ class SparseAdamW(torch.optim.Optimizer):
         if not isinstance(selector, Selector):
             raise TypeError(f"selector must be a gem_kernels.selection selector (GEM, ID3, "
                             f"GradMagnitude, Random), got {type(selector).__name__}")
-        _check_budget_args(density, budget)
+        check_budget_args(density, budget)
         incremental = isinstance(selector, IncrementalSelector)
         if calibration_steps is None:
             calibration_steps = DEFAULT_CALIBRATION_STEPS if not incremental and selector.needs_gradients else 0
@@ -116,6 +100,7 @@ class SparseAdamW(torch.optim.Optimizer):
         self._layouts = {}
         self._hooks = grads.SelectedGradHooks()
         self._gradient_hooks_enabled = True  # off where a DDP comm hook reduces the selected values
+        self._sharding = None  # FSDP2 params: where this rank's blocks lie (optim/sharded.py)
         if not isinstance(sparse_weight_grads, bool):
             raise TypeError(f"sparse_weight_grads must be True or False, got {sparse_weight_grads!r}")
         self._weight_grads = SparseWeightGrads() if sparse_weight_grads else None
@@ -238,6 +223,8 @@ class SparseAdamW(torch.optim.Optimizer):
         (torch's cannot read sparse gradients). Returns the total norm before clipping. After
         the selection a sparse param's gradient holds only its selected entries, so the norm is
         that of the gradients that train, not of the dense gradients AdamW would see."""
+        if self._sharding is not None:  # FSDP2: over every rank's blocks, a collective
+            return sharded.clip_grad_norm_(self, max_norm, norm_type)
         return grads.clip_grad_norm_([p for g in self.param_groups for p in g["params"]], max_norm, norm_type)
 
     def close(self) -> None:
@@ -266,6 +253,7 @@ class SparseAdamW(torch.optim.Optimizer):
         try:
             for group in split_param_group(param_group, self.defaults, self._selection_started):
                 super().add_param_group(group)
+            sharded.attach_sharding(self)  # FSDP2 or not, checked anew as the sparse params change
         except BaseException:
             del self.param_groups[count:]
             raise
@@ -278,6 +266,7 @@ class SparseAdamW(torch.optim.Optimizer):
     def step(self, closure=None):
         """One optimizer step (calibration, unmasking or training, by phase); returns the closure's loss."""
         self._check_open()
+        sharded.refuse_dcp(self)  # DCP's state-dict helpers run a step on zero grads: refuse first
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -356,7 +345,7 @@ class SparseAdamW(torch.optim.Optimizer):
 
     def _set_phase(self, phase: str) -> None:
         self._phase = phase
-        if phase == "training" and self._gradient_hooks_enabled:
+        if phase == "training" and self._gradient_hooks_enabled and self._sharding is None:  # FSDP2: dense
             if torch.distributed.is_available() and torch.distributed.is_initialized() \
                     and torch.distributed.get_world_size() > 1:
                 warnings.warn("SparseAdamW now turns the sparse params' gradients into sparse COO tensors "

@@ -1,0 +1,199 @@
+"""SparseAdamW on FSDP2 (``torch.distributed.fsdp.fully_shard``) params: what differs from one
+process. See docs/distributed.md, "FSDP2".
+
+An FSDP2 param is a DTensor placed ``Shard(0)`` on a 1-D mesh: each rank holds a contiguous
+block of rows, and ``to_local()`` is that block itself (a view: an in-place write through it
+changes the param). After backward FSDP2 has reduce-scattered the gradients, so ``p.grad`` is a
+DTensor whose local block is the averaged gradient of the rank's rows. So:
+
+* the kernels only ever see ``local(p)`` and ``local(p.grad)``, plain tensors (DTensors are
+  still refused by every op: their ``data_ptr()`` is not their data);
+* the selection is the single-process one on the full tensors, cut to each rank's rows
+  (``gem_kernels.distributed.sharded_select``: the layer statistics all-reduced, the budget
+  counted over the full tensors, an exact global top-k); each rank keeps local indices and
+  O(k_rank) state;
+* the COO gradient hook and the sparse weight gradients stay off: FSDP2 reduce-scatters dense
+  gradients (a COO tensor is not a DTensor shard), and its modules run on unsharded copies of
+  the params that the optimizer never sees;
+* collectives where one rank's view is not enough: the finite-gradient check (all ranks raise
+  or go on together), the count of entries selected so far (ID3), gradient-norm clipping.
+
+Every sparse param of an optimizer is an FSDP2 param on the same mesh, or none is.
+"""
+from __future__ import annotations
+
+import sys
+
+import torch
+import torch.distributed as dist
+
+from ..distributed.sharded import shard_offsets, sharded_select
+from ..library import check_strided
+from ..selection import GEM, ID3, GradMagnitude
+
+try:
+    from torch.distributed.tensor import DTensor, Shard
+except ImportError:  # torch built without distributed
+    DTensor = Shard = None
+
+Tensor = torch.Tensor
+SUPPORTED = (GEM, GradMagnitude, ID3)
+
+
+def is_dtensor(t) -> bool:
+    return DTensor is not None and isinstance(t, DTensor)
+
+
+def local(t):
+    """The plain local block of a DTensor (a view of it, not a copy), else ``t`` itself."""
+    return t.to_local() if is_dtensor(t) else t
+
+
+def check_param(name: str, p) -> None:
+    """Refuses a DTensor that is not an FSDP2 ``Shard(0)`` param (by name), and a local block
+    the kernels could not read in place."""
+    if not is_dtensor(p):
+        return
+    if p.device_mesh.ndim != 1 or tuple(p.placements) != (Shard(0),):
+        raise TypeError(f"{name} is a DTensor placed {tuple(p.placements)} on a {p.device_mesh.ndim}-D "
+                        "mesh; SparseAdamW takes plain tensors or FSDP2 (fully_shard) params, placed "
+                        "Shard(0) on a 1-D mesh")
+    block = p.to_local()
+    check_strided(f"{name}'s local shard", block)
+    (_, numel), = shard_offsets([tuple(p.shape)], p.device_mesh.size(), p.device_mesh.get_local_rank())
+    if block.numel() != numel or not block.is_contiguous():
+        raise TypeError(f"{name}'s local shard ({tuple(block.shape)}) is not the contiguous torch.chunk "
+                        "row block FSDP2 makes; SparseAdamW reads it in place")
+
+
+class Sharding:
+    """Where this rank's blocks lie: the mesh's process group, world size and rank, and the
+    device of the local blocks (NCCL's collectives take only CUDA tensors)."""
+
+    def __init__(self, mesh, device):
+        self.mesh = mesh
+        self.device = device
+        self.group = mesh.get_group()
+        self.world = mesh.size()
+        self.rank = mesh.get_local_rank()
+
+    def meta(self) -> dict:
+        return {"world_size": self.world, "rank": self.rank}
+
+    def where(self, params) -> tuple:
+        """``(offsets, full numels)`` of ``params``' local blocks in their full tensors."""
+        offsets = [off for off, _ in shard_offsets([tuple(p.shape) for p in params], self.world, self.rank)]
+        return offsets, [p.numel() for p in params]
+
+    def total(self, count: int) -> int:
+        """``count`` summed over the ranks."""
+        t = torch.tensor([count], dtype=torch.int64, device=self.device)
+        dist.all_reduce(t, group=self.group)
+        return int(t)
+
+
+def sharding_of(sparse_params: list, selector):
+    """The ``Sharding`` of an optimizer's sparse params, or None when none is a DTensor.
+    Raises for a mix of FSDP2 and plain params, for several meshes and for a selector the
+    sharded path does not have."""
+    flags = [is_dtensor(p) for p in sparse_params]
+    if not any(flags):
+        return None
+    if not all(flags):
+        raise ValueError("some sparse params are FSDP2 (DTensor) params and some are plain tensors; "
+                         "under FSDP2 every sparse param must be sharded by fully_shard (put the others "
+                         "in a sparse=False group, or shard their module too)")
+    mesh = sparse_params[0].device_mesh
+    if any(p.device_mesh != mesh for p in sparse_params):
+        raise ValueError("the sparse FSDP2 params lie on different device meshes; SparseAdamW takes one mesh")
+    if type(selector) not in SUPPORTED:
+        raise NotImplementedError(
+            f"{type(selector).__name__} is not supported on FSDP2 params: the sharded selection has GEM, "
+            "GradMagnitude and ID3 (Random draws one key per entry of the full tensors, which no rank "
+            "holds); use one of those")
+    return Sharding(mesh, sparse_params[0].to_local().device)
+
+
+def attach_sharding(opt) -> None:
+    """Sets ``opt._sharding`` from its sparse params (raising as ``sharding_of``); under FSDP2
+    the sparse weight gradients go: FSDP2's modules compute on unsharded copies of the params,
+    which the optimizer never sees, and reduce-scatter dense gradients."""
+    opt._sharding = sharding_of([p for _, p in opt._sparse_params()], opt._selector)
+    if opt._sharding is not None and opt._weight_grads is not None:
+        opt._weight_grads.remove()
+        opt._weight_grads = None
+
+
+def select(opt, selector, grads, weights, params, budget, exclude=None):
+    """``selector``'s choice of ``budget`` entries (ID3: ``budget`` new ones outside
+    ``exclude``) over ``params``, from their ``grads``/``weights``: plain tensors, or for FSDP2
+    the local blocks, answered with local indices (a collective then)."""
+    sharding = opt._sharding
+    if sharding is None:
+        if isinstance(selector, ID3) or exclude is not None:
+            return selector.select_new(grads, weights, budget, exclude)
+        return selector.select(grads, weights, budget)
+    offsets, numels = sharding.where(params)
+    return sharded_select(selector, grads, weights, offsets, numels, budget, exclude, sharding.group)
+
+
+def agree_finite(sharding, ok: bool) -> bool:
+    """Whether every rank's gradients are finite (a collective), so that all ranks raise or
+    go on together: one rank skipping a step the others take would train them apart."""
+    flag = torch.tensor([0 if ok else 1], dtype=torch.int64, device=sharding.device)
+    dist.all_reduce(flag, group=sharding.group)
+    return int(flag) == 0
+
+
+@torch.no_grad()
+def clip_grad_norm_(opt, max_norm: float, norm_type: float = 2.0) -> Tensor:
+    """``clip_grad_norm_`` for an optimizer on FSDP2 params: the norm of the gradients that
+    train, as in one process (in the training phase the selected entries of the sparse params,
+    else their whole gradients, plus the dense groups), over every rank's blocks; the same
+    scale on every rank. A collective."""
+    norm_type = float(norm_type)
+    parts, scaled = [], []
+    for group in opt.param_groups:
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            grad = local(p.grad)
+            state = opt.state.get(p, {})
+            if group["sparse"] and opt.phase == "training" and "indices" in state:
+                parts.append(grad.reshape(-1)[state["indices"]].float())
+            else:
+                parts.append(grad.float().reshape(-1))
+            scaled.append(grad)
+    values = torch.cat(parts) if parts else torch.zeros(0, device=opt._sharding.device)
+    if norm_type == float("inf"):
+        total = values.abs().max() if values.numel() else torch.zeros((), device=values.device)
+        dist.all_reduce(total, op=dist.ReduceOp.MAX, group=opt._sharding.group)
+    else:
+        total = values.abs().pow(norm_type).sum().double()
+        dist.all_reduce(total, group=opt._sharding.group)
+        total = total.pow(1.0 / norm_type).float()
+    scale = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+    for grad in scaled:
+        grad.mul_(scale.to(grad.dtype))
+    return total
+
+
+def refuse_dcp(opt) -> None:
+    """Raises when ``torch.distributed.checkpoint``'s ``get/set_optimizer_state_dict`` drives an
+    FSDP2 optimizer. They treat a state tensor that is not a DTensor as replicated (saved from
+    one rank), drop the ``sparse_adamw`` entry, and first run ``step()`` on zero gradients to
+    create the state, which would count a calibration step. Each rank's state is its own
+    (local indices, its k_rank entries): it goes through ``opt.state_dict()`` per rank."""
+    if opt._sharding is None:
+        return
+    frame = sys._getframe(1)
+    while frame is not None:  # a few frames: the cost of a dict lookup each
+        if frame.f_globals.get("__name__", "") == "torch.distributed.checkpoint.state_dict":
+            raise NotImplementedError(
+                "torch.distributed.checkpoint's get_optimizer_state_dict/set_optimizer_state_dict do "
+                "not support SparseAdamW on FSDP2 params (each rank's sparse state is its own, not a "
+                "DTensor); the optimizer's state was not changed (but on an optimizer with no state "
+                "yet, DCP has already set every group's lr to 0 and the grads to zeros). Save each "
+                "rank's opt.state_dict() with torch.save and load it on the same rank and world size; "
+                "the model's state can go through torch.distributed.checkpoint (docs/distributed.md)")
+        frame = frame.f_back
