@@ -7,6 +7,7 @@ import os
 import pytest
 import torch
 
+import gem_kernels
 from gem_kernels import SparseAdamW
 from gem_kernels.selection import GEM, ID3, Random
 
@@ -120,7 +121,11 @@ def test_dtensor_params_are_refused_before_any_pointer_is_read(tmp_path):
         mesh = init_device_mesh("cpu", (1,))
         weight = torch.nn.Parameter(DTensor.from_local(torch.randn(8, 4), mesh, [Replicate()]))
         with pytest.raises(TypeError, match="DTensor"):
-            SparseAdamW([weight], budget=4, selector=Random(0))
+            SparseAdamW([weight, torch.nn.Parameter(torch.randn(8, 4))], budget=4, selector=Random(0))
+        holder = torch.nn.Module()
+        holder.weight = weight
+        with pytest.raises(TypeError, match="DTensor"):  # a delta addresses whole tensors
+            gem_kernels.apply_delta(holder, tmp_path / "none.safetensors")
     finally:
         dist.destroy_process_group()
 
