@@ -47,7 +47,7 @@ bench: setup
 ASAN_DIR := build/asan
 ASAN_CXX ?= g++
 ASAN_FLAGS := -fsanitize=address,undefined -fno-sanitize-recover=undefined -fno-omit-frame-pointer
-ASAN_TESTS ?= tests/test_cpu_ops.py tests/test_validation.py
+ASAN_TESTS ?= tests/test_cpu_ops.py tests/test_validation.py tests/test_sparse_weight_grad.py
 
 asan: setup
 	$(PY) -m pip install --quiet "pybind11>=2.10" "cmake>=3.18" ninja  # pyproject.toml's build requirements
