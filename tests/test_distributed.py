@@ -6,14 +6,13 @@ Each worker asserts and raises; ``mp.spawn`` re-raises a worker's error here wit
 from __future__ import annotations
 
 import copy
-import gc
 import os
-import tempfile
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+
+from gloo_harness import WORLD, spawn
 
 import gem_kernels
 from gem_kernels import distributed as gd
@@ -21,31 +20,12 @@ from gem_kernels import distributed as gd
 pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
                                 reason="needs torch.distributed with gloo")
 
-WORLD = 2
 PER_RANK = 4  # rows of the batch per rank; the single-process run takes all 2 * 4
 BUCKET_MB = 0.002  # ~2 KB buckets: the test model spreads over several, as a large model would
 
 
 # ---------------------------------------------------------------------------------------
-# Harness
-
-
-def _entry(rank, fn, init_file, tmpdir, args):
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
-    try:
-        fn(rank, tmpdir, *args)
-        # Collect reference cycles (and the collectives' work objects they hold) while the
-        # process group lives: left to interpreter shutdown, gloo sometimes aborts the process.
-        gc.collect()
-        dist.barrier()  # no rank leaves (closing its sockets) while another is still in a collective
-    finally:
-        dist.destroy_process_group()
-
-
-def _spawn(fn, *args):
-    with tempfile.TemporaryDirectory() as tmpdir:
-        mp.spawn(_entry, args=(fn, os.path.join(tmpdir, "init"), tmpdir, args), nprocs=WORLD, join=True)
+# Models and data
 
 
 def _model():
@@ -191,11 +171,11 @@ def _ddp_worker(rank, tmpdir, method, bucket_view, steps):
 
 
 def test_ddp_gem_calibration_then_training():
-    _spawn(_ddp_worker, "gem", True, 7)
+    spawn(_ddp_worker, "gem", True, 7)
 
 
 def test_ddp_id3_unmasking_then_training():
-    _spawn(_ddp_worker, "id3", False, 6)
+    spawn(_ddp_worker, "id3", False, 6)
 
 
 def _no_attach_worker(rank, tmpdir):
@@ -214,7 +194,7 @@ def _no_attach_worker(rank, tmpdir):
 
 
 def test_ddp_without_attach_fails_in_backward():
-    _spawn(_no_attach_worker)
+    spawn(_no_attach_worker)
 
 
 def _misuse_worker(rank, tmpdir):
@@ -266,7 +246,7 @@ def _misuse_worker(rank, tmpdir):
 
 
 def test_attach_misuse_raises_clear_errors():
-    _spawn(_misuse_worker)
+    spawn(_misuse_worker)
 
 
 # ---------------------------------------------------------------------------------------
@@ -304,7 +284,7 @@ def _checkpoint_worker(rank, tmpdir, cases):
 
 def test_checkpoint_save_on_rank0_load_everywhere():
     """GEM cut in calibration and in training, ID3 in unmasking: bit-identical continuation."""
-    _spawn(_checkpoint_worker, [("gem", 6, 2), ("gem", 6, 4), ("id3", 6, 2)])
+    spawn(_checkpoint_worker, [("gem", 6, 2), ("gem", 6, 4), ("id3", 6, 2)])
 
 
 # ---------------------------------------------------------------------------------------
@@ -398,4 +378,4 @@ def _sharded_worker(rank, tmpdir):
 
 
 def test_sharded_selection_equals_single_process():
-    _spawn(_sharded_worker)
+    spawn(_sharded_worker)

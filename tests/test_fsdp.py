@@ -5,14 +5,13 @@ Each worker asserts and raises; ``mp.spawn`` re-raises a worker's error here wit
 """
 from __future__ import annotations
 
-import gc
 import os
-import tempfile
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+
+from gloo_harness import WORLD, spawn
 
 import gem_kernels
 from gem_kernels import distributed as gd
@@ -20,31 +19,11 @@ from gem_kernels import distributed as gd
 pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
                                 reason="needs torch.distributed with gloo")
 
-WORLD = 2
 PER_RANK = 4  # rows of the batch per rank; the single-process run takes all 2 * 4
 
 
 # ---------------------------------------------------------------------------------------
-# Harness
-
-
-def _entry(rank, fn, init_file, tmpdir, args):
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
-    try:
-        fn(rank, tmpdir, *args)
-        # FSDP2's modules sit in reference cycles: collect them (and the collectives' work
-        # objects they hold) while the process group lives. Left to interpreter shutdown, gloo
-        # sometimes aborts the process ("terminate called without an active exception").
-        gc.collect()
-        dist.barrier()  # no rank leaves (closing its sockets) while another is still in a collective
-    finally:
-        dist.destroy_process_group()
-
-
-def _spawn(fn, *args):
-    with tempfile.TemporaryDirectory() as tmpdir:
-        mp.spawn(_entry, args=(fn, os.path.join(tmpdir, "init"), tmpdir, args), nprocs=WORLD, join=True)
+# Models and data
 
 
 def _model():
@@ -205,15 +184,15 @@ def _state_bytes_of(opt, p):
 
 
 def test_fsdp_gem_equals_single_process():
-    _spawn(_lockstep_worker, "gem", 7)
+    spawn(_lockstep_worker, "gem", 7)
 
 
 def test_fsdp_id3_equals_single_process():
-    _spawn(_lockstep_worker, "id3", 6)
+    spawn(_lockstep_worker, "id3", 6)
 
 
 def test_fsdp_grad_magnitude_equals_single_process():
-    _spawn(_lockstep_worker, "magnitude", 4)
+    spawn(_lockstep_worker, "magnitude", 4)
 
 
 # ---------------------------------------------------------------------------------------
@@ -268,11 +247,11 @@ def _calibrate_worker(rank, tmpdir):
 
 
 def test_fsdp_calibrate():
-    _spawn(_calibrate_worker)
+    spawn(_calibrate_worker)
 
 
 def test_fsdp_refusals_and_failed_step():
-    _spawn(_refusal_worker)
+    spawn(_refusal_worker)
 
 
 # ---------------------------------------------------------------------------------------
@@ -323,4 +302,4 @@ def _checkpoint_worker(rank, tmpdir, cases):
 
 def test_fsdp_checkpoint_resumes_bit_identically():
     """GEM cut in calibration and in training, ID3 in unmasking."""
-    _spawn(_checkpoint_worker, [("gem", 6, 2), ("gem", 6, 4), ("id3", 5, 2)])
+    spawn(_checkpoint_worker, [("gem", 6, 2), ("gem", 6, 4), ("id3", 5, 2)])
