@@ -427,3 +427,11 @@ def test_gradients_not_made_by_the_hook_are_read_at_the_selected_entries():
     for other in models[1:]:
         for a, b in zip(models[0].parameters(), other.parameters()):
             assert torch.equal(a, b)
+
+
+def test_random_never_spends_budget_on_frozen_params():
+    model = _mlp()
+    model[0].weight.requires_grad_(False)
+    opt = SparseAdamW(model.parameters(), budget=64, selector=Random(0))
+    counts = [row["count"] for row in opt.selection_report()]
+    assert counts == [0, 64] and "frozen" in opt.selection_report()[0]["note"]
