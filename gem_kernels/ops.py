@@ -58,13 +58,18 @@ def _first_device(name: str, tensors) -> torch.device:
     return tensors[0].device
 
 
-def _check_segments(grads, weights) -> torch.device:
-    """Checks paired lists of gradient and weight tensors; returns their common device."""
-    for name, seq in (("grads", grads), ("weights", weights)):
+def _check_paired_lists(name_a: str, a, name_b: str, b) -> None:
+    """Two lists of tensors, one per segment each, of the same length."""
+    for name, seq in ((name_a, a), (name_b, b)):
         if isinstance(seq, torch.Tensor) or not isinstance(seq, Sequence):
             raise TypeError(f"{name} must be a list of tensors, got {type(seq).__name__}")
-    if len(grads) != len(weights):
-        raise ValueError(f"grads has {len(grads)} tensors but weights has {len(weights)}")
+    if len(a) != len(b):
+        raise ValueError(f"{name_a} has {len(a)} tensors but {name_b} has {len(b)}")
+
+
+def _check_segments(grads, weights) -> torch.device:
+    """Checks paired lists of gradient and weight tensors; returns their common device."""
+    _check_paired_lists("grads", grads, "weights", weights)
     device = _first_device("weights", weights)
     for i, (g, w) in enumerate(zip(grads, weights)):
         _check_tensor(f"weights[{i}]", w, dtypes=FLOAT_DTYPES, device=device)
@@ -249,19 +254,14 @@ def sparse_adamw_(params: Sequence[Tensor], grads, indices: Tensor, offsets: Ten
 
 
 def sparse_weight_grad(inputs: Sequence[Tensor], grad_outputs: Sequence[Tensor], indices: Tensor,
-                       offsets: Tensor, check_indices: bool = True) -> Tensor:
+                       offsets: Tensor) -> Tensor:
     """The selected entries of each weight gradient ``dW = dYᵀ X`` (fp32), never the dense ``dW``.
 
     ``inputs[l]`` is ``X`` ``[T, in]`` and ``grad_outputs[l]`` is ``dY`` ``[T, out]`` (one dtype per
     segment); ``indices`` are flat row-major indices into ``W`` ``[out, in]``. For transformers'
     ``Conv1D`` (weight ``[in, out]``) swap the two lists; see ``gem_kernels.reference``.
-    ``check_indices=False`` skips the pass over the index values, as in ``sparse_adamw_``.
     """
-    for name, seq in (("inputs", inputs), ("grad_outputs", grad_outputs)):
-        if isinstance(seq, torch.Tensor) or not isinstance(seq, Sequence):
-            raise TypeError(f"{name} must be a list of tensors, got {type(seq).__name__}")
-    if len(inputs) != len(grad_outputs):
-        raise ValueError(f"inputs has {len(inputs)} tensors but grad_outputs has {len(grad_outputs)}")
+    _check_paired_lists("inputs", inputs, "grad_outputs", grad_outputs)
     device = _first_device("inputs", inputs)
     numels = []
     for i, (x, dy) in enumerate(zip(inputs, grad_outputs)):
@@ -270,5 +270,5 @@ def sparse_weight_grad(inputs: Sequence[Tensor], grad_outputs: Sequence[Tensor],
         if dy.shape[0] != x.shape[0]:
             raise ValueError(f"grad_outputs[{i}] has {dy.shape[0]} rows but inputs[{i}] has {x.shape[0]}")
         numels.append(dy.shape[1] * x.shape[1])
-    check_index_set("sparse_weight_grad", indices, offsets, numels, device, check_values=check_indices)
+    check_index_set("sparse_weight_grad", indices, offsets, numels, device)
     return torch.ops.gem_kernels.sparse_weight_grad(list(inputs), list(grad_outputs), indices, offsets)

@@ -29,7 +29,7 @@ import torch.distributed as dist
 
 from ..distributed.sharded import shard_offsets, sharded_select
 from ..library import check_strided
-from ..selection import GEM, ID3, GradMagnitude
+from ..selection import GEM, ID3, GradMagnitude, IncrementalSelector
 
 try:
     from torch.distributed.tensor import DTensor, Shard
@@ -130,7 +130,7 @@ def select(opt, selector, grads, weights, params, budget, exclude=None):
     the local blocks, answered with local indices (a collective then)."""
     sharding = opt._sharding
     if sharding is None:
-        if isinstance(selector, ID3) or exclude is not None:
+        if isinstance(selector, IncrementalSelector):
             return selector.select_new(grads, weights, budget, exclude)
         return selector.select(grads, weights, budget)
     offsets, numels = sharding.where(params)
