@@ -179,21 +179,36 @@ def test_ddp_id3_unmasking_then_training():
 
 
 def _no_attach_worker(rank, tmpdir):
-    """Without attach(): the optimizer's COO gradients reach DDP's reducer, which raises in
-    backward (this is what attach() is for); it never trains silently wrong."""
+    """Without attach(): the training phase's COO gradients would crash inside DDP's reducer
+    ("copy_() between dense and sparse Tensors"), far from the cause. So the first step()
+    refuses, naming attach, and changes nothing; a training-phase checkpoint loaded into a fresh
+    optimizer is refused at the first forward, before that backward could run."""
     from torch.nn.parallel import DistributedDataParallel as DDP
     model = _model()
     ddp = DDP(model, bucket_cap_mb=BUCKET_MB)
     opt = _optimizer(model, "gem")
-    with pytest.warns(UserWarning, match="attach"):  # said when the selection installs the hooks
-        _train(ddp, opt, range(3), rank)  # calibration: dense gradients, plain DDP works
-    assert opt.phase == "training"
-    x, y = _batch(3, rank)
-    with pytest.raises((NotImplementedError, RuntimeError), match="[Ss]parse"):
-        torch.nn.functional.mse_loss(ddp(x), y).backward()
+    x, y = _batch(0, rank)
+    torch.nn.functional.mse_loss(ddp(x), y).backward()
+    before = _flat(model).clone()
+    with pytest.raises(RuntimeError, match="gem_kernels.distributed.attach"):
+        opt.step()
+    assert torch.equal(_flat(model), before) and opt.phase == "calibration" and not opt.state
+
+    trained = _model()  # one process, no DDP, into the training phase
+    trained_opt = _optimizer(trained, "gem")
+    with pytest.warns(UserWarning, match="attach"):  # the selection under torch.distributed says so
+        _train(trained, trained_opt, range(3))
+    resumed = _model()
+    resumed.load_state_dict(trained.state_dict())
+    resumed_ddp = DDP(resumed, bucket_cap_mb=BUCKET_MB)
+    resumed_opt = _optimizer(resumed, "gem")
+    with pytest.warns(UserWarning, match="attach"):
+        resumed_opt.load_state_dict(trained_opt.state_dict())
+    with pytest.raises(RuntimeError, match="gem_kernels.distributed.attach"):
+        resumed_ddp(x)
 
 
-def test_ddp_without_attach_fails_in_backward():
+def test_ddp_without_attach_is_refused_naming_attach():
     spawn(_no_attach_worker)
 
 

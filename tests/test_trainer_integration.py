@@ -97,3 +97,16 @@ def test_trainer_resume_matches_an_uninterrupted_run(tmp_path, tokenizer):
     assert not mismatched, f"resumed weights differ from the uninterrupted run in {mismatched[:3]}"
     assert torch.equal(resumed.optimizer.optimizer.state_dict()["state"][0]["indices"],
                        optimizer.state_dict()["state"][0]["indices"])
+
+    # A checkpoint without optimizer.pt: refused before anything loads (a fresh SparseAdamW
+    # would calibrate again and silently train other entries).
+    import shutil
+    bare = tmp_path / "bare"
+    shutil.copytree(tmp_path / "run" / "checkpoint-4", bare)
+    (bare / "optimizer.pt").unlink()
+    model = tiny_model()
+    start = {n: t.clone() for n, t in model.state_dict().items()}
+    refused = example.make_trainer(model, tokenizer, data, tmp_path / "run2", **settings)
+    with pytest.raises(ValueError, match="no optimizer state"):
+        refused.train(resume_from_checkpoint=str(bare))
+    assert all(torch.equal(start[n], t) for n, t in refused.model.state_dict().items())

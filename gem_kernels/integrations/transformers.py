@@ -20,6 +20,7 @@ selected, the optimizer keeps only them of each sparse gradient, as a sparse ten
 """
 from __future__ import annotations
 
+import os
 from typing import Iterable
 
 import torch
@@ -95,6 +96,20 @@ def _sparse_trainer_class():
             super().__init__(*args, **kwargs)
             if self.optimizer is not None:
                 self._sparse_optimizer().register_modules(self.model)
+
+        def train(self, resume_from_checkpoint=None, **kwargs):
+            """As Trainer's, but a checkpoint without the optimizer's state is refused before
+            anything loads: a fresh SparseAdamW would calibrate again and train other entries."""
+            checkpoint = resume_from_checkpoint
+            if checkpoint is True:
+                from transformers.trainer_utils import get_last_checkpoint
+                checkpoint = get_last_checkpoint(self.args.output_dir)  # None: Trainer says so
+            if isinstance(checkpoint, (str, os.PathLike)) and os.path.isdir(checkpoint) \
+                    and not any("optimizer" in name for name in os.listdir(checkpoint)):
+                raise ValueError(f"checkpoint {os.fspath(checkpoint)!r} holds no optimizer state (optimizer.pt): "
+                                 "SparseAdamW cannot resume without it (a fresh one would calibrate again and "
+                                 "train other entries); resume from a checkpoint saved with it, or start anew")
+            return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
 
         def _sparse_optimizer(self):
             inner = getattr(self.optimizer, "optimizer", self.optimizer)  # accelerate wraps it

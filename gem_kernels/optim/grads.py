@@ -60,6 +60,10 @@ def _keep_selected(hooks_ref, param: Tensor) -> None:
     grad = param.grad
     if coords is None or grad is None or grad.is_sparse:
         return
+    if grad.shape != hooks.shapes[param]:
+        raise ValueError(f"a trained sparse param now has shape {tuple(grad.shape)} but had "
+                         f"{tuple(hooks.shapes[param])} when its entries were chosen; resizing a trained "
+                         "param is not supported (close the optimizer and make a new one)")
     values = grad.reshape(-1)[hooks.indices[param]]
     # Coalesced COO order is ascending flat index, which is how our indices are kept. Sharing
     # the cached coords also marks the gradient as ours (see compact_grad).
@@ -74,6 +78,7 @@ class SelectedGradHooks:
     def __init__(self):
         self.indices = {}
         self.coords = {}
+        self.shapes = {}
         self._handles = []
         weakref.finalize(self, SelectedGradHooks._remove_handles, self._handles)
 
@@ -89,6 +94,7 @@ class SelectedGradHooks:
         for p, indices in params_and_indices:
             if p.requires_grad and indices.numel():
                 self.indices[p] = indices
+                self.shapes[p] = p.shape
                 self.coords[p] = torch.stack(torch.unravel_index(indices, p.shape))
                 self._handles.append(p.register_post_accumulate_grad_hook(hook))
 
@@ -96,6 +102,7 @@ class SelectedGradHooks:
         self._remove_handles(self._handles)
         self.indices = {}
         self.coords = {}
+        self.shapes = {}
 
 
 def _flat_positions(grad: Tensor) -> Tensor:

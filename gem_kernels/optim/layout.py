@@ -56,6 +56,7 @@ class GroupLayout:
 
     def __init__(self, params: list, states: list, incremental: bool):
         self.keys = flat_keys(incremental)
+        self.shapes = [local(p).shape for p in params]  # the index sets address these shapes
         device = params[0].device if params else torch.device("cpu")
         counts = [s["indices"].numel() for s in states]
         self.flat = {key: torch.cat([s[key] for s in states]) if states else

@@ -139,6 +139,11 @@ def prepare_sparse_update(opt, gi: int, grads: list, compact: bool):
         return None
     states = [opt.state[p] for p in params]
     layout = opt._layout(gi)
+    for i in have:
+        if local(params[i]).shape != layout.shapes[i]:
+            raise ValueError(f"{opt._describe(gi, i)} had shape {tuple(layout.shapes[i])} when its entries "
+                             "were chosen; resizing a trained param is not supported (close the optimizer "
+                             "and make a new one)")
     buffers = layout.arguments(have, states)
     op_grads = torch.cat([grads[i].float() for i in have]) if compact else [local(grads[i]) for i in have]
     incremental = "age" in buffers

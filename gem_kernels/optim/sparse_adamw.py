@@ -51,7 +51,7 @@ from ..selection import GEM, IncrementalSelector, Selector
 from . import checkpoint, grads, phases, sharded
 from .groups import check_budget_args, split_param_group
 from .layout import GroupLayout
-from .weight_grads import SparseWeightGrads
+from .weight_grads import PLAIN_DDP_MESSAGE, SparseWeightGrads
 
 Tensor = torch.Tensor
 
@@ -64,7 +64,7 @@ class SparseAdamW(torch.optim.Optimizer):
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2,
                  amsgrad=False, *, maximize=False, foreach=None, capturable=False,
                  differentiable=False, fused=None, density=None, budget=None, selector=None,
-                 calibration_steps=None, sparse_weight_grads=True):
+                 calibration_steps=None, sparse_weight_grads="auto"):
         for name, value in (("amsgrad", amsgrad), ("capturable", capturable),
                             ("differentiable", differentiable)):
             if value:
@@ -101,9 +101,7 @@ class SparseAdamW(torch.optim.Optimizer):
         self._hooks = grads.SelectedGradHooks()
         self._gradient_hooks_enabled = True  # off where a DDP comm hook reduces the selected values
         self._sharding = None  # FSDP2 params: where this rank's blocks lie (optim/sharded.py)
-        if not isinstance(sparse_weight_grads, bool):
-            raise TypeError(f"sparse_weight_grads must be True or False, got {sparse_weight_grads!r}")
-        self._weight_grads = SparseWeightGrads() if sparse_weight_grads else None
+        self._weight_grads = SparseWeightGrads(sparse_weight_grads)  # raises on a bad policy
         self.closed = False
 
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
@@ -212,11 +210,13 @@ class SparseAdamW(torch.optim.Optimizer):
     def register_modules(self, model: torch.nn.Module) -> None:
         """Tells the optimizer which ``nn.Linear``/``Conv1D`` modules hold the weights it trains, so
         that their weight gradients are sparse from the first training step on (see
-        ``optim/weight_grads.py``). Without it they are found on their first call."""
+        ``optim/weight_grads.py``), and error messages name them. Without it they are found on
+        their first call, and a checkpoint loaded into a fresh optimizer continues the
+        uninterrupted run to fp32 rounding rather than bit for bit."""
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if self._weight_grads is not None:
-            self._weight_grads.register(model.modules())
+            self._weight_grads.register(model.named_modules())
 
     def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0) -> Tensor:
         """``torch.nn.utils.clip_grad_norm_`` over this optimizer's grads, sparse ones included
@@ -267,6 +267,7 @@ class SparseAdamW(torch.optim.Optimizer):
         """One optimizer step (calibration, unmasking or training, by phase); returns the closure's loss."""
         self._check_open()
         sharded.refuse_dcp(self)  # DCP's state-dict helpers run a step on zero grads: refuse first
+        self._refuse_plain_ddp()
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -288,6 +289,13 @@ class SparseAdamW(torch.optim.Optimizer):
 
     # -----------------------------------------------------------------------------------
     # Shared with the phases and checkpoint modules
+
+    def _refuse_plain_ddp(self) -> None:
+        """DDP's reducer cannot read the sparse COO gradients of the training phase: refuse a
+        DistributedDataParallel model of our params without ``attach`` before it crashes there."""
+        if self._weight_grads is not None and self._weight_grads.plain_ddp is not None \
+                and self._gradient_hooks_enabled:
+            raise RuntimeError(PLAIN_DDP_MESSAGE)
 
     def _check_open(self) -> None:
         if self.closed:
@@ -360,7 +368,7 @@ class SparseAdamW(torch.optim.Optimizer):
         else:
             self._hooks.remove()
             if self._weight_grads is not None:
-                self._weight_grads.remove_patches()
+                self._weight_grads.remove_routes()
 
     def _watch_modules(self) -> None:
         """Until the first training step, note the Linear/Conv1D modules whose weight we train."""
