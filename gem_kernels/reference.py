@@ -1,4 +1,4 @@
-"""Every op in plain PyTorch: the specification and the test oracle (DESIGN.md §3).
+"""Every op in plain PyTorch: the specification and the test oracle (docs/ARCHITECTURE.md, "The ops").
 
 Every backend must give these answers: top-k indices identical, floats within the
 tolerance of their dtype. Inputs are assumed valid here; `gem_kernels.ops` checks them.

@@ -1,4 +1,4 @@
-"""Selectors: turn gradients and weights into the index sets SparseAdamW trains (DESIGN.md §1).
+"""Selectors: turn gradients and weights into the index sets SparseAdamW trains (docs/ARCHITECTURE.md, "The methods").
 
 Each selector is a small object that only calls the ops (``layer_stats``, ``ratio_topk``);
 it never stores a score per entry. Index sets are ``(indices, offsets)`` as in

@@ -1,4 +1,4 @@
-"""Property test: random bad input to the three ops and to SparseAdamW always gets a
+"""Property test: random bad input to the four ops and to SparseAdamW always gets a
 TypeError/ValueError, and leaves params, grads and optimizer state bit-identical to before.
 
 A seeded loop (a few hundred cases, reproducible from the case number) draws a valid call,
@@ -14,7 +14,7 @@ from gem_kernels import ops
 from gem_kernels.optim import SparseAdamW
 from gem_kernels.selection import GEM, ID3, Random
 
-CASES = 300
+CASES = 400
 
 
 def _wrong_dtype(t):
@@ -147,6 +147,32 @@ def _adamw_case(rng):
     return call, lambda: _equal_all(snapshot, watched), f"sparse_adamw_: bad {what}"
 
 
+def _weight_grad_case(rng):
+    """sparse_weight_grad writes nothing; a bad call must raise and leave its inputs alone."""
+    dtype = rng.choice([torch.float32, torch.bfloat16, torch.float16])
+    gen = torch.Generator().manual_seed(rng.randint(0, 10**6))
+    shapes = [(rng.randint(1, 6), rng.randint(1, 5), rng.randint(1, 5)) for _ in range(rng.randint(1, 3))]
+    args = {"inputs": [torch.randn(t, i, generator=gen).to(dtype) for t, i, _ in shapes],
+            "grad_outputs": [torch.randn(t, o, generator=gen).to(dtype) for t, _, o in shapes]}
+    args["indices"], args["offsets"] = _index_set(rng, [i * o for _, i, o in shapes])
+    watched = args["inputs"] + args["grad_outputs"]  # before spoiling: what a call could touch
+    snapshot = _clone_all(watched)
+    what = rng.choice(list(args) + ["rows"])
+    if what in ("inputs", "grad_outputs"):
+        args[what], _ = _spoil_list(rng, args[what], what)
+    elif what == "rows":  # X and dY of one segment with different token counts
+        j = rng.randrange(len(shapes))
+        args["inputs"][j] = torch.cat([args["inputs"][j], args["inputs"][j][:1]])
+    else:
+        out_of_range = {"indices": lambda t: t + 10**6 if t.numel() else torch.tensor([10**6]),
+                        "offsets": lambda t: t + 1}[what]
+        args[what] = rng.choice(SPOILERS + [out_of_range, lambda t: t.flip(0) if t.numel() > 1 else t + 10**6])(
+            args[what])
+    call = lambda: ops.sparse_weight_grad(args["inputs"], args["grad_outputs"], args["indices"],  # noqa: E731
+                                          args["offsets"])
+    return call, lambda: _equal_all(snapshot, watched), f"sparse_weight_grad: bad {what}"
+
+
 def _optimizer_case(rng):
     torch.manual_seed(rng.randint(0, 10**6))
     model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
@@ -214,10 +240,10 @@ def _same(a, b):
 
 @pytest.mark.parametrize("block", range(6))
 def test_random_bad_input_raises_and_changes_nothing(block):
-    makers = [_score_op_case, _adamw_case, _optimizer_case]
+    makers = [_score_op_case, _adamw_case, _weight_grad_case, _optimizer_case]
     for case in range(block * CASES // 6, (block + 1) * CASES // 6):
         rng = random.Random(case)
-        call, unchanged, what = makers[case % 3](rng)
+        call, unchanged, what = makers[case % len(makers)](rng)
         try:
             call()
         except (TypeError, ValueError):

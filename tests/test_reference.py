@@ -1,4 +1,4 @@
-"""The reference ops against independent statements of their contracts (DESIGN.md §3)."""
+"""The reference ops against independent statements of their contracts (docs/ARCHITECTURE.md, "The ops")."""
 import math
 
 import pytest

@@ -19,7 +19,7 @@ def _hand_made_case():
 
 
 def _direct_gem(grads, weights, budget):
-    """GEM written out from DESIGN.md §1 with plain float64 tensor ops."""
+    """GEM written out from docs/ARCHITECTURE.md ("The methods") with plain float64 tensor ops."""
     chosen = []
     scores = [(g.double().abs() / (w.double().abs() + 1e-8)).reshape(-1) for g, w in zip(grads, weights)]
     layer_scores = []

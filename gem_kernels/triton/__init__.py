@@ -1,4 +1,4 @@
-"""Triton kernels of the ops (DESIGN.md §3): one launch per op stage over all segments.
+"""Triton kernels of the ops (docs/ARCHITECTURE.md, "The ops"): one launch per op stage over all segments.
 
 Importing this package raises ImportError when Triton is missing, which ``gem_kernels.ops``
 reads as "this backend is not live".
