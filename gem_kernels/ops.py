@@ -192,10 +192,13 @@ def ratio_topk(grads: Sequence[Tensor], weights: Sequence[Tensor], k, eps: float
 def check_sparse_adamw_args(params: Sequence[Tensor], grads, indices: Tensor, offsets: Tensor,
                             exp_avg: Tensor, exp_avg_sq: Tensor, *, lr: float, betas=(0.9, 0.999),
                             eps: float = 1e-8, weight_decay: float = 1e-2, step=None, age=None,
-                            maximize: bool = False, check_indices: bool = True) -> tuple:
+                            maximize: bool = False, check_indices: bool = True,
+                            check_schedule: bool = True) -> tuple:
     """Every check of ``sparse_adamw_``, touching nothing; returns the operator's arguments.
 
-    SparseAdamW checks all its groups this way before it writes any of them.
+    SparseAdamW checks all its groups this way before it writes any of them, with
+    ``check_schedule=False``: its steps and ages are its own counters plus one, so reading their
+    minimum on the host (a device sync for a CUDA ``age``) would check nothing.
     """
     if isinstance(params, torch.Tensor) or not isinstance(params, Sequence):
         raise TypeError(f"params must be a list of tensors, got {type(params).__name__}")
@@ -222,11 +225,11 @@ def check_sparse_adamw_args(params: Sequence[Tensor], grads, indices: Tensor, of
         raise ValueError("give exactly one of step (per tensor) and age (per entry)")
     if age is not None:
         _check_tensor("age", age, dtypes=(torch.int32, torch.int64), device=device, shape=(n_selected,))
-        if n_selected and int(age.min()) < 1:
+        if check_schedule and n_selected and int(age.min()) < 1:
             raise ValueError("age must be >= 1 for every entry (the step number of this update)")
     elif isinstance(step, torch.Tensor):
         _check_tensor("step", step, dtypes=(torch.int64,), shape=(len(params),))
-        if len(params) and int(step.min()) < 1:
+        if check_schedule and len(params) and int(step.min()) < 1:
             raise ValueError("step must be >= 1 (the step number of this update)")
     elif _as_count("step", step) < 1:
         raise ValueError(f"step must be >= 1 (the step number of this update), got {step}")

@@ -128,9 +128,10 @@ def _precheck_sparse_inputs(group, params, grads) -> None:
         step=1, maximize=group["maximize"])
 
 
-def prepare_sparse_update(opt, gi: int, grads: list, compact: bool):
+def prepare_sparse_update(opt, gi: int, grads: list, compact_values=None):
     """A callable doing one ``sparse_adamw_`` for the params of sparse group ``gi`` that have a
-    gradient (``grads[i]``: compact values or the dense gradient, or None); None if none has.
+    gradient (``grads[i]``: the dense gradient, or None); None if none has. ``compact_values``
+    instead: the selected gradient values of those params, concatenated (``_compact_group``).
     Every argument is checked here; the callable then cannot fail on bad input."""
     group = opt.param_groups[gi]
     params = group["params"]
@@ -145,23 +146,23 @@ def prepare_sparse_update(opt, gi: int, grads: list, compact: bool):
                              "were chosen; resizing a trained param is not supported (close the optimizer "
                              "and make a new one)")
     buffers = layout.arguments(have, states)
-    op_grads = torch.cat([grads[i].float() for i in have]) if compact else [local(grads[i]) for i in have]
+    op_grads = compact_values if compact_values is not None else [local(grads[i]) for i in have]
     incremental = "age" in buffers
+    steps = [states[i]["step"] for i in have]  # int64 scalars on the CPU, as torch's AdamW keeps them
     if incremental:
         age = buffers["age"] + 1
         schedule = {"age": age}
     else:
-        schedule = {"step": torch.tensor([int(states[i]["step"]) + 1 for i in have], dtype=torch.int64)}
+        schedule = {"step": torch.stack(steps) + 1}  # no host read: the op takes the tensor
     args = ops.check_sparse_adamw_args(  # FSDP2: the local blocks, written in place through the view
         [local(params[i]) for i in have], op_grads, buffers["indices"], buffers["offsets"], buffers["exp_avg"],
         buffers["exp_avg_sq"], lr=group["lr"], betas=group["betas"], eps=group["eps"],
         weight_decay=group["weight_decay"], maximize=group["maximize"],
-        check_indices=False, **schedule)  # checked when selected or loaded
+        check_indices=False, check_schedule=False, **schedule)  # checked when selected or loaded
 
     def run():
         torch.ops.gem_kernels.sparse_adamw_(*args)
-        for i in have:
-            states[i]["step"] += 1
+        torch._foreach_add_(steps, 1)  # one call for the group, as torch's own optimizers do
         if incremental:
             buffers["age"].copy_(age)
         layout.write_back(have, states, buffers)
@@ -239,14 +240,27 @@ def calibration_step(opt) -> None:
     opt._calibration_done += 1
 
 
+def _compact_group(opt, gi: int):
+    """The selected gradient values of sparse group ``gi``: ``(grads, values)``, ``grads[i]`` the
+    values of param i (None without a gradient) and ``values`` all of them concatenated in fp32
+    (None when no param has a gradient)."""
+    grads = [compact_grad(p, opt.state[p]["indices"], opt._hooks) for p in opt.param_groups[gi]["params"]]
+    present = [g for g in grads if g is not None]
+    return grads, torch.cat(present).float() if present else None
+
+
+def _first_non_finite(opt, gi: int, grads: list) -> str:
+    i = next(i for i, g in enumerate(grads) if g is not None and not bool(torch.isfinite(g).all()))
+    return opt._describe(gi, i)
+
+
 def training_step(opt) -> None:
-    grads = {}
-    for gi, group in enumerate(opt.param_groups):
-        if group["sparse"]:
-            grads[gi] = [compact_grad(p, opt.state[p]["indices"], opt._hooks) for p in group["params"]]
-    check_finite([(functools.partial(opt._describe, gi, i), g) for gi, gs in grads.items()
-                  for i, g in enumerate(gs) if g is not None] + described_grads(opt, sparse=False), opt._sharding)
-    updates = [prepare_sparse_update(opt, gi, gs, compact=True) for gi, gs in grads.items()]
+    compact = {gi: _compact_group(opt, gi) for gi, group in enumerate(opt.param_groups) if group["sparse"]}
+    # One finite check per group, on the values the op reads; the culprit is looked for only on failure.
+    check_finite([(functools.partial(_first_non_finite, opt, gi, grads), values)
+                  for gi, (grads, values) in compact.items() if values is not None]
+                 + described_grads(opt, sparse=False), opt._sharding)
+    updates = [prepare_sparse_update(opt, gi, grads, values) for gi, (grads, values) in compact.items()]
     _run_all(updates + _dense_updates(opt))
 
 
@@ -289,7 +303,7 @@ def unmask_step(opt) -> None:
         opt._set_selected(budget, [{"entropy": None, "score": None, "note": None} for _ in named])
     else:
         opt._repack()
-    sparse_updates = [prepare_sparse_update(opt, gi, [p.grad for p in g["params"]], compact=False)
+    sparse_updates = [prepare_sparse_update(opt, gi, [p.grad for p in g["params"]])
                       for gi, g in enumerate(opt.param_groups) if g["sparse"]]
     _run_all(sparse_updates + dense_updates)
     opt._unmask_done = step
