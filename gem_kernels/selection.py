@@ -9,6 +9,10 @@ it never stores a score per entry. Index sets are ``(indices, offsets)`` as in
 * ``ID3``: incremental unmasking, one global top-k per step for ``total_steps`` steps
   (``IncrementalSelector``: ``unmask_count`` and ``select_new`` at each step).
 * ``GradMagnitude`` and ``Random``: baselines at the same budget.
+
+Every selector computes through the ops object it is given (``on``): ``LOCAL`` (this module's,
+the ops over whole tensors) or ``gem_kernels.distributed.ShardedOps`` (each rank holds row blocks
+of the tensors; the same answer, cut to its rows). So each method is written once.
 """
 from __future__ import annotations
 
@@ -82,8 +86,30 @@ def split_budget(weights: Sequence[float], numels: Sequence[int], budget: int,
     return counts
 
 
+class LocalOps:
+    """The ops a selector calls, over whole tensors in this process."""
+
+    @staticmethod
+    def numels(weights: Sequence[Tensor]) -> list[int]:
+        return [w.numel() for w in weights]
+
+    layer_stats = staticmethod(ops.layer_stats)
+    ratio_topk = staticmethod(ops.ratio_topk)
+
+    @staticmethod
+    def random_keys(weights: Sequence[Tensor], seed: int) -> list[Tensor]:
+        """One fp32 key per entry, drawn on the CPU (the same on every device) from ``seed``."""
+        generator = torch.Generator(device="cpu").manual_seed(seed)
+        return [torch.rand(w.shape, generator=generator).to(w.device) for w in weights]
+
+
+LOCAL = LocalOps()
+
+
 class Selector:
-    """Base of every selector (what ``SparseAdamW(selector=...)`` accepts)."""
+    """Base of every selector (what ``SparseAdamW(selector=...)`` accepts). ``shardable``:
+    whether it can select over FSDP2 row blocks (``ShardedOps``)."""
+    shardable = True
 
 
 class OneShotSelector(Selector):
@@ -91,7 +117,7 @@ class OneShotSelector(Selector):
     ``select`` reads the summed calibration gradients; Random does not)."""
     needs_gradients = True
 
-    def select(self, grads: Sequence[Tensor], weights: Sequence[Tensor], budget: int) -> Selection:
+    def select(self, grads: Sequence[Tensor], weights: Sequence[Tensor], budget: int, on=LOCAL) -> Selection:
         raise NotImplementedError
 
 
@@ -103,7 +129,7 @@ class IncrementalSelector(Selector):
         raise NotImplementedError
 
     def select_new(self, grads: Sequence[Tensor], weights: Sequence[Tensor], count: int,
-                   exclude) -> Selection:
+                   exclude, on=LOCAL) -> Selection:
         raise NotImplementedError
 
 
@@ -144,10 +170,10 @@ class GEM(OneShotSelector):
                                  "gradients are zero, or each tensor has at most one non-zero score)")
         return split_budget(weights, numels, budget, self.rounding), entropy.tolist(), score.tolist()
 
-    def select(self, grads, weights, budget):
-        stats = ops.layer_stats(grads, weights, self.eps, 1.0)
-        counts, entropy, score = self.allocate(stats, [w.numel() for w in weights], budget)
-        indices, offsets = ops.ratio_topk(grads, weights, counts, self.eps, 1.0)
+    def select(self, grads, weights, budget, on=LOCAL):
+        stats = on.layer_stats(grads, weights, self.eps, 1.0)
+        counts, entropy, score = self.allocate(stats, on.numels(weights), int(budget))
+        indices, offsets = on.ratio_topk(grads, weights, counts, self.eps, 1.0)
         return Selection(indices, offsets, entropy, score)
 
 
@@ -157,8 +183,8 @@ class GradMagnitude(OneShotSelector):
     def __repr__(self) -> str:
         return "GradMagnitude()"
 
-    def select(self, grads, weights, budget):
-        indices, offsets = ops.ratio_topk(grads, weights, int(budget), 0.0, 0.0)
+    def select(self, grads, weights, budget, on=LOCAL):
+        indices, offsets = on.ratio_topk(grads, weights, int(budget), 0.0, 0.0)
         return Selection(indices, offsets)
 
 
@@ -169,6 +195,7 @@ class Random(OneShotSelector):
     top-B keys; needs no gradient, so it selects at construction when ``calibration_steps=0``.
     """
     needs_gradients = False
+    shardable = False  # one key per entry of the full tensors, which no rank holds
 
     def __init__(self, seed: int = 0):
         if isinstance(seed, bool) or not isinstance(seed, int):
@@ -178,10 +205,9 @@ class Random(OneShotSelector):
     def __repr__(self) -> str:
         return f"Random(seed={self.seed!r})"
 
-    def select(self, grads, weights, budget):
-        generator = torch.Generator(device="cpu").manual_seed(self.seed)
-        keys = [torch.rand(w.shape, generator=generator).to(w.device) for w in weights]
-        indices, offsets = ops.ratio_topk(keys, [w.detach() for w in weights], int(budget), 0.0, 0.0)
+    def select(self, grads, weights, budget, on=LOCAL):
+        keys = on.random_keys(weights, self.seed)
+        indices, offsets = on.ratio_topk(keys, [w.detach() for w in weights], int(budget), 0.0, 0.0)
         return Selection(indices, offsets)
 
 
@@ -212,6 +238,6 @@ class ID3(IncrementalSelector):
             return 0
         return budget // self.total_steps + (1 if step <= budget % self.total_steps else 0)
 
-    def select_new(self, grads, weights, count: int, exclude) -> Selection:
-        indices, offsets = ops.ratio_topk(grads, weights, int(count), self.eps, self.exponent, exclude)
+    def select_new(self, grads, weights, count: int, exclude, on=LOCAL) -> Selection:
+        indices, offsets = on.ratio_topk(grads, weights, int(count), self.eps, self.exponent, exclude)
         return Selection(indices, offsets)

@@ -9,7 +9,7 @@ import torch.distributed as dist
 
 from .. import ops
 from ..reference import ratio_score
-from ..selection import GEM, ID3, GradMagnitude, Selection
+from ..selection import IncrementalSelector, Selection
 
 Tensor = torch.Tensor
 
@@ -139,27 +139,42 @@ def sharded_ratio_topk(local_grads: Sequence[Tensor], local_weights: Sequence[Te
     return (torch.cat(out) if out else empty_i), result_offsets
 
 
+class ShardedOps:
+    """The ops a selector calls (see ``gem_kernels.selection.LocalOps``), over full tensors that
+    each rank of ``group`` holds a contiguous flat slice of (``shard_offsets[l]``: where this
+    rank's slice of tensor ``l`` starts; ``full_numels[l]``: the full tensor's size). Each call is
+    a collective and answers with this rank's part of the single-process answer."""
+
+    def __init__(self, shard_offsets: Sequence[int], full_numels: Sequence[int], group=None):
+        self.shard_offsets = list(shard_offsets)
+        self.full_numels = list(full_numels)
+        self.group = group
+
+    def numels(self, weights) -> list:
+        return self.full_numels
+
+    def layer_stats(self, grads, weights, eps=1e-8, exponent=1.0):
+        return sharded_layer_stats(grads, weights, eps, exponent, self.group)
+
+    def ratio_topk(self, grads, weights, k, eps=1e-8, exponent=1.0, exclude=None):
+        return sharded_ratio_topk(grads, weights, k, self.shard_offsets, eps, exponent, exclude, self.group)
+
+    def random_keys(self, weights, seed):
+        raise NotImplementedError("Random draws one key per entry of the full tensors, which no rank holds; "
+                                  "on sharded tensors use GEM, GradMagnitude or ID3")
+
+
 def sharded_select(selector, local_grads: Sequence[Tensor], local_weights: Sequence[Tensor],
                    shard_offsets: Sequence[int], full_numels: Sequence[int], budget: int,
                    exclude=None, group=None) -> Selection:
     """What ``selector`` would choose on the full tensors, cut to this rank's shards (local
-    indices). GEM and GradMagnitude: ``budget`` entries from the calibration sums (``grads``);
-    ID3: ``budget`` new entries outside ``exclude`` (its ``select_new``). A collective."""
+    indices): one-shot selectors ``budget`` entries from the calibration sums (``grads``), an
+    incremental one (ID3) ``budget`` new entries outside ``exclude``. A collective."""
     _check_shards(local_grads, local_weights, shard_offsets, full_numels)
-    if isinstance(selector, GEM):
-        stats = sharded_layer_stats(local_grads, local_weights, selector.eps, 1.0, group)
-        counts, entropy, score = selector.allocate(stats, list(full_numels), int(budget))
-        indices, offsets = sharded_ratio_topk(local_grads, local_weights, counts, shard_offsets,
-                                              selector.eps, 1.0, exclude, group)
-        return Selection(indices, offsets, entropy, score)
-    if isinstance(selector, GradMagnitude):
-        return Selection(*sharded_ratio_topk(local_grads, local_weights, int(budget), shard_offsets,
-                                             0.0, 0.0, exclude, group))
-    if isinstance(selector, ID3):
-        return Selection(*sharded_ratio_topk(local_grads, local_weights, int(budget), shard_offsets,
-                                             selector.eps, selector.exponent, exclude, group))
-    raise TypeError(f"sharded_select supports GEM, GradMagnitude and ID3, not {type(selector).__name__} "
-                    "(Random draws one key per entry of the full tensors)")
+    on = ShardedOps(shard_offsets, full_numels, group)
+    if isinstance(selector, IncrementalSelector):
+        return selector.select_new(local_grads, local_weights, int(budget), exclude, on=on)
+    return selector.select(local_grads, local_weights, int(budget), on=on)
 
 
 def shard_offsets(full_shapes: Sequence[Sequence[int]], world_size: int, rank: int) -> list:

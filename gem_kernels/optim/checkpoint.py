@@ -20,7 +20,7 @@ import torch
 
 from .. import ops
 from .layout import AGE_KEY
-from .sharded import local, refuse_dcp
+from .fsdp import local, refuse_dcp
 
 STATE_KEY = "sparse_adamw"
 PHASES = ("calibration", "unmasking", "training")

@@ -18,7 +18,7 @@ import weakref
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
-from .sharded import agree_finite, local
+from .fsdp import agree_finite, local
 
 Tensor = torch.Tensor
 

@@ -8,7 +8,7 @@ import math
 import torch
 
 from .. import ops
-from .sharded import check_param, local
+from .fsdp import check_param, local
 
 
 def _tensor_of(item):

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from .sharded import local
+from .fsdp import local
 
 Tensor = torch.Tensor
 

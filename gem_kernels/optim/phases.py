@@ -14,10 +14,9 @@ import torch
 from torch.optim.adamw import adamw as torch_adamw
 
 from .. import ops
-from . import sharded
 from .grads import check_finite, compact_grad
 from .layout import merged_state, new_state
-from .sharded import local
+from .fsdp import local, selection_ops
 
 NOTE_FROZEN = "frozen (requires_grad=False) when the entries were chosen"
 NOTE_NO_GRADIENT = "got no gradient during calibration"
@@ -89,7 +88,8 @@ def select(opt, sums: dict) -> None:
                          "with a calibration gradient); see selection_report()")
     weights = [local(named[i][1]).detach() for i in candidates]
     grads = [sums[named[i][1]] for i in candidates] if selector.needs_gradients else weights
-    selection = sharded.select(opt, selector, grads, weights, [named[i][1] for i in candidates], budget)
+    on = selection_ops(opt._sharding, [named[i][1] for i in candidates])
+    selection = selector.select(grads, weights, budget, on=on)
     bounds = selection.offsets.tolist()
     chosen = {i: selection.indices[bounds[j]:bounds[j + 1]].clone() for j, i in enumerate(candidates)}
     empty = torch.zeros(0, dtype=torch.int64)
@@ -291,9 +291,9 @@ def unmask_step(opt) -> None:
         so_far = int(offsets[-1]) if opt._sharding is None else opt._sharding.total(int(offsets[-1]))
         available = sum(p.numel() for p in candidates) - so_far  # full tensors' counts under FSDP2
         count = min(selector.unmask_count(step, budget), available)
-        new = sharded.select(opt, selector, [local(p.grad).contiguous() for p in candidates],
-                             [local(p).detach() for p in candidates], candidates, count,
-                             (torch.cat(current), offsets))
+        new = selector.select_new([local(p.grad).contiguous() for p in candidates],
+                                  [local(p).detach() for p in candidates], count, (torch.cat(current), offsets),
+                                  on=selection_ops(opt._sharding, candidates))
         bounds = new.offsets.tolist()
         for j, p in enumerate(candidates):
             states[p] = merged_state(states[p], p, new.indices[bounds[j]:bounds[j + 1]])

@@ -33,7 +33,7 @@ Groups and phases
 A param is trained sparsely by one SparseAdamW at a time: ``close()`` (or leaving a ``with``
 block) removes the hooks; a new SparseAdamW on the same params closes the old one, with a
 warning. Every ``step()`` checks all it reads before writing, so a step that raises changes
-nothing. FSDP2 (``fully_shard``) params: see ``optim/sharded.py``.
+nothing. FSDP2 (``fully_shard``) params: see ``optim/fsdp.py``.
 
 ``step()`` is excluded from ``torch.compile`` tracing (``torch.compiler.disable``): its phase
 machine changes Python attributes and syncs with the host (the finite-gradient check, index
@@ -48,7 +48,7 @@ import torch
 
 from .. import ops
 from ..selection import GEM, IncrementalSelector, Selector
-from . import checkpoint, grads, phases, sharded
+from . import checkpoint, fsdp, grads, phases
 from .groups import check_budget_args, split_param_group
 from .layout import GroupLayout
 from .weight_grads import PLAIN_DDP_MESSAGE, SparseWeightGrads
@@ -100,7 +100,7 @@ class SparseAdamW(torch.optim.Optimizer):
         self._layouts = {}
         self._hooks = grads.SelectedGradHooks()
         self._gradient_hooks_enabled = True  # off where a DDP comm hook reduces the selected values
-        self._sharding = None  # FSDP2 params: where this rank's blocks lie (optim/sharded.py)
+        self._sharding = None  # FSDP2 params: where this rank's blocks lie (optim/fsdp.py)
         self._weight_grads = SparseWeightGrads(sparse_weight_grads)  # raises on a bad policy
         self.closed = False
 
@@ -224,7 +224,7 @@ class SparseAdamW(torch.optim.Optimizer):
         the selection a sparse param's gradient holds only its selected entries, so the norm is
         that of the gradients that train, not of the dense gradients AdamW would see."""
         if self._sharding is not None:  # FSDP2: over every rank's blocks, a collective
-            return sharded.clip_grad_norm_(self, max_norm, norm_type)
+            return fsdp.clip_grad_norm_(self, max_norm, norm_type)
         return grads.clip_grad_norm_([p for g in self.param_groups for p in g["params"]], max_norm, norm_type)
 
     def close(self) -> None:
@@ -253,7 +253,7 @@ class SparseAdamW(torch.optim.Optimizer):
         try:
             for group in split_param_group(param_group, self.defaults, self._selection_started):
                 super().add_param_group(group)
-            sharded.attach_sharding(self)  # FSDP2 or not, checked anew as the sparse params change
+            fsdp.attach_sharding(self)  # FSDP2 or not, checked anew as the sparse params change
         except BaseException:
             del self.param_groups[count:]
             raise
@@ -266,7 +266,7 @@ class SparseAdamW(torch.optim.Optimizer):
     def step(self, closure=None):
         """One optimizer step (calibration, unmasking or training, by phase); returns the closure's loss."""
         self._check_open()
-        sharded.refuse_dcp(self)  # DCP's state-dict helpers run a step on zero grads: refuse first
+        fsdp.refuse_dcp(self)  # DCP's state-dict helpers run a step on zero grads: refuse first
         self._refuse_plain_ddp()
         loss = None
         if closure is not None:

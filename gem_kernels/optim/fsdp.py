@@ -27,9 +27,9 @@ import sys
 import torch
 import torch.distributed as dist
 
-from ..distributed.sharded import shard_offsets, sharded_select
+from ..distributed.sharded import ShardedOps, shard_offsets
 from ..library import check_strided
-from ..selection import GEM, ID3, GradMagnitude, IncrementalSelector
+from ..selection import LOCAL
 
 try:
     from torch.distributed.tensor import DTensor, Shard
@@ -37,7 +37,6 @@ except ImportError:  # torch built without distributed
     DTensor = Shard = None
 
 Tensor = torch.Tensor
-SUPPORTED = (GEM, GradMagnitude, ID3)
 
 
 def is_dtensor(t) -> bool:
@@ -106,11 +105,9 @@ def sharding_of(sparse_params: list, selector):
     mesh = sparse_params[0].device_mesh
     if any(p.device_mesh != mesh for p in sparse_params):
         raise ValueError("the sparse FSDP2 params lie on different device meshes; SparseAdamW takes one mesh")
-    if type(selector) not in SUPPORTED:
-        raise NotImplementedError(
-            f"{type(selector).__name__} is not supported on FSDP2 params: the sharded selection has GEM, "
-            "GradMagnitude and ID3 (Random draws one key per entry of the full tensors, which no rank "
-            "holds); use one of those")
+    if not selector.shardable:
+        raise NotImplementedError(f"{type(selector).__name__} cannot select over FSDP2 params (their full "
+                                  "tensors lie on no rank); use GEM, GradMagnitude or ID3")
     return Sharding(mesh, sparse_params[0].to_local().device)
 
 
@@ -124,17 +121,13 @@ def attach_sharding(opt) -> None:
         opt._weight_grads = None
 
 
-def select(opt, selector, grads, weights, params, budget, exclude=None):
-    """``selector``'s choice of ``budget`` entries (ID3: ``budget`` new ones outside
-    ``exclude``) over ``params``, from their ``grads``/``weights``: plain tensors, or for FSDP2
-    the local blocks, answered with local indices (a collective then)."""
-    sharding = opt._sharding
+def selection_ops(sharding, params):
+    """The ops the selector computes through (``gem_kernels.selection``): over the tensors
+    themselves, or for FSDP2 over the full tensors from each rank's local blocks (collectives)."""
     if sharding is None:
-        if isinstance(selector, IncrementalSelector):
-            return selector.select_new(grads, weights, budget, exclude)
-        return selector.select(grads, weights, budget)
+        return LOCAL
     offsets, numels = sharding.where(params)
-    return sharded_select(selector, grads, weights, offsets, numels, budget, exclude, sharding.group)
+    return ShardedOps(offsets, numels, sharding.group)
 
 
 def agree_finite(sharding, ok: bool) -> bool:
