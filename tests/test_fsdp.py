@@ -167,7 +167,7 @@ def _lockstep_worker(rank, tmpdir, method, steps):
     adamw_model = _sharded_model()
     adamw = torch.optim.AdamW(adamw_model.parameters(), lr=1e-2)
     _train(adamw_model, adamw, range(1), rank)
-    sparse_state = sum(_state_bytes_of(opt, p) for _, p in opt._sparse_params())
+    sparse_state = sum(_state_bytes_of(opt, p) for _, p in opt.sparse_params())
     ours, theirs = _state_bytes(opt), _state_bytes(adamw)
     assert sparse_state < ours < theirs
     row = torch.tensor([opt.selected_count(), sparse_state, ours, theirs])
@@ -219,14 +219,14 @@ def _refusal_worker(rank, tmpdir):
     _train(model, opt, range(4), rank)
     assert opt.phase == "training"
     before = _full(model).clone()
-    moments = [opt.state[p]["exp_avg"].clone() for _, p in opt._sparse_params()]
+    moments = [opt.state[p]["exp_avg"].clone() for _, p in opt.sparse_params()]
     _backward(model, 4, rank)
     if rank == 1:
         model[2].weight.grad.to_local().fill_(float("nan"))
     with pytest.raises(ValueError, match="another rank" if rank == 0 else "NaN or inf"):
         opt.step()
     assert torch.equal(_full(model), before)
-    assert all(torch.equal(m, opt.state[p]["exp_avg"]) for m, (_, p) in zip(moments, opt._sparse_params()))
+    assert all(torch.equal(m, opt.state[p]["exp_avg"]) for m, (_, p) in zip(moments, opt.sparse_params()))
     assert opt._weight_grads is None and not opt._hooks.indices  # dense gradients under FSDP2
     assert all(p.grad is None or not p.grad.is_sparse for p in model.parameters())
 
@@ -293,7 +293,7 @@ def _checkpoint_worker(rank, tmpdir, cases):
     with pytest.raises(NotImplementedError, match="opt.state_dict\\(\\) with torch.save"):
         get_optimizer_state_dict(model, opt)
     other = torch.load(os.path.join(tmpdir, f"gem-4-opt{1 - rank}.pt"), weights_only=False)
-    before = {p: {k: v.clone() for k, v in opt.state[p].items()} for _, p in opt._sparse_params()}
+    before = {p: {k: v.clone() for k, v in opt.state[p].items()} for _, p in opt.sparse_params()}
     with pytest.raises(ValueError, match="FSDP2 shard"):
         opt.load_state_dict(other)
     for p, state in before.items():

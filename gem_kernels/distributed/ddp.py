@@ -79,7 +79,7 @@ class SelectedAllReduce:
         return self._optimizer_ref() if self._optimizer_ref is not None else None
 
     def set_optimizer(self, optimizer) -> None:
-        optimizer._use_gradient_hooks(False)
+        optimizer.use_gradient_hooks(False)
         self._optimizer_ref = weakref.ref(optimizer)
         self._verified = False
 
@@ -105,7 +105,7 @@ class SelectedAllReduce:
                 if not self._verified:
                     self._verify_selection(opt)
                     self._verified = True
-                self._sparse = {id(p) for _, p in opt._sparse_params()}
+                self._sparse = {id(p) for _, p in opt.sparse_params()}
             plan = self._plan(bucket)
             payload = torch.cat([flat if idx is None else flat[idx] for flat, idx in plan])
         else:
@@ -154,7 +154,7 @@ class SelectedAllReduce:
         """Once when training starts: every rank must have selected the same entries, or the
         flat buffers would not line up (a silent mix of different entries, or a hang)."""
         rows = []
-        for _, p in opt._sparse_params():
+        for _, p in opt.sparse_params():
             idx = opt.state[p]["indices"]
             rows.append(torch.stack([torch.tensor(idx.numel(), device=idx.device), idx.sum(),
                                      (idx * idx).sum(), (idx * torch.arange(idx.numel(), device=idx.device)).sum()]))
@@ -170,6 +170,10 @@ class SelectedAllReduce:
                     "or the same counts at other places). The selection must see the same averaged "
                     "gradients on every rank: call attach() before the first backward and, with "
                     "opt.calibrate(), pass it the DDP model, not the module inside it")
+
+
+# DDP model -> the state of the comm hook attach() registered on it (weak: a collected model frees it)
+_ATTACHED = weakref.WeakKeyDictionary()
 
 
 def _selected_values_hook(state: SelectedAllReduce, bucket):
@@ -192,27 +196,31 @@ def attach(ddp_model, optimizer, process_group=None) -> SelectedAllReduce:
                         f"{type(ddp_model).__name__}")
     if not isinstance(optimizer, SparseAdamW):
         raise TypeError(f"optimizer must be a gem_kernels.SparseAdamW, got {type(optimizer).__name__}")
-    optimizer._check_open()
-    synced = {id(p) for p in getattr(ddp_model, "_module_parameters", ddp_model.module.parameters())}
+    optimizer.check_open()
+    ignored = ddp_model.parameters_to_ignore  # public: the names given to params_and_buffers_to_ignore
+    synced = {id(p) for name, p in ddp_model.module.named_parameters() if name not in ignored}
     outside = [tuple(p.shape) for g in optimizer.param_groups for p in g["params"]
                if p.requires_grad and id(p) not in synced]
     if outside:
         raise ValueError(f"the optimizer trains {len(outside)} param(s) that DDP does not synchronise "
                          f"(shapes {outside[:3]}): they are not in the DDP model, or are in its "
                          "params_and_buffers_to_ignore; their gradients would differ across ranks")
-    for hook, state in getattr(ddp_model, "_comm_hooks", []):
-        if isinstance(state, SelectedAllReduce):
-            # The previous optimizer keeps its COO hook off: its params are still in this DDP
-            # model, where the hook now reduces them whole, as any param of no SparseAdamW.
-            state.set_optimizer(optimizer)
-            return state
-        raise RuntimeError(f"this DDP model already has a comm hook ({getattr(hook, '__qualname__', hook)}); "
-                           "DDP takes one, and SparseAdamW needs its own")
+    state = _ATTACHED.get(ddp_model)
+    if state is not None:
+        # The previous optimizer keeps its COO hook off: its params are still in this DDP
+        # model, where the hook now reduces them whole, as any param of no SparseAdamW.
+        state.set_optimizer(optimizer)
+        return state
     group = process_group if process_group is not None else ddp_model.process_group
     state = SelectedAllReduce(optimizer, group)
     try:
         ddp_model.register_comm_hook(state, _selected_values_hook)
+    except RuntimeError as error:  # DDP takes one comm hook per model, for good
+        optimizer.use_gradient_hooks(True)
+        raise RuntimeError(f"this DDP model already has a comm hook; DDP takes one, and SparseAdamW needs "
+                           f"its own ({error})") from None
     except BaseException:
-        optimizer._use_gradient_hooks(True)
+        optimizer.use_gradient_hooks(True)
         raise
+    _ATTACHED[ddp_model] = state
     return state

@@ -10,6 +10,8 @@ wrapped by two hooks:
   out of what torch loads, since torch would cast them to the param's dtype (int64 indices
   and fp32 moments of a bf16 param into bf16);
 * the post-hook puts those states back, on the params' devices, and restores the phase.
+
+SparseAdamW's hooks call these functions with what they need; nothing here reads the optimizer.
 """
 from __future__ import annotations
 
@@ -19,62 +21,38 @@ from copy import deepcopy
 import torch
 
 from .. import ops
+from .fsdp import local
 from .layout import AGE_KEY
-from .fsdp import local, refuse_dcp
+from .state import SelectionState, bad_checkpoint
 
 STATE_KEY = "sparse_adamw"
-PHASES = ("calibration", "unmasking", "training")
-_COUNTERS = ("calibration_done", "unmask_done")
-_META_KEYS = ("config", "phase", "selection_started", *_COUNTERS, "resolved_budget", "report", "shapes")
+_META_KEYS = ("config", "phase", "selection_started", "calibration_done", "unmask_done", "resolved_budget",
+              "report", "shapes")
 
 
-def add_meta(opt, state_dict: dict) -> dict:
-    """State-dict post-hook: what torch's state dict does not know about SparseAdamW."""
-    refuse_dcp(opt)
-    state_dict[STATE_KEY] = {
-        "config": opt._config(),
-        "phase": opt.phase,
-        "selection_started": opt._selection_started,
-        "calibration_done": opt._calibration_done,
-        "unmask_done": opt._unmask_done,
-        "resolved_budget": opt._budget,
-        "report": deepcopy(opt._report),
-        "shapes": [[tuple(p.shape) for p in g["params"]] for g in opt.param_groups],
-        "shard": _shard_meta(opt),
-    }
-    return state_dict
+def meta(selection: SelectionState, config: dict, param_groups: list, shard) -> dict:
+    """The ``sparse_adamw`` entry: what torch's state dict does not know about SparseAdamW
+    (``shard``: FSDP2, this rank's place, since its state holds local indices of its own rows)."""
+    return {"config": config, **deepcopy(selection.to_dict()),
+            "shapes": [[tuple(p.shape) for p in g["params"]] for g in param_groups], "shard": shard}
 
 
-def _shard_meta(opt):
-    """FSDP2: this rank's place (its state holds local indices of its own row blocks), else None."""
-    return None if opt._sharding is None else opt._sharding.meta()
-
-
-def _bad(message: str):
-    return ValueError(f"cannot load this checkpoint: {message}; nothing was changed")
-
-
-def _check_meta(opt, meta, saved_groups) -> None:
-    if not isinstance(meta, dict) or any(key not in meta for key in _META_KEYS):
-        missing = [k for k in _META_KEYS if not isinstance(meta, dict) or k not in meta]
-        raise _bad(f"its 'sparse_adamw' entry lacks {missing}")
-    if meta["config"] != opt._config():
-        raise ValueError(f"the checkpoint was written with {meta['config']}, this optimizer has "
-                         f"{opt._config()}")
-    if meta.get("shard") != _shard_meta(opt):  # absent in single-process checkpoints
-        raise ValueError(f"the checkpoint holds the optimizer state of FSDP2 shard {meta.get('shard')}, "
-                         f"this optimizer's is {_shard_meta(opt)}: under FSDP2 each rank loads the "
+def _check_meta(entry, saved_groups, *, config, shard, param_groups, describe) -> SelectionState:
+    if not isinstance(entry, dict) or any(key not in entry for key in _META_KEYS):
+        missing = [k for k in _META_KEYS if not isinstance(entry, dict) or k not in entry]
+        raise bad_checkpoint(f"its 'sparse_adamw' entry lacks {missing}")
+    if entry["config"] != config:
+        raise ValueError(f"the checkpoint was written with {entry['config']}, this optimizer has {config}")
+    if entry.get("shard") != shard:  # absent in single-process checkpoints
+        raise ValueError(f"the checkpoint holds the optimizer state of FSDP2 shard {entry.get('shard')}, "
+                         f"this optimizer's is {shard}: under FSDP2 each rank loads the "
                          "state_dict() it saved itself, on the same world size")
-    if meta["phase"] not in PHASES:
-        raise _bad(f"unknown phase {meta['phase']!r}")
-    for key in _COUNTERS:
-        if isinstance(meta[key], bool) or not isinstance(meta[key], int) or meta[key] < 0:
-            raise _bad(f"{key} must be an int >= 0, got {meta[key]!r}")
-    if len(opt.param_groups) != len(saved_groups):
+    selection = SelectionState.from_dict(entry)
+    if len(param_groups) != len(saved_groups):
         raise ValueError(f"the checkpoint has {len(saved_groups)} param groups, this optimizer "
-                         f"has {len(opt.param_groups)}")
-    shapes = meta["shapes"]
-    for gi, (group, saved) in enumerate(zip(opt.param_groups, saved_groups)):
+                         f"has {len(param_groups)}")
+    shapes = entry["shapes"]
+    for gi, (group, saved) in enumerate(zip(param_groups, saved_groups)):
         if len(group["params"]) != len(saved["params"]) or len(shapes[gi]) != len(group["params"]):
             raise ValueError(f"param group {gi} has {len(group['params'])} params, the "
                              f"checkpoint's has {len(saved['params'])}")
@@ -83,21 +61,22 @@ def _check_meta(opt, meta, saved_groups) -> None:
                              f"sparse={saved.get('sparse')} in the checkpoint")
         for i, (p, shape) in enumerate(zip(group["params"], shapes[gi])):
             if tuple(p.shape) != tuple(shape):
-                raise ValueError(f"{opt._describe(gi, i)} does not match the checkpoint's shape "
+                raise ValueError(f"{describe(gi, i)} does not match the checkpoint's shape "
                                  f"{tuple(shape)}: the checkpoint is from another model")
         try:
             ops.check_adamw_hyper(saved.get("lr"), saved.get("betas"), saved.get("eps"),
                                   saved.get("weight_decay"))
         except ValueError as error:
-            raise _bad(f"param group {gi}: {error}") from None
+            raise bad_checkpoint(f"param group {gi}: {error}") from None
+    return selection
 
 
 def _check_step(where: str, step) -> None:
     if not isinstance(step, torch.Tensor) or step.numel() != 1:
-        raise _bad(f"{where} 'step' must be a one-element tensor")
+        raise bad_checkpoint(f"{where} 'step' must be a one-element tensor")
     value = float(step)
     if not (math.isfinite(value) and value >= 0 and value == int(value)):
-        raise _bad(f"{where} 'step' must be a whole number >= 0, got {value}")
+        raise bad_checkpoint(f"{where} 'step' must be a whole number >= 0, got {value}")
 
 
 def _check_sparse_state(where: str, p, state, incremental: bool, selected: bool) -> None:
@@ -105,26 +84,26 @@ def _check_sparse_state(where: str, p, state, incremental: bool, selected: bool)
     if not selected:
         extra = set(state) - {"grad_sum"}
         if extra:
-            raise _bad(f"{where} has {sorted(extra)} before the selection")
+            raise bad_checkpoint(f"{where} has {sorted(extra)} before the selection")
         if "grad_sum" in state:
             s = state["grad_sum"]
             if not (isinstance(s, torch.Tensor) and s.dtype == torch.float32 and s.shape == p.shape):
-                raise _bad(f"{where} 'grad_sum' must be float32 of shape {tuple(p.shape)}")
+                raise bad_checkpoint(f"{where} 'grad_sum' must be float32 of shape {tuple(p.shape)}")
         return
     expected = {"step", "indices", "original", "exp_avg", "exp_avg_sq"} | ({AGE_KEY} if incremental else set())
     if set(state) != expected:
-        raise _bad(f"{where} has keys {sorted(state)}, expected {sorted(expected)}")
+        raise bad_checkpoint(f"{where} has keys {sorted(state)}, expected {sorted(expected)}")
     _check_step(where, state["step"])
     indices = state["indices"]
     if not isinstance(indices, torch.Tensor) or indices.dtype != torch.int64 or indices.dim() != 1:
-        raise _bad(f"{where} 'indices' must be a 1-D int64 tensor")
+        raise bad_checkpoint(f"{where} 'indices' must be a 1-D int64 tensor")
     n = indices.numel()
     dtypes = {"original": (p.dtype,), "exp_avg": (torch.float32,), "exp_avg_sq": (torch.float32,),
               AGE_KEY: (torch.int64,)}
     for key in expected - {"step", "indices"}:
         t = state[key]
         if not isinstance(t, torch.Tensor) or t.dtype not in dtypes[key] or tuple(t.shape) != (n,):
-            raise _bad(f"{where} {key!r} must be {dtypes[key][0]} of shape ({n},), got "
+            raise bad_checkpoint(f"{where} {key!r} must be {dtypes[key][0]} of shape ({n},), got "
                        f"{getattr(t, 'dtype', type(t).__name__)} {tuple(getattr(t, 'shape', ()))}")
     try:  # every later step trusts these indices (sparse_adamw_ with check_indices=False)
         ops.check_index_set("checkpoint", indices.cpu(), torch.tensor([0, n]), [p.numel()], torch.device("cpu"))
@@ -137,51 +116,45 @@ def _check_dense_state(where: str, p, state) -> None:
     if not state:
         return
     if set(state) != {"step", "exp_avg", "exp_avg_sq"}:
-        raise _bad(f"{where} has keys {sorted(state)}, expected ['exp_avg', 'exp_avg_sq', 'step']")
+        raise bad_checkpoint(f"{where} has keys {sorted(state)}, expected ['exp_avg', 'exp_avg_sq', 'step']")
     _check_step(where, state["step"])
     for key in ("exp_avg", "exp_avg_sq"):
         t = state[key]
         if not isinstance(t, torch.Tensor) or not t.is_floating_point() or t.shape != p.shape:
-            raise _bad(f"{where} {key!r} must be a float tensor of shape {tuple(p.shape)}")
+            raise bad_checkpoint(f"{where} {key!r} must be a float tensor of shape {tuple(p.shape)}")
 
 
-def load_pre_hook(opt, state_dict: dict) -> dict:
-    """Checks the whole checkpoint, then hands torch the dense part only."""
-    refuse_dcp(opt)
+def split(state_dict: dict, *, config: dict, shard, param_groups: list, describe, incremental: bool) -> tuple:
+    """Checks the whole checkpoint; returns ``(dense state dict for torch, sparse states by
+    param, the SelectionState it holds)``."""
     if not isinstance(state_dict, dict) or not {"state", "param_groups"} <= set(state_dict):
-        raise _bad("it is not an optimizer state dict (no 'state' and 'param_groups')")
-    meta = state_dict.get(STATE_KEY)
-    if meta is None:
+        raise bad_checkpoint("it is not an optimizer state dict (no 'state' and 'param_groups')")
+    entry = state_dict.get(STATE_KEY)
+    if entry is None:
         raise ValueError("state_dict was not written by SparseAdamW (no 'sparse_adamw' entry)")
     saved_groups = state_dict["param_groups"]
-    _check_meta(opt, meta, saved_groups)
-    incremental = opt.incremental
-    selected = bool(meta["selection_started"])
+    selection = _check_meta(entry, saved_groups, config=config, shard=shard, param_groups=param_groups,
+                            describe=describe)
     sparse_states, dense_states = {}, {}
-    for gi, (group, saved) in enumerate(zip(opt.param_groups, saved_groups)):
+    for gi, (group, saved) in enumerate(zip(param_groups, saved_groups)):
         for i, (p, key) in enumerate(zip(group["params"], saved["params"])):
-            where = f"the checkpoint's state of {opt._describe(gi, i)}"
+            where = f"the checkpoint's state of {describe(gi, i)}"
             state = state_dict["state"].get(key, {})
             if not isinstance(state, dict):
-                raise _bad(f"{where} is a {type(state).__name__}, not a dict")
+                raise bad_checkpoint(f"{where} is a {type(state).__name__}, not a dict")
             if group["sparse"]:
-                if selected and not state:
-                    raise _bad(f"{where} is missing, but the selection has started")
-                _check_sparse_state(where, p, state, incremental, selected)
+                if selection.selection_started and not state:
+                    raise bad_checkpoint(f"{where} is missing, but the selection has started")
+                _check_sparse_state(where, p, state, incremental, selection.selection_started)
                 sparse_states[p] = state
             else:
                 _check_dense_state(where, p, state)
                 if state:
                     dense_states[key] = state
-    opt._loading = (sparse_states, deepcopy(meta))
-    return {**state_dict, "state": dense_states}
+    return {**state_dict, "state": dense_states}, sparse_states, selection
 
 
-def load_post_hook(opt) -> None:
-    """Puts the sparse states back (their dtypes kept, on the params' devices) and the phase."""
-    sparse_states, meta = opt._loading
-    del opt._loading
-    for p, state in sparse_states.items():
-        opt.state[p] = {k: v.clone() if k == "step" else v.to(device=p.device, copy=True)
-                        for k, v in state.items()}
-    opt._restore(meta)
+def restore_sparse_states(state: dict, sparse_states: dict) -> None:
+    """Puts the sparse states into torch's ``state``: their dtypes kept, on the params' devices."""
+    for p, saved in sparse_states.items():
+        state[p] = {k: v.clone() if k == "step" else v.to(device=p.device, copy=True) for k, v in saved.items()}

@@ -111,16 +111,6 @@ def sharding_of(sparse_params: list, selector):
     return Sharding(mesh, sparse_params[0].to_local().device)
 
 
-def attach_sharding(opt) -> None:
-    """Sets ``opt._sharding`` from its sparse params (raising as ``sharding_of``); under FSDP2
-    the sparse weight gradients go: FSDP2's modules compute on unsharded copies of the params,
-    which the optimizer never sees, and reduce-scatter dense gradients."""
-    opt._sharding = sharding_of([p for _, p in opt._sparse_params()], opt._selector)
-    if opt._sharding is not None and opt._weight_grads is not None:
-        opt._weight_grads.remove()
-        opt._weight_grads = None
-
-
 def selection_ops(sharding, params):
     """The ops the selector computes through (``gem_kernels.selection``): over the tensors
     themselves, or for FSDP2 over the full tensors from each rank's local blocks (collectives)."""
@@ -139,31 +129,31 @@ def agree_finite(sharding, ok: bool) -> bool:
 
 
 @torch.no_grad()
-def clip_grad_norm_(opt, max_norm: float, norm_type: float = 2.0) -> Tensor:
+def clip_grad_norm_(param_groups, state, training: bool, sharding, max_norm: float, norm_type: float = 2.0) -> Tensor:
     """``clip_grad_norm_`` for an optimizer on FSDP2 params: the norm of the gradients that
     train, as in one process (in the training phase the selected entries of the sparse params,
     else their whole gradients, plus the dense groups), over every rank's blocks; the same
     scale on every rank. A collective."""
     norm_type = float(norm_type)
     parts, scaled = [], []
-    for group in opt.param_groups:
+    for group in param_groups:
         for p in group["params"]:
             if p.grad is None:
                 continue
             grad = local(p.grad)
-            state = opt.state.get(p, {})
-            if group["sparse"] and opt.phase == "training" and "indices" in state:
-                parts.append(grad.reshape(-1)[state["indices"]].float())
+            indices = state.get(p, {}).get("indices")
+            if group["sparse"] and training and indices is not None:
+                parts.append(grad.reshape(-1)[indices].float())
             else:
                 parts.append(grad.float().reshape(-1))
             scaled.append(grad)
-    values = torch.cat(parts) if parts else torch.zeros(0, device=opt._sharding.device)
+    values = torch.cat(parts) if parts else torch.zeros(0, device=sharding.device)
     if norm_type == float("inf"):
         total = values.abs().max() if values.numel() else torch.zeros((), device=values.device)
-        dist.all_reduce(total, op=dist.ReduceOp.MAX, group=opt._sharding.group)
+        dist.all_reduce(total, op=dist.ReduceOp.MAX, group=sharding.group)
     else:
         total = values.abs().pow(norm_type).sum().double()
-        dist.all_reduce(total, group=opt._sharding.group)
+        dist.all_reduce(total, group=sharding.group)
         total = total.pow(1.0 / norm_type).float()
     scale = torch.clamp(max_norm / (total + 1e-6), max=1.0)
     for grad in scaled:
@@ -171,16 +161,18 @@ def clip_grad_norm_(opt, max_norm: float, norm_type: float = 2.0) -> Tensor:
     return total
 
 
-def refuse_dcp(opt) -> None:
+def refuse_dcp(sharding) -> None:
     """Raises when ``torch.distributed.checkpoint``'s ``get/set_optimizer_state_dict`` drives an
     FSDP2 optimizer. They treat a state tensor that is not a DTensor as replicated (saved from
     one rank), drop the ``sparse_adamw`` entry, and first run ``step()`` on zero gradients to
     create the state, which would count a calibration step. Each rank's state is its own
     (local indices, its k_rank entries): it goes through ``opt.state_dict()`` per rank."""
-    if opt._sharding is None:
+    if sharding is None:
         return
+    # No public API says who is calling; DCP's helpers give no sign of themselves but their
+    # module in the call stack. Only under FSDP2, a few frames: the cost of a dict lookup each.
     frame = sys._getframe(1)
-    while frame is not None:  # a few frames: the cost of a dict lookup each
+    while frame is not None:
         if frame.f_globals.get("__name__", "") == "torch.distributed.checkpoint.state_dict":
             raise NotImplementedError(
                 "torch.distributed.checkpoint's get_optimizer_state_dict/set_optimizer_state_dict do "

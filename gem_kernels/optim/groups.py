@@ -1,6 +1,6 @@
 """Param groups of SparseAdamW: a group is sparse or dense (key ``sparse``); without the key
-a group is split in two, tensors with ``dim >= 2`` sparse and the others dense. And the checks
-of the budget arguments (``density`` or ``budget``)."""
+a group is split in two, tensors with ``dim >= 2`` sparse and the others dense. And the budget
+arguments (``density`` or ``budget``): their checks and the count they resolve to."""
 from __future__ import annotations
 
 import math
@@ -83,3 +83,20 @@ def check_budget_args(density, budget) -> None:
             raise TypeError(f"budget must be an int, got {type(budget).__name__}")
         if budget < 1:
             raise ValueError(f"budget must be >= 1, got {budget}")
+
+
+def resolve_budget(sparse_params, density, budget) -> int:
+    """How many entries train: ``budget``, or ``round(density * N)`` with N the entries of the
+    sparse params that require grad (now, when the selection starts)."""
+    trainable = sum(p.numel() for p in sparse_params if p.requires_grad)
+    if trainable == 0:
+        raise ValueError("every sparse param is frozen (requires_grad=False): nothing to select")
+    if budget is not None:
+        if budget > trainable:
+            raise ValueError(f"budget={budget} is larger than the {trainable} entries of the sparse "
+                             "params that require grad")
+        return budget
+    count = round(density * trainable)
+    if count < 1:
+        raise ValueError(f"density={density} selects no entry of the {trainable} sparse entries")
+    return count

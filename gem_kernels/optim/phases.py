@@ -1,40 +1,60 @@
-"""What one ``step()`` does in each phase: calibration, unmasking (ID3), training.
+"""What one ``step()`` does in each phase: ``Calibrating``, ``Unmasking`` (ID3), ``Training``.
 
-Every step first checks everything it will read (gradients dense where needed, finite, of
-the right shape and dtype; the op's arguments), then writes. So a step that raises leaves
-weights, gradients sums, moments and step counts exactly as they were. The functions take
-the optimizer and use its state and helpers; ``SparseAdamW`` only routes to them.
+``SparseAdamW.step`` gathers what a step reads into a ``StepContext`` (its param groups, torch's
+per-param state, the gradient hooks, FSDP2's sharding) and calls the phase of its
+``SelectionState`` once; the phase updates that state (counters, budget, report, layouts, and
+``phase`` when it moves on) and torch's per-param state, and the optimizer then enters the new
+phase (gradient hooks, sparse weight gradients).
+
+Every step first checks everything it will read (gradients dense where needed, finite, of the
+right shape and dtype; the op's arguments), then writes. So a step that raises leaves weights,
+gradient sums, moments and step counts exactly as they were.
 """
 from __future__ import annotations
 
 import functools
 import warnings
+from dataclasses import dataclass
+from typing import Callable, Optional
 
 import torch
 from torch.optim.adamw import adamw as torch_adamw
 
 from .. import ops
-from .grads import check_finite, compact_grad
-from .layout import merged_state, new_state
-from .fsdp import local, selection_ops
+from .fsdp import Sharding, local, selection_ops
+from .grads import SelectedGradHooks, check_finite, compact_grad
+from .groups import resolve_budget
+from .layout import GroupLayout, merged_state, new_state
+from .state import SelectionState
 
 NOTE_FROZEN = "frozen (requires_grad=False) when the entries were chosen"
 NOTE_NO_GRADIENT = "got no gradient during calibration"
 
 
-# ---------------------------------------------------------------------------------------
-# Gradients, described for error messages
+@dataclass
+class StepContext:
+    """What a phase reads and writes of its optimizer."""
+    param_groups: list
+    state: dict                      # torch's optimizer.state: per-param tensors
+    sparse_params: list              # [(name, param)] of the sparse groups, in group order
+    describe: Callable[[int, int], str]  # (group index, param index) -> words for an error
+    hooks: SelectedGradHooks
+    sharding: Optional[Sharding]     # FSDP2 params: where this rank's blocks lie
 
+    def described_grads(self, sparse: bool) -> list:
+        """``[(describe, grad)]`` of the params with a gradient in the sparse or dense groups
+        (of FSDP2 params, the local block of the gradient)."""
+        out = []
+        for gi, group in enumerate(self.param_groups):
+            if group["sparse"] == sparse:
+                out += [(functools.partial(self.describe, gi, i), local(p.grad))
+                        for i, p in enumerate(group["params"]) if p.grad is not None]
+        return out
 
-def described_grads(opt, sparse: bool) -> list:
-    """``[(describe, grad)]`` of the params with a gradient in the sparse or dense groups (of
-    FSDP2 params, the local block of the gradient)."""
-    out = []
-    for gi, group in enumerate(opt.param_groups):
-        if group["sparse"] == sparse:
-            out += [(functools.partial(opt._describe, gi, i), local(p.grad))
-                    for i, p in enumerate(group["params"]) if p.grad is not None]
-    return out
+    def repack(self, selection: SelectionState, incremental: bool) -> None:
+        """One flat buffer per state key and sparse group (see ``layout``)."""
+        selection.layouts = {gi: GroupLayout(g["params"], [self.state[p] for p in g["params"]], incremental)
+                             for gi, g in enumerate(self.param_groups) if g["sparse"]}
 
 
 def _require_dense(described, why: str) -> None:
@@ -47,31 +67,30 @@ def _require_dense(described, why: str) -> None:
 # Calibration and the one-shot selection
 
 
-def add_gradients(opt, sums: dict) -> None:
+def add_gradients(ctx: StepContext, sums: dict) -> None:
     """Adds each sparse param's gradient into ``sums[param]`` (fp32, made on first use), after
     checking every gradient (dense, finite), so a bad one changes no sum."""
-    described = described_grads(opt, sparse=True)
+    described = ctx.described_grads(sparse=True)
     _require_dense(described, "calibration")
-    check_finite(described, opt._sharding)
-    for _, p in opt._sparse_params():
+    check_finite(described, ctx.sharding)
+    for _, p in ctx.sparse_params:
         if p.grad is not None:
             if p not in sums:  # FSDP2: of the local block only, N / world entries per rank
                 sums[p] = torch.zeros_like(local(p), dtype=torch.float32, memory_format=torch.contiguous_format)
             sums[p].add_(local(p.grad))
 
 
-def stored_sums(opt, copy: bool) -> dict:
+def stored_sums(ctx: StepContext, copy: bool) -> dict:
     """The calibration sums kept in the state so far (copies, for a call that may still fail)."""
-    return {p: opt.state[p]["grad_sum"].clone() if copy else opt.state[p]["grad_sum"]
-            for _, p in opt._sparse_params() if "grad_sum" in opt.state.get(p, {})}
+    return {p: ctx.state[p]["grad_sum"].clone() if copy else ctx.state[p]["grad_sum"]
+            for _, p in ctx.sparse_params if "grad_sum" in ctx.state.get(p, {})}
 
 
-def select(opt, sums: dict) -> None:
+def choose_entries(ctx: StepContext, selection: SelectionState, selector, budget_args: tuple, sums: dict) -> None:
     """Calibration -> training: choose the entries from the summed gradients ``sums``, create
     the O(k) state, free the sums. Frozen params and params that got no gradient get no entry
     (a warning names the latter); the budget goes to the others."""
-    named = opt._sparse_params()
-    selector = opt.selector
+    named = ctx.sparse_params
     notes = {}
     for i, (_, p) in enumerate(named):
         if not p.requires_grad:
@@ -79,7 +98,7 @@ def select(opt, sums: dict) -> None:
         elif selector.needs_gradients and p not in sums:
             notes[i] = NOTE_NO_GRADIENT
     candidates = [i for i in range(len(named)) if i not in notes]
-    budget = opt._resolve_budget()
+    budget = resolve_budget([p for _, p in named], *budget_args)
     _warn_no_gradient(named, notes)
     available = sum(named[i][1].numel() for i in candidates)
     if not candidates or budget > available:
@@ -88,19 +107,21 @@ def select(opt, sums: dict) -> None:
                          "with a calibration gradient); see selection_report()")
     weights = [local(named[i][1]).detach() for i in candidates]
     grads = [sums[named[i][1]] for i in candidates] if selector.needs_gradients else weights
-    on = selection_ops(opt._sharding, [named[i][1] for i in candidates])
-    selection = selector.select(grads, weights, budget, on=on)
-    bounds = selection.offsets.tolist()
-    chosen = {i: selection.indices[bounds[j]:bounds[j + 1]].clone() for j, i in enumerate(candidates)}
+    chosen = selector.select(grads, weights, budget, on=selection_ops(ctx.sharding, [named[i][1] for i in candidates]))
+    bounds = chosen.offsets.tolist()
+    indices = {i: chosen.indices[bounds[j]:bounds[j + 1]].clone() for j, i in enumerate(candidates)}
     empty = torch.zeros(0, dtype=torch.int64)
     for i, (_, p) in enumerate(named):
-        opt.state[p] = new_state(p, chosen.get(i, empty.to(p.device)), incremental=False)
-    at = {i: j for j, i in enumerate(candidates)}
-    opt._set_selected(budget, [
-        {"entropy": None if selection.entropy is None or i not in at else selection.entropy[at[i]],
-         "score": None if selection.score is None or i not in at else selection.score[at[i]],
-         "note": notes.get(i)} for i in range(len(named))])
-    opt._set_phase("training")
+        ctx.state[p] = new_state(p, indices.get(i, empty.to(p.device)), incremental=False)
+    position = {i: j for j, i in enumerate(candidates)}  # in the selector's lists
+    selection.report = [
+        {"entropy": None if chosen.entropy is None or i not in position else chosen.entropy[position[i]],
+         "score": None if chosen.score is None or i not in position else chosen.score[position[i]],
+         "note": notes.get(i)} for i in range(len(named))]
+    selection.budget = budget
+    selection.selection_started = True
+    ctx.repack(selection, incremental=False)
+    selection.phase = "training"
 
 
 def _warn_no_gradient(named, notes) -> None:
@@ -109,7 +130,7 @@ def _warn_no_gradient(named, notes) -> None:
         warnings.warn(f"{len(missing)} sparse param(s) got no gradient during calibration and get no "
                       f"entries ({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}); the budget "
                       "goes to the others. Freeze them (requires_grad=False) or leave them out of the "
-                      "optimizer to silence this.", UserWarning, stacklevel=4)
+                      "optimizer to silence this.", UserWarning, stacklevel=5)
 
 
 # ---------------------------------------------------------------------------------------
@@ -128,35 +149,34 @@ def _precheck_sparse_inputs(group, params, grads) -> None:
         step=1, maximize=group["maximize"])
 
 
-def prepare_sparse_update(opt, gi: int, grads: list, compact_values=None):
+def prepare_sparse_update(ctx: StepContext, layout: GroupLayout, gi: int, grads: list, compact_values=None):
     """A callable doing one ``sparse_adamw_`` for the params of sparse group ``gi`` that have a
     gradient (``grads[i]``: the dense gradient, or None); None if none has. ``compact_values``
     instead: the selected gradient values of those params, concatenated (``_compact_group``).
     Every argument is checked here; the callable then cannot fail on bad input."""
-    group = opt.param_groups[gi]
+    group = ctx.param_groups[gi]
     params = group["params"]
-    have = [i for i, g in enumerate(grads) if g is not None]
-    if not have:
+    with_grad = [i for i, g in enumerate(grads) if g is not None]
+    if not with_grad:
         return None
-    states = [opt.state[p] for p in params]
-    layout = opt._layout(gi)
-    for i in have:
+    states = [ctx.state[p] for p in params]
+    for i in with_grad:
         if local(params[i]).shape != layout.shapes[i]:
-            raise ValueError(f"{opt._describe(gi, i)} had shape {tuple(layout.shapes[i])} when its entries "
+            raise ValueError(f"{ctx.describe(gi, i)} had shape {tuple(layout.shapes[i])} when its entries "
                              "were chosen; resizing a trained param is not supported (close the optimizer "
                              "and make a new one)")
-    buffers = layout.arguments(have, states)
-    op_grads = compact_values if compact_values is not None else [local(grads[i]) for i in have]
+    buffers = layout.arguments(with_grad, states)
+    op_grads = compact_values if compact_values is not None else [local(grads[i]) for i in with_grad]
     incremental = "age" in buffers
-    steps = [states[i]["step"] for i in have]  # int64 scalars on the CPU, as torch's AdamW keeps them
+    steps = [states[i]["step"] for i in with_grad]  # int64 scalars on the CPU, as torch's AdamW keeps them
     if incremental:
         age = buffers["age"] + 1
         schedule = {"age": age}
     else:
         schedule = {"step": torch.stack(steps) + 1}  # no host read: the op takes the tensor
     args = ops.check_sparse_adamw_args(  # FSDP2: the local blocks, written in place through the view
-        [local(params[i]) for i in have], op_grads, buffers["indices"], buffers["offsets"], buffers["exp_avg"],
-        buffers["exp_avg_sq"], lr=group["lr"], betas=group["betas"], eps=group["eps"],
+        [local(params[i]) for i in with_grad], op_grads, buffers["indices"], buffers["offsets"],
+        buffers["exp_avg"], buffers["exp_avg_sq"], lr=group["lr"], betas=group["betas"], eps=group["eps"],
         weight_decay=group["weight_decay"], maximize=group["maximize"],
         check_indices=False, check_schedule=False, **schedule)  # checked when selected or loaded
 
@@ -165,7 +185,7 @@ def prepare_sparse_update(opt, gi: int, grads: list, compact_values=None):
         torch._foreach_add_(steps, 1)  # one call for the group, as torch's own optimizers do
         if incremental:
             buffers["age"].copy_(age)
-        layout.write_back(have, states, buffers)
+        layout.write_back(with_grad, states, buffers)
     return run
 
 
@@ -176,7 +196,7 @@ def _scalar_dtype(fused: bool) -> torch.dtype:
     return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
 
 
-def prepare_dense_update(opt, group):
+def prepare_dense_update(ctx: StepContext, group):
     """A callable doing ``torch.optim.AdamW``'s step for a dense group (torch's own functional
     AdamW: the same bits), or None when no param of the group has a gradient."""
     params = [p for p in group["params"] if p.grad is not None]
@@ -193,14 +213,14 @@ def prepare_dense_update(opt, group):
 
     def run():
         for p in params:
-            state = opt.state[p]
+            state = ctx.state[p]
             if len(state) == 0:
                 fused = bool(group["fused"])
                 state["step"] = (torch.zeros((), dtype=_scalar_dtype(True), device=p.device) if fused
                                  else torch.tensor(0.0, dtype=_scalar_dtype(False)))
                 state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-        states = [opt.state[p] for p in params]
+        states = [ctx.state[p] for p in params]
         beta1, beta2 = group["betas"]
         torch_adamw(params, [p.grad for p in params], [s["exp_avg"] for s in states],
                     [s["exp_avg_sq"] for s in states], [], [s["step"] for s in states],
@@ -217,95 +237,117 @@ def _run_all(updates) -> None:
             update()
 
 
-def _dense_updates(opt) -> list:
-    return [prepare_dense_update(opt, g) for g in opt.param_groups if not g["sparse"]]
+def _dense_updates(ctx: StepContext) -> list:
+    return [prepare_dense_update(ctx, g) for g in ctx.param_groups if not g["sparse"]]
 
 
 # ---------------------------------------------------------------------------------------
 # The phases
 
 
-def calibration_step(opt) -> None:
-    """Adds this step's gradients to the sums; the last calibration step selects from them. That
-    step works on copies of the sums (one more fp32 copy of the sparse params, still less than
-    AdamW's two moments), so a selection that raises leaves the sums as they were."""
-    last = opt._calibration_done + 1 == opt._calibration_steps
-    sums = stored_sums(opt, copy=last)
-    add_gradients(opt, sums)
-    if last:
-        select(opt, sums)
-    else:
-        for p, total in sums.items():
-            opt.state[p]["grad_sum"] = total
-    opt._calibration_done += 1
+class Calibrating:
+    """GEM, GradMagnitude: ``steps`` steps add the gradients into sums; the last one chooses the
+    entries from them (``budget_args``: the optimizer's ``(density, budget)``)."""
+
+    def __init__(self, selector, steps: int, budget_args: tuple):
+        self.selector = selector
+        self.steps = steps
+        self.budget_args = budget_args
+
+    def step(self, ctx: StepContext, selection: SelectionState) -> None:
+        """The last step works on copies of the sums (one more fp32 copy of the sparse params,
+        still less than AdamW's two moments), so a selection that raises leaves them as they were."""
+        if self.steps == 0:
+            raise RuntimeError("calibration_steps=0: call opt.calibrate(model, batches, loss_fn) "
+                               "before the first step()")
+        last = selection.calibration_done + 1 == self.steps
+        sums = stored_sums(ctx, copy=last)
+        add_gradients(ctx, sums)
+        if last:
+            choose_entries(ctx, selection, self.selector, self.budget_args, sums)
+        else:
+            for p, total in sums.items():
+                ctx.state[p]["grad_sum"] = total
+        selection.calibration_done += 1
 
 
-def _compact_group(opt, gi: int):
+class Unmasking:
+    """ID3: each step unmasks its new entries (global top-k outside the set among the params that
+    have a gradient), then trains every unmasked entry with the dense gradients."""
+
+    def __init__(self, selector, budget_args: tuple):
+        self.selector = selector
+        self.budget_args = budget_args
+
+    def step(self, ctx: StepContext, selection: SelectionState) -> None:
+        described = ctx.described_grads(sparse=True)
+        _require_dense(described, "ID3")
+        check_finite(described + ctx.described_grads(sparse=False), ctx.sharding)
+        for group in ctx.param_groups:
+            with_grad = [p for p in group["params"] if p.grad is not None]
+            if group["sparse"] and with_grad:
+                _precheck_sparse_inputs(group, with_grad, [p.grad for p in with_grad])
+        dense_updates = _dense_updates(ctx)
+
+        named = ctx.sparse_params
+        started = selection.selection_started
+        budget = selection.budget if started else resolve_budget([p for _, p in named], *self.budget_args)
+        states = {p: ctx.state[p] if started else new_state(p, torch.zeros(0, dtype=torch.int64, device=p.device),
+                                                            incremental=True) for _, p in named}
+        step = selection.unmask_done + 1
+        candidates = [p for _, p in named if p.grad is not None and p.requires_grad]
+        if candidates:
+            current = [states[p]["indices"] for p in candidates]
+            offsets = torch.zeros(len(candidates) + 1, dtype=torch.int64, device=current[0].device)
+            offsets[1:] = torch.tensor([c.numel() for c in current], dtype=torch.int64).cumsum(0)
+            so_far = int(offsets[-1]) if ctx.sharding is None else ctx.sharding.total(int(offsets[-1]))
+            available = sum(p.numel() for p in candidates) - so_far  # full tensors' counts under FSDP2
+            count = min(self.selector.unmask_count(step, budget), available)
+            new = self.selector.select_new([local(p.grad).contiguous() for p in candidates],
+                                           [local(p).detach() for p in candidates], count,
+                                           (torch.cat(current), offsets), on=selection_ops(ctx.sharding, candidates))
+            bounds = new.offsets.tolist()
+            for j, p in enumerate(candidates):
+                states[p] = merged_state(states[p], p, new.indices[bounds[j]:bounds[j + 1]])
+        for _, p in named:
+            ctx.state[p] = states[p]
+        if not started:
+            selection.budget = budget
+            selection.report = [{"entropy": None, "score": None, "note": None} for _ in named]
+            selection.selection_started = True
+        ctx.repack(selection, incremental=True)
+        sparse_updates = [prepare_sparse_update(ctx, selection.layouts[gi], gi, [p.grad for p in g["params"]])
+                          for gi, g in enumerate(ctx.param_groups) if g["sparse"]]
+        _run_all(sparse_updates + dense_updates)
+        selection.unmask_done = step
+        if step == self.selector.total_steps:
+            selection.phase = "training"
+
+
+def _compact_group(ctx: StepContext, gi: int):
     """The selected gradient values of sparse group ``gi``: ``(grads, values)``, ``grads[i]`` the
     values of param i (None without a gradient) and ``values`` all of them concatenated in fp32
     (None when no param has a gradient)."""
-    grads = [compact_grad(p, opt.state[p]["indices"], opt._hooks) for p in opt.param_groups[gi]["params"]]
+    grads = [compact_grad(p, ctx.state[p]["indices"], ctx.hooks) for p in ctx.param_groups[gi]["params"]]
     present = [g for g in grads if g is not None]
     return grads, torch.cat(present).float() if present else None
 
 
-def _first_non_finite(opt, gi: int, grads: list) -> str:
+def _first_non_finite(ctx: StepContext, gi: int, grads: list) -> str:
     i = next(i for i, g in enumerate(grads) if g is not None and not bool(torch.isfinite(g).all()))
-    return opt._describe(gi, i)
+    return ctx.describe(gi, i)
 
 
-def training_step(opt) -> None:
-    compact = {gi: _compact_group(opt, gi) for gi, group in enumerate(opt.param_groups) if group["sparse"]}
-    # One finite check per group, on the values the op reads; the culprit is looked for only on failure.
-    check_finite([(functools.partial(_first_non_finite, opt, gi, grads), values)
-                  for gi, (grads, values) in compact.items() if values is not None]
-                 + described_grads(opt, sparse=False), opt._sharding)
-    updates = [prepare_sparse_update(opt, gi, grads, values) for gi, (grads, values) in compact.items()]
-    _run_all(updates + _dense_updates(opt))
+class Training:
+    """The selected entries train: one ``sparse_adamw_`` per sparse group on the compact
+    gradients, torch's AdamW per dense group."""
 
-
-def unmask_step(opt) -> None:
-    """ID3: unmask this step's new entries (global top-k outside the set among the params that
-    have a gradient), then train every unmasked entry with the dense gradients."""
-    selector = opt.selector
-    described = described_grads(opt, sparse=True)
-    _require_dense(described, "ID3")
-    check_finite(described + described_grads(opt, sparse=False), opt._sharding)
-    for group in opt.param_groups:
-        have = [p for p in group["params"] if p.grad is not None]
-        if group["sparse"] and have:
-            _precheck_sparse_inputs(group, have, [p.grad for p in have])
-    dense_updates = _dense_updates(opt)
-
-    named = opt._sparse_params()
-    started = opt._selection_started
-    budget = opt._resolve_budget() if not started else opt._budget
-    states = {p: opt.state[p] if started else new_state(p, torch.zeros(0, dtype=torch.int64, device=p.device),
-                                                        incremental=True) for _, p in named}
-    step = opt._unmask_done + 1
-    candidates = [p for _, p in named if p.grad is not None and p.requires_grad]
-    if candidates:
-        current = [states[p]["indices"] for p in candidates]
-        offsets = torch.zeros(len(candidates) + 1, dtype=torch.int64, device=current[0].device)
-        offsets[1:] = torch.tensor([c.numel() for c in current], dtype=torch.int64).cumsum(0)
-        so_far = int(offsets[-1]) if opt._sharding is None else opt._sharding.total(int(offsets[-1]))
-        available = sum(p.numel() for p in candidates) - so_far  # full tensors' counts under FSDP2
-        count = min(selector.unmask_count(step, budget), available)
-        new = selector.select_new([local(p.grad).contiguous() for p in candidates],
-                                  [local(p).detach() for p in candidates], count, (torch.cat(current), offsets),
-                                  on=selection_ops(opt._sharding, candidates))
-        bounds = new.offsets.tolist()
-        for j, p in enumerate(candidates):
-            states[p] = merged_state(states[p], p, new.indices[bounds[j]:bounds[j + 1]])
-    for _, p in named:
-        opt.state[p] = states[p]
-    if not started:
-        opt._set_selected(budget, [{"entropy": None, "score": None, "note": None} for _ in named])
-    else:
-        opt._repack()
-    sparse_updates = [prepare_sparse_update(opt, gi, [p.grad for p in g["params"]])
-                      for gi, g in enumerate(opt.param_groups) if g["sparse"]]
-    _run_all(sparse_updates + dense_updates)
-    opt._unmask_done = step
-    if step == selector.total_steps:
-        opt._set_phase("training")
+    def step(self, ctx: StepContext, selection: SelectionState) -> None:
+        compact = {gi: _compact_group(ctx, gi) for gi, group in enumerate(ctx.param_groups) if group["sparse"]}
+        # One finite check per group, on the values the op reads; the culprit is looked for only on failure.
+        check_finite([(functools.partial(_first_non_finite, ctx, gi, grads), values)
+                      for gi, (grads, values) in compact.items() if values is not None]
+                     + ctx.described_grads(sparse=False), ctx.sharding)
+        updates = [prepare_sparse_update(ctx, selection.layouts[gi], gi, grads, values)
+                   for gi, (grads, values) in compact.items()]
+        _run_all(updates + _dense_updates(ctx))

@@ -27,8 +27,12 @@ Groups and phases
   warning names it, ``selection_report()`` says why); the budget goes to the others.
 * Training: one ``sparse_adamw_`` op call per sparse group (see ``phases``); a hook keeps only
   the selected entries of each fresh gradient (see ``grads``). Optimizer state per sparse
-  param is O(k) (see ``layout``); checkpoints go through torch's ``state_dict`` /
+  param is O(k) (see ``layout``); the rest (phase, counters, budget, report) is a
+  ``SelectionState`` (see ``state``); checkpoints go through torch's ``state_dict`` /
   ``load_state_dict`` (see ``checkpoint``).
+
+``step()`` reads like ``torch.optim.AdamW.step``: gather what the step reads (a
+``phases.StepContext``), let the phase run once, enter the next phase if it moved on.
 
 A param is trained sparsely by one SparseAdamW at a time: ``close()`` (or leaving a ``with``
 block) removes the hooks; a new SparseAdamW on the same params closes the old one, with a
@@ -49,8 +53,8 @@ import torch
 from .. import ops
 from ..selection import GEM, IncrementalSelector, Selector
 from . import checkpoint, fsdp, grads, phases
-from .groups import check_budget_args, split_param_group
-from .layout import GroupLayout
+from .groups import check_budget_args, resolve_budget, split_param_group
+from .state import SelectionState
 from .weight_grads import PLAIN_DDP_MESSAGE, SparseWeightGrads
 
 Tensor = torch.Tensor
@@ -88,20 +92,18 @@ class SparseAdamW(torch.optim.Optimizer):
             raise ValueError("ID3 has no calibration: leave calibration_steps unset (or 0)")
 
         self._selector = selector
-        self._density = density
-        self._budget_arg = budget
+        self._budget_args = (density, budget)
         self._calibration_steps = calibration_steps
-        self._phase = "unmasking" if incremental else "calibration"
-        self._selection_started = False  # True once any entry is selected: no sparse group may join
-        self._calibration_done = 0
-        self._unmask_done = 0
-        self._budget = None  # resolved when the selection starts
-        self._report = []
-        self._layouts = {}
+        self.selection = SelectionState(phase="unmasking" if incremental else "calibration")
+        self._phases = {"calibration": phases.Calibrating(selector, calibration_steps, self._budget_args),
+                        "unmasking": phases.Unmasking(selector, self._budget_args),
+                        "training": phases.Training()}
         self._hooks = grads.SelectedGradHooks()
         self._gradient_hooks_enabled = True  # off where a DDP comm hook reduces the selected values
         self._sharding = None  # FSDP2 params: where this rank's blocks lie (optim/fsdp.py)
         self._weight_grads = SparseWeightGrads(sparse_weight_grads)  # raises on a bad policy
+        self._constructed = False  # add_param_group claims params only once the constructor did
+        self._pending_load = None  # between the load hooks: the checked sparse states and selection
         self.closed = False
 
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
@@ -109,30 +111,31 @@ class SparseAdamW(torch.optim.Optimizer):
                         differentiable=False, fused=fused, decoupled_weight_decay=True)
         try:
             super().__init__(params, defaults)
-            if not self._sparse_params():
+            if not self.sparse_params():
                 raise ValueError("no sparse parameters: SparseAdamW needs tensors with dim >= 2 or a "
                                  "group with sparse=True (for dense training use torch.optim.AdamW)")
-            self._resolve_budget()  # bad budgets fail now, not after calibration
+            resolve_budget([p for _, p in self.sparse_params()], density, budget)  # bad budgets fail now
             self._watch_modules()
-            if self._phase == "calibration" and calibration_steps == 0 and not selector.needs_gradients:
-                phases.select(self, {})
+            if self.phase == "calibration" and calibration_steps == 0 and not selector.needs_gradients:
+                phases.choose_entries(self._context(), self.selection, selector, self._budget_args, {})
+                self._enter_phase()
         except BaseException:
             self._hooks.remove()  # a half-built optimizer leaves no hook behind
             if self._weight_grads is not None:
                 self._weight_grads.remove()
             raise
-        grads.claim([p for _, p in self._sparse_params()], self)
+        grads.claim([p for _, p in self.sparse_params()], self)
         self._constructed = True
-        self.register_state_dict_post_hook(checkpoint.add_meta)
-        self.register_load_state_dict_pre_hook(checkpoint.load_pre_hook)
-        self.register_load_state_dict_post_hook(checkpoint.load_post_hook)
+        self.register_state_dict_post_hook(SparseAdamW._add_checkpoint_entry)
+        self.register_load_state_dict_pre_hook(SparseAdamW._check_checkpoint)
+        self.register_load_state_dict_post_hook(SparseAdamW._restore_checkpoint)
 
     # -----------------------------------------------------------------------------------
     # Public API beyond torch's
 
     @property
     def phase(self) -> str:
-        return self._phase
+        return self.selection.phase
 
     @property
     def selector(self) -> Selector:
@@ -142,9 +145,20 @@ class SparseAdamW(torch.optim.Optimizer):
     def incremental(self) -> bool:
         return isinstance(self._selector, IncrementalSelector)
 
+    def sparse_params(self) -> list:
+        """``[(name, param)]`` of every sparse param in group order; name is the param's name
+        when the optimizer got named parameters, else its position among the sparse params."""
+        out = []
+        for group in self.param_groups:
+            if group["sparse"]:
+                names = group.get("param_names")
+                for i, p in enumerate(group["params"]):
+                    out.append((names[i] if names else len(out), p))
+        return out
+
     def selected_count(self) -> int:
         """Number of entries selected so far (0 during calibration)."""
-        return sum(int(self.state[p]["indices"].numel()) for _, p in self._sparse_params()
+        return sum(int(self.state[p]["indices"].numel()) for _, p in self.sparse_params()
                    if "indices" in self.state.get(p, {}))
 
     def selected_entries(self) -> dict:
@@ -152,7 +166,7 @@ class SparseAdamW(torch.optim.Optimizer):
         sorted ascending and the values there when they were selected (param dtype). Copies;
         empty before anything is selected."""
         out = {}
-        for _, p in self._sparse_params():
+        for _, p in self.sparse_params():
             state = self.state.get(p, {})
             if "indices" in state:
                 out[p] = (state["indices"].clone(), state["original"].clone())
@@ -165,13 +179,13 @@ class SparseAdamW(torch.optim.Optimizer):
         """Per sparse tensor: name (or index), shape, count, GEM's entropy and score, and a
         note saying why a tensor got no entry (frozen, no gradient in calibration)."""
         rows = []
-        for i, (name, p) in enumerate(self._sparse_params()):
+        for i, (name, p) in enumerate(self.sparse_params()):
             state = self.state.get(p, {})
             row = {"name": name, "shape": tuple(p.shape), "numel": p.numel(),
                    "count": int(state["indices"].numel()) if "indices" in state else 0,
                    "entropy": None, "score": None, "note": None}
-            if i < len(self._report):
-                row.update(self._report[i])
+            if i < len(self.selection.report):
+                row.update(self.selection.report[i])
             rows.append(row)
         return rows
 
@@ -184,28 +198,30 @@ class SparseAdamW(torch.optim.Optimizer):
         set to None. The model's train/eval mode is left as the caller set it. If it raises,
         the optimizer is as before the call.
         """
-        self._check_open()
-        if self._phase != "calibration":
-            raise RuntimeError(f"calibrate() needs the calibration phase; the phase is {self._phase!r}")
+        self.check_open()
+        if self.phase != "calibration":
+            raise RuntimeError(f"calibrate() needs the calibration phase; the phase is {self.phase!r}")
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if not callable(loss_fn):
             raise TypeError("loss_fn must be callable as loss_fn(model, batch)")
-        sums, count = phases.stored_sums(self, copy=True), 0
+        ctx = self._context()
+        sums, count = phases.stored_sums(ctx, copy=True), 0
         try:
             for batch in batches:
                 model.zero_grad(set_to_none=True)
                 self.zero_grad(set_to_none=True)
                 with torch.enable_grad():
                     loss_fn(model, batch).backward()
-                phases.add_gradients(self, sums)
+                phases.add_gradients(ctx, sums)
                 count += 1
         finally:
             model.zero_grad(set_to_none=True)
             self.zero_grad(set_to_none=True)
         if count == 0:
             raise ValueError("batches gave no batch to calibrate on")
-        phases.select(self, sums)
+        phases.choose_entries(ctx, self.selection, self._selector, self._budget_args, sums)
+        self._enter_phase()
 
     def register_modules(self, model: torch.nn.Module) -> None:
         """Tells the optimizer which ``nn.Linear``/``Conv1D`` modules hold the weights it trains, so
@@ -224,8 +240,23 @@ class SparseAdamW(torch.optim.Optimizer):
         the selection a sparse param's gradient holds only its selected entries, so the norm is
         that of the gradients that train, not of the dense gradients AdamW would see."""
         if self._sharding is not None:  # FSDP2: over every rank's blocks, a collective
-            return fsdp.clip_grad_norm_(self, max_norm, norm_type)
+            return fsdp.clip_grad_norm_(self.param_groups, self.state, self.phase == "training",
+                                        self._sharding, max_norm, norm_type)
         return grads.clip_grad_norm_([p for g in self.param_groups for p in g["params"]], max_norm, norm_type)
+
+    def use_gradient_hooks(self, enabled: bool) -> None:
+        """Whether trained sparse params get the hook that turns their gradient into a sparse
+        COO tensor (the default). ``gem_kernels.distributed.attach`` turns it off: DDP's reducer
+        needs dense gradients in its buckets, where its comm hook reduces the selected values and
+        ``step()`` reads the dense gradient at the indices."""
+        self._gradient_hooks_enabled = bool(enabled)
+        self._enter_phase()
+
+    def check_open(self) -> None:
+        """Raises when this optimizer was closed."""
+        if self.closed:
+            raise RuntimeError("this SparseAdamW was closed (by close(), or because a newer SparseAdamW "
+                               "took over its params); make a new one to train again")
 
     def close(self) -> None:
         """Removes the gradient hooks and frees the params for another SparseAdamW; ``step()``
@@ -251,13 +282,13 @@ class SparseAdamW(torch.optim.Optimizer):
         Adds all of it or nothing."""
         count = len(self.param_groups)
         try:
-            for group in split_param_group(param_group, self.defaults, self._selection_started):
+            for group in split_param_group(param_group, self.defaults, self.selection.selection_started):
                 super().add_param_group(group)
-            fsdp.attach_sharding(self)  # FSDP2 or not, checked anew as the sparse params change
+            self._attach_sharding()  # FSDP2 or not, checked anew as the sparse params change
         except BaseException:
             del self.param_groups[count:]
             raise
-        if hasattr(self, "_constructed"):  # the constructor claims once all its checks passed
+        if self._constructed:  # the constructor claims once all its checks passed
             grads.claim([p for g in self.param_groups[count:] if g["sparse"] for p in g["params"]], self)
             self._watch_modules()
 
@@ -265,53 +296,31 @@ class SparseAdamW(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure=None):
         """One optimizer step (calibration, unmasking or training, by phase); returns the closure's loss."""
-        self._check_open()
-        fsdp.refuse_dcp(self)  # DCP's state-dict helpers run a step on zero grads: refuse first
-        self._refuse_plain_ddp()
+        self.check_open()
+        fsdp.refuse_dcp(self._sharding)  # DCP's state-dict helpers run a step on zero grads: refuse first
+        if self._weight_grads is not None and self._weight_grads.plain_ddp is not None \
+                and self._gradient_hooks_enabled:
+            raise RuntimeError(PLAIN_DDP_MESSAGE)
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:  # in every phase: a bad lr fails at once, not steps later
             ops.check_adamw_hyper(group["lr"], group["betas"], group["eps"], group["weight_decay"])
-        if self._phase == "calibration":
-            if self._calibration_steps == 0:
-                raise RuntimeError("calibration_steps=0: call opt.calibrate(model, batches, loss_fn) "
-                                   "before the first step()")
-            phases.calibration_step(self)
-        elif self._phase == "unmasking":
-            phases.unmask_step(self)
-        else:
-            phases.training_step(self)
-            if self._weight_grads is not None:  # every module in use has been seen by now
-                self._weight_grads.finish_watching()
+        phase = self.phase
+        self._phases[phase].step(self._context(), self.selection)
+        if self.phase != phase:
+            self._enter_phase()
+        if phase == "training" and self._weight_grads is not None:  # every module in use has been seen
+            self._weight_grads.finish_watching()
         return loss
 
     # -----------------------------------------------------------------------------------
-    # Shared with the phases and checkpoint modules
+    # Internals
 
-    def _refuse_plain_ddp(self) -> None:
-        """DDP's reducer cannot read the sparse COO gradients of the training phase: refuse a
-        DistributedDataParallel model of our params without ``attach`` before it crashes there."""
-        if self._weight_grads is not None and self._weight_grads.plain_ddp is not None \
-                and self._gradient_hooks_enabled:
-            raise RuntimeError(PLAIN_DDP_MESSAGE)
-
-    def _check_open(self) -> None:
-        if self.closed:
-            raise RuntimeError("this SparseAdamW was closed (by close(), or because a newer SparseAdamW "
-                               "took over its params); make a new one to train again")
-
-    def _sparse_params(self) -> list:
-        """``[(name, param)]`` of every sparse param in group order; name is the param's name
-        when the optimizer got named parameters, else its position among the sparse params."""
-        out = []
-        for group in self.param_groups:
-            if group["sparse"]:
-                names = group.get("param_names")
-                for i, p in enumerate(group["params"]):
-                    out.append((names[i] if names else len(out), p))
-        return out
+    def _context(self) -> phases.StepContext:
+        return phases.StepContext(self.param_groups, self.state, self.sparse_params(), self._describe,
+                                  self._hooks, self._sharding)
 
     def _describe(self, gi: int, i: int) -> str:
         group = self.param_groups[gi]
@@ -320,40 +329,19 @@ class SparseAdamW(torch.optim.Optimizer):
         where = repr(names[i]) if names else f"param_groups[{gi}]['params'][{i}]"
         return f"parameter {where} (shape {tuple(p.shape)})"
 
-    def _resolve_budget(self) -> int:
-        trainable = sum(p.numel() for _, p in self._sparse_params() if p.requires_grad)
-        if trainable == 0:
-            raise ValueError("every sparse param is frozen (requires_grad=False): nothing to select")
-        if self._budget_arg is not None:
-            if self._budget_arg > trainable:
-                raise ValueError(f"budget={self._budget_arg} is larger than the {trainable} entries of "
-                                 "the sparse params that require grad")
-            return self._budget_arg
-        budget = round(self._density * trainable)
-        if budget < 1:
-            raise ValueError(f"density={self._density} selects no entry of the {trainable} sparse entries")
-        return budget
+    def _attach_sharding(self) -> None:
+        """FSDP2 params or not; under FSDP2 the sparse weight gradients go: FSDP2's modules
+        compute on unsharded copies of the params, which the optimizer never sees, and
+        reduce-scatter dense gradients."""
+        self._sharding = fsdp.sharding_of([p for _, p in self.sparse_params()], self._selector)
+        if self._sharding is not None and self._weight_grads is not None:
+            self._weight_grads.remove()
+            self._weight_grads = None
 
-    def _layout(self, gi: int) -> GroupLayout:
-        return self._layouts[gi]
-
-    def _repack(self) -> None:
-        """One flat buffer per state key and sparse group (see ``layout``)."""
-        self._layouts = {}
-        for gi, group in enumerate(self.param_groups):
-            if group["sparse"]:
-                params = group["params"]
-                self._layouts[gi] = GroupLayout(params, [self.state[p] for p in params], self.incremental)
-
-    def _set_selected(self, budget: int, report: list) -> None:
-        self._budget = budget
-        self._report = report
-        self._selection_started = True
-        self._repack()
-
-    def _set_phase(self, phase: str) -> None:
-        self._phase = phase
-        if phase == "training" and self._gradient_hooks_enabled and self._sharding is None:  # FSDP2: dense
+    def _enter_phase(self) -> None:
+        """Installs (training) or removes (before it) the gradient hooks and the sparse weight
+        gradients for the phase the selection state is in."""
+        if self.phase == "training" and self._gradient_hooks_enabled and self._sharding is None:  # FSDP2: dense
             if torch.distributed.is_available() and torch.distributed.is_initialized() \
                     and torch.distributed.get_world_size() > 1:
                 warnings.warn("SparseAdamW now turns the sparse params' gradients into sparse COO tensors "
@@ -361,7 +349,7 @@ class SparseAdamW(torch.optim.Optimizer):
                               "call gem_kernels.distributed.attach(ddp_model, optimizer) before training, or the "
                               "next backward fails inside DDP ('Cannot access storage of SparseTensorImpl')",
                               UserWarning, stacklevel=3)
-            selected = [(p, self.state[p]["indices"]) for _, p in self._sparse_params()]
+            selected = [(p, self.state[p]["indices"]) for _, p in self.sparse_params()]
             self._hooks.install(selected)
             if self._weight_grads is not None:
                 self._weight_grads.install(selected, self._hooks.coords)
@@ -373,28 +361,39 @@ class SparseAdamW(torch.optim.Optimizer):
     def _watch_modules(self) -> None:
         """Until the first training step, note the Linear/Conv1D modules whose weight we train."""
         if self._weight_grads is not None:
-            self._weight_grads.watch([p for _, p in self._sparse_params()])
-
-    def _use_gradient_hooks(self, enabled: bool) -> None:
-        """Whether trained sparse params get the hook that turns their gradient into a sparse
-        COO tensor. DDP's reducer needs dense gradients in its buckets: there, a comm hook
-        reduces the selected values and ``step()`` reads the dense gradient at the indices."""
-        self._gradient_hooks_enabled = enabled
-        self._set_phase(self._phase)
+            self._weight_grads.watch([p for _, p in self.sparse_params()])
 
     def _config(self) -> dict:
-        return {"selector": repr(self._selector), "density": self._density,
-                "budget": self._budget_arg, "calibration_steps": self._calibration_steps}
+        density, budget = self._budget_args
+        return {"selector": repr(self._selector), "density": density, "budget": budget,
+                "calibration_steps": self._calibration_steps}
 
-    def _restore(self, meta: dict) -> None:
-        """After a checkpoint load: the phase machine as it was saved."""
-        self._selection_started = meta["selection_started"]
-        self._calibration_done = meta["calibration_done"]
-        self._unmask_done = meta["unmask_done"]
-        self._budget = meta["resolved_budget"]
-        self._report = meta["report"]
-        self._layouts = {}
-        if self._selection_started:
-            self._repack()
-        self._set_phase(meta["phase"])
+    def _shard(self):
+        return None if self._sharding is None else self._sharding.meta()
 
+    # The checkpoint hooks (see ``checkpoint``).
+
+    def _add_checkpoint_entry(self, state_dict: dict) -> dict:
+        fsdp.refuse_dcp(self._sharding)
+        state_dict[checkpoint.STATE_KEY] = checkpoint.meta(self.selection, self._config(), self.param_groups,
+                                                           self._shard())
+        return state_dict
+
+    def _check_checkpoint(self, state_dict: dict) -> dict:
+        """Checks the whole checkpoint, then hands torch the dense part only: torch would cast the
+        sparse states to the param's dtype (int64 indices of a bf16 param into bf16)."""
+        fsdp.refuse_dcp(self._sharding)
+        dense, sparse_states, selection = checkpoint.split(
+            state_dict, config=self._config(), shard=self._shard(), param_groups=self.param_groups,
+            describe=self._describe, incremental=self.incremental)
+        self._pending_load = (sparse_states, selection)
+        return dense
+
+    def _restore_checkpoint(self) -> None:
+        sparse_states, selection = self._pending_load
+        self._pending_load = None
+        checkpoint.restore_sparse_states(self.state, sparse_states)
+        self.selection = selection
+        if selection.selection_started:
+            self._context().repack(selection, self.incremental)
+        self._enter_phase()
