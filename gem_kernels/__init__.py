@@ -14,8 +14,8 @@ from .ops import backends, layer_stats, ratio_topk, sparse_adamw_, sparse_weight
 from .optim import SparseAdamW  # noqa: E402
 from .selection import GEM, ID3, GradMagnitude, Random  # noqa: E402
 from .delta import apply_delta, remove_delta, save_delta  # noqa: E402
-from .peft_export import export_peft_shira  # noqa: E402  (imports peft only when called)
+from .peft_export import export_peft_shira, export_peft_supertuning  # noqa: E402  (imports peft only when called)
 
 __all__ = ["__version__", "backends", "layer_stats", "ratio_topk", "sparse_adamw_", "sparse_weight_grad", "SparseAdamW",
            "GEM", "ID3", "GradMagnitude", "Random", "save_delta", "apply_delta", "remove_delta",
-           "export_peft_shira"]
+           "export_peft_shira", "export_peft_supertuning"]

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import struct
 from pathlib import Path
@@ -197,6 +198,31 @@ def _read_metadata(blob: bytes, path) -> dict:
     return metadata
 
 
+def _read_table(metadata: dict, path) -> dict:
+    """The ``tensors`` table, every field of every entry checked before any is used. The checksum
+    only proves the file is as written, and a forged file can carry a fresh one, so each field
+    must have the type the code below relies on (a JSON ``1e400`` is a float infinity, ``true`` an int)."""
+    try:
+        table = json.loads(metadata["tensors"])
+    except (KeyError, TypeError, json.JSONDecodeError) as error:
+        raise ValueError(f"delta file {path} has no readable tensor table ({error})") from None
+    if not isinstance(table, dict) or not all(isinstance(info, dict) for info in table.values()):
+        raise ValueError(f"delta file {path} has no readable tensor table (not an object of objects)")
+    for name, info in table.items():
+        shape, dtype, sha = info.get("shape"), info.get("dtype"), info.get("base_sha256")
+        if not (isinstance(shape, list)
+                and all(isinstance(size, int) and not isinstance(size, bool) and size >= 0 for size in shape)):
+            raise ValueError(f"delta file {path}: table entry {name!r} has shape {shape!r}; expected a list "
+                             "of non-negative integers")
+        if not isinstance(dtype, str) or dtype not in SUPPORTED_DTYPES:
+            raise ValueError(f"delta file {path}: table entry {name!r} has unsupported dtype {dtype!r}; "
+                             f"expected one of {sorted(SUPPORTED_DTYPES)}")
+        if not isinstance(sha, str):
+            raise ValueError(f"delta file {path}: table entry {name!r} has base_sha256 {sha!r}; expected "
+                             "a hex string")
+    return table
+
+
 def load_delta(path) -> dict:
     """Reads and checks a delta file on its own (no model): format, checksum, key set, dtypes,
     lengths, index range and order. Returns ``{name: {"shape", "dtype", "indices", "new",
@@ -218,13 +244,7 @@ def _load(path):
         raise ValueError(f"delta file {path} is truncated or corrupt ({error})") from None
     if metadata.get("payload_sha256") != _payload_sha256(tensors, metadata):
         raise ValueError(f"delta file {path} fails its checksum: the file was modified or damaged")
-    try:
-        table = json.loads(metadata["tensors"])
-    except (KeyError, json.JSONDecodeError) as error:
-        raise ValueError(f"delta file {path} has no readable tensor table ({error})") from None
-    if not isinstance(table, dict) or not all(isinstance(info, dict) for info in table.values()):
-        raise ValueError(f"delta file {path} has no readable tensor table (not an object of objects)")
-
+    table = _read_table(metadata, path)
     expected_keys = {f"{name}{_KEY_SEP}{part}" for name in table for part in _PARTS}
     if set(tensors) != expected_keys:
         extra, missing = sorted(set(tensors) - expected_keys), sorted(expected_keys - set(tensors))
@@ -233,12 +253,8 @@ def _load(path):
     entries = {}
     for name, info in table.items():
         indices, new, original = (tensors[f"{name}{_KEY_SEP}{part}"] for part in _PARTS)
-        dtype = SUPPORTED_DTYPES.get(info.get("dtype"))
-        if dtype is None:
-            raise ValueError(f"delta tensor {name!r} has unsupported dtype {info.get('dtype')!r}")
-        numel = 1
-        for size in info["shape"]:
-            numel *= int(size)
+        dtype = SUPPORTED_DTYPES[info["dtype"]]
+        numel = math.prod(info["shape"])
         if indices.dtype != torch.int64 or indices.dim() != 1:
             raise ValueError(f"delta tensor {name!r}: indices must be 1-D int64, got "
                              f"{_dtype_name(indices.dtype)}{tuple(indices.shape)}")
@@ -252,7 +268,7 @@ def _load(path):
                              f"(min {int(indices.min())}, max {int(indices.max())})")
         if indices.numel() > 1 and not bool((indices[1:] > indices[:-1]).all()):
             raise ValueError(f"delta tensor {name!r}: indices are not strictly ascending")
-        if info.get("base_sha256") != _sha256(original):
+        if info["base_sha256"] != _sha256(original):
             raise ValueError(f"delta tensor {name!r}: original values do not match base_sha256")
         entries[name] = dict(info, shape=tuple(info["shape"]), dtype=dtype, indices=indices,
                              new=new, original=original)

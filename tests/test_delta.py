@@ -187,15 +187,18 @@ def _expect_rejected(model, call, match):
     _assert_bitwise_equal(model, before)
 
 
-def _rewrite(path, out, edit):
-    """Copies a delta with ``edit(tensors, table)`` applied and a freshly computed checksum, so a
-    test reaches the checks behind the checksum (as a deliberately forged file would)."""
+def _rewrite(path, out, edit, text=None):
+    """Copies a delta with ``edit(tensors, table)`` (and ``text`` on the table's JSON) applied and a
+    freshly computed checksum, so a test reaches the checks behind the checksum (as a deliberately
+    forged file would)."""
     from safetensors.torch import load, save
     tensors = load(path.read_bytes())
     metadata = delta._read_metadata(path.read_bytes(), path)
     table = json.loads(metadata["tensors"])
     edit(tensors, table)
     metadata["tensors"] = json.dumps(table, sort_keys=True)
+    if text is not None:
+        metadata["tensors"] = text(metadata["tensors"])
     metadata["payload_sha256"] = delta._payload_sha256(tensors, metadata)
     out.write_bytes(save(tensors, metadata=metadata))
     return out
@@ -365,6 +368,32 @@ def test_tensor_table_that_is_not_an_object_is_rejected(trained_fp32, tmp_path):
     bad.write_bytes(save(tensors, metadata=metadata))
     model = _fresh_base()
     _expect_rejected(model, lambda: delta.apply_delta(model, bad), "no readable tensor table")
+
+
+# A user who edits the table and recomputes the checksum: each field the code reads is checked
+# first (these were a KeyError, a TypeError, an OverflowError and a TypeError).
+FORGED_TABLE_ENTRIES = {
+    "no shape": (lambda info: info.pop("shape"), None),
+    "shape null": (lambda info: info.update(shape=None), None),
+    "shape 1e400": (lambda info: info.update(shape="INF"), lambda text: text.replace('"INF"', "[1e400]")),
+    "dtype a list": (lambda info: info.update(dtype=[info["dtype"]]), None),
+}
+
+
+@pytest.mark.parametrize("forged", FORGED_TABLE_ENTRIES)
+def test_forged_table_entry_is_rejected(forged, trained_fp32, tmp_path):
+    _, _, path, _ = trained_fp32
+    name = _last_name(path)
+    edit_info, text = FORGED_TABLE_ENTRIES[forged]
+    bad = _rewrite(path, tmp_path / "forged.safetensors", lambda tensors, table: edit_info(table[name]), text)
+    model = _fresh_base()
+    field = "dtype" if "dtype" in forged else "shape"
+    match = rf"table entry '{name}' has (unsupported )?{field}"
+    _expect_rejected(model, lambda: delta.apply_delta(model, bad), match)
+    with pytest.raises(ValueError, match=match):
+        delta.load_delta(bad)
+    delta.apply_delta(model, path)
+    _expect_rejected(model, lambda: delta.remove_delta(model, bad), match)
 
 
 def test_bad_argument_types(trained_fp32, tmp_path):
