@@ -51,7 +51,6 @@ import weakref
 
 import torch
 import torch.nn.functional as F
-from torch.autograd.graph import get_gradient_edge
 from torch.nn.modules.module import register_module_forward_hook
 from torch.utils.weak import WeakIdKeyDictionary
 

@@ -38,7 +38,9 @@ def int_table(rows, device) -> torch.Tensor:
 def _interpreter_pow_f64(x, exponent):
     """fp64 ``x ** exponent`` for the interpreter, which has no libdevice: the interpreter runs
     kernels as Python on numpy arrays, so numpy's pow (C ``pow``, as the reference's CPU
-    double pow) stands in for libdevice's ``__nv_pow``."""
+    double pow) stands in for libdevice's ``__nv_pow``. Triton offers no public way to run an
+    fp64 pow under its interpreter, so this, the one place that needs it, builds the
+    interpreter's own ``TensorHandle``."""
     from triton.runtime.interpreter import TensorHandle
     e = exponent.handle.data if hasattr(exponent, "handle") else exponent
     data = np.power(x.handle.data.astype(np.float64), np.asarray(e, dtype=np.float64))
