@@ -1,26 +1,33 @@
 """The ops as ``torch.library`` operators: one definition each, a kernel per device.
 
 ``gem_kernels::layer_stats``, ``gem_kernels::ratio_topk``, ``gem_kernels::sparse_adamw_`` and
-``gem_kernels::sparse_weight_grad`` are defined here with their schemas (``sparse_adamw_`` declares the tensors it writes, so
-autograd bumps their version counters on every backend and ``torch.compile`` functionalises
-the mutation). Each op has
+``gem_kernels::sparse_weight_grad`` are defined here with their schemas (``sparse_adamw_`` declares
+the tensors it writes, so autograd bumps their version counters on every backend and
+``torch.compile`` functionalises the mutation). Each op has
 
 * a fake (meta) kernel that checks dtypes and shapes and makes outputs of the right size,
   which is what ``torch.compile`` and FakeTensor tracing run;
 * the reference (``gem_kernels.reference``) as the default kernel, for any device;
-* the C++ kernels for CPU tensors and the Triton kernels for CUDA tensors.
+* a kernel per device: the functions of that device's backend module, ``cpu.py`` (the C++
+  kernels) for CPU tensors and ``triton/`` for CUDA tensors, registered with torch by
+  ``register_backend``. torch's dispatcher is the only dispatch.
 
 The schemas take normalised arguments (``k`` always a list plus a flag, ``exclude`` as two
-optional tensors, ``step`` as one int64 per segment); ``gem_kernels.ops`` holds the public
-functions, which check everything that needs the data (index ranges, ``k`` bounds) and call
-these. ``GEM_KERNELS_BACKEND=reference|cpu|triton`` forces a backend (tests use it); a forced
-backend that cannot run raises instead of falling back.
+optional tensors, ``step`` as one int64 per segment); every backend module offers the
+reference's signatures, and the ``_*_kernel`` functions below are the one place that maps the
+schema's arguments onto them. ``gem_kernels.ops`` holds the public functions, which check
+everything that needs the data (index ranges, ``k`` bounds) and call these.
+
+``force_backend(name)`` (or ``GEM_KERNELS_BACKEND=reference|cpu|triton`` at import) makes every op
+run one backend's kernels, for tests and debugging; on a device it cannot run on, the ops then
+raise instead of falling back.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
-from typing import Optional, Sequence
+from typing import Optional
 
 import torch
 
@@ -30,6 +37,7 @@ Tensor = torch.Tensor
 
 BACKEND_NAMES = ("reference", "cpu", "triton")
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+DEVICE_TYPES = ("cpu", "cuda")
 
 
 # ---------------------------------------------------------------------------------------
@@ -58,8 +66,9 @@ def _can_run(name: str, device_type: str) -> bool:
         return True
     if name == "cpu":
         return device_type == "cpu" and _load_backend("cpu") is not None
-    if name == "triton":
-        return device_type == ("cpu" if _interpreting() else "cuda") and _load_backend("triton") is not None
+    if name == "triton":  # CUDA tensors, or CPU tensors under Triton's interpreter
+        on_device = device_type == "cpu" if _interpreting() else device_type == "cuda" and torch.cuda.is_available()
+        return on_device and _load_backend("triton") is not None
     return False
 
 
@@ -68,25 +77,9 @@ def backends() -> list[str]:
     live = ["reference"]
     if _can_run("cpu", "cpu"):
         live.append("cpu")
-    if _load_backend("triton") is not None and (torch.cuda.is_available() or _interpreting()):
+    if _can_run("triton", "cpu" if _interpreting() else "cuda"):
         live.append("triton")
     return live
-
-
-def backend_for(device_type: str):
-    """The backend module for tensors on ``device_type``: forced, else the device's own kernels."""
-    forced = os.environ.get("GEM_KERNELS_BACKEND", "").strip()
-    if forced:
-        if forced not in BACKEND_NAMES:
-            raise ValueError(f"GEM_KERNELS_BACKEND={forced!r} is not one of {BACKEND_NAMES}")
-        if not _can_run(forced, device_type):
-            raise RuntimeError(f"GEM_KERNELS_BACKEND={forced!r} was forced but cannot run on "
-                               f"{device_type} tensors here (live backends: {backends()})")
-        return _load_backend(forced)
-    for name in ("cpu", "triton"):
-        if _can_run(name, device_type):
-            return _load_backend(name)
-    return reference
 
 
 def check_strided(name: str, t) -> None:
@@ -114,9 +107,6 @@ def _check_all_strided(**named) -> None:
             check_strided(name, value)
 
 
-def _device_type(tensors: Sequence[Tensor]) -> str:
-    return tensors[0].device.type if len(tensors) else "cpu"
-
 
 # ---------------------------------------------------------------------------------------
 # layer_stats
@@ -133,12 +123,6 @@ def _(grads, weights, eps, exponent):
     _fake_check_segments(grads, weights)
     device = weights[0].device if len(weights) else torch.device("cpu")
     return torch.empty(len(weights), 4, dtype=torch.float64, device=device)
-
-
-@layer_stats.register_kernel(["cpu", "cuda"])
-def _(grads, weights, eps, exponent):
-    _check_all_strided(grads=grads, weights=weights)
-    return backend_for(_device_type(weights)).layer_stats(list(grads), list(weights), eps, exponent)
 
 
 # ---------------------------------------------------------------------------------------
@@ -172,14 +156,6 @@ def _(grads, weights, k, per_segment, eps, exponent, exclude_indices, exclude_of
     total = sum(k) if per_segment else k[0]
     return (torch.empty(total, dtype=torch.int64, device=device),
             torch.empty(len(weights) + 1, dtype=torch.int64, device=device))
-
-
-@ratio_topk.register_kernel(["cpu", "cuda"])
-def _(grads, weights, k, per_segment, eps, exponent, exclude_indices, exclude_offsets):
-    _check_all_strided(grads=grads, weights=weights, exclude_indices=exclude_indices,
-                       exclude_offsets=exclude_offsets)
-    return _ratio_topk_with(backend_for(_device_type(weights)), grads, weights, k, per_segment, eps,
-                            exponent, exclude_indices, exclude_offsets)
 
 
 # ---------------------------------------------------------------------------------------
@@ -226,17 +202,6 @@ def _(params, dense_grads, compact_grads, indices, offsets, exp_avg, exp_avg_sq,
         raise ValueError(f"offsets must have shape ({len(params) + 1},), got {tuple(offsets.shape)}")
 
 
-@sparse_adamw_.register_kernel(["cpu", "cuda"])
-def _(params, dense_grads, compact_grads, indices, offsets, exp_avg, exp_avg_sq, lr, beta1, beta2,
-      eps, weight_decay, step, age, maximize):
-    _check_all_strided(params=params, dense_grads=dense_grads, compact_grads=compact_grads,
-                       indices=indices, offsets=offsets, exp_avg=exp_avg, exp_avg_sq=exp_avg_sq,
-                       step=step, age=age)
-    _sparse_adamw_with(backend_for(_device_type(params)), params, dense_grads, compact_grads, indices,
-                       offsets, exp_avg, exp_avg_sq, lr, beta1, beta2, eps, weight_decay, step, age,
-                       maximize)
-
-
 # ---------------------------------------------------------------------------------------
 # sparse_weight_grad
 
@@ -261,12 +226,6 @@ def _(inputs, grad_outputs, indices, offsets):
     return torch.empty(indices.shape[0], dtype=torch.float32, device=indices.device)
 
 
-@sparse_weight_grad.register_kernel(["cpu", "cuda"])
-def _(inputs, grad_outputs, indices, offsets):
-    _check_all_strided(inputs=inputs, grad_outputs=grad_outputs, indices=indices, offsets=offsets)
-    return backend_for(indices.device.type).sparse_weight_grad(list(inputs), list(grad_outputs), indices, offsets)
-
-
 # ---------------------------------------------------------------------------------------
 # Fake-kernel checks: dtypes and shapes only (no data under tracing)
 
@@ -285,3 +244,95 @@ def _fake_check_segments(grads, weights) -> None:
     for i, (g, w) in enumerate(zip(grads, weights)):
         _fake_check("weights", i, w, w.shape)
         _fake_check("grads", i, g, w.shape)
+
+
+# ---------------------------------------------------------------------------------------
+# Device kernels: a backend module's functions behind the schemas
+
+
+def _layer_stats_kernel(module):
+    def kernel(grads, weights, eps, exponent):
+        _check_all_strided(grads=grads, weights=weights)
+        return module.layer_stats(list(grads), list(weights), eps, exponent)
+    return kernel
+
+
+def _ratio_topk_kernel(module):
+    def kernel(grads, weights, k, per_segment, eps, exponent, exclude_indices, exclude_offsets):
+        _check_all_strided(grads=grads, weights=weights, exclude_indices=exclude_indices,
+                           exclude_offsets=exclude_offsets)
+        return _ratio_topk_with(module, grads, weights, k, per_segment, eps, exponent, exclude_indices,
+                                exclude_offsets)
+    return kernel
+
+
+def _sparse_adamw_kernel(module):
+    def kernel(params, dense_grads, compact_grads, indices, offsets, exp_avg, exp_avg_sq, lr, beta1, beta2,
+               eps, weight_decay, step, age, maximize):
+        _check_all_strided(params=params, dense_grads=dense_grads, compact_grads=compact_grads,
+                           indices=indices, offsets=offsets, exp_avg=exp_avg, exp_avg_sq=exp_avg_sq,
+                           step=step, age=age)
+        _sparse_adamw_with(module, params, dense_grads, compact_grads, indices, offsets, exp_avg, exp_avg_sq,
+                           lr, beta1, beta2, eps, weight_decay, step, age, maximize)
+    return kernel
+
+
+def _sparse_weight_grad_kernel(module):
+    def kernel(inputs, grad_outputs, indices, offsets):
+        _check_all_strided(inputs=inputs, grad_outputs=grad_outputs, indices=indices, offsets=offsets)
+        return module.sparse_weight_grad(list(inputs), list(grad_outputs), indices, offsets)
+    return kernel
+
+
+_KERNELS = {layer_stats: _layer_stats_kernel, ratio_topk: _ratio_topk_kernel,
+            sparse_adamw_: _sparse_adamw_kernel, sparse_weight_grad: _sparse_weight_grad_kernel}
+
+
+class _Unrunnable:
+    """Stands for a forced backend on a device it cannot run on: every op raises."""
+
+    def __init__(self, name: str, device_type: str):
+        self.message = (f"GEM_KERNELS_BACKEND={name!r} was forced but cannot run on {device_type} tensors "
+                        f"here (live backends: {backends()})")
+
+    def __getattr__(self, op_name):
+        raise RuntimeError(self.message)
+
+
+def register_backend(module, device_type: str) -> None:
+    """Registers ``module``'s functions (the reference's signatures) as every op's kernel for
+    ``device_type``. They are looked up at each call, so a patched module function is what runs."""
+    for op, kernel_of in _KERNELS.items():
+        op.register_kernel(device_type)(kernel_of(module))
+
+
+def force_backend(name: Optional[str]) -> None:
+    """Makes every op run backend ``name``'s kernels on every device (tests, debugging); None
+    gives each device its own kernels again. A device the backend cannot run on raises."""
+    if name is not None and name not in BACKEND_NAMES:
+        raise ValueError(f"GEM_KERNELS_BACKEND={name!r} is not one of {BACKEND_NAMES}")
+    for device_type in DEVICE_TYPES:
+        if name is None:
+            native = "cpu" if device_type == "cpu" else "triton"
+            module = _load_backend(native) if _can_run(native, device_type) else reference
+        else:
+            module = _load_backend(name) if _can_run(name, device_type) else _Unrunnable(name, device_type)
+        register_backend(module, device_type)
+
+
+def backend_from_environment() -> None:
+    """Each device's own kernels, or the backend ``GEM_KERNELS_BACKEND`` forces (at import)."""
+    force_backend(os.environ.get("GEM_KERNELS_BACKEND", "").strip() or None)
+
+
+@contextlib.contextmanager
+def forced_backend(name: str):
+    """``force_backend(name)`` for the duration of a ``with`` block."""
+    force_backend(name)
+    try:
+        yield
+    finally:
+        backend_from_environment()
+
+
+backend_from_environment()

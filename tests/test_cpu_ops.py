@@ -52,19 +52,19 @@ def assert_same_selection(got, want):
 # Dispatch
 
 
-def test_backends_lists_cpu_and_ops_dispatches_cpu_tensors_to_it(monkeypatch):
+def test_backends_lists_cpu_and_ops_dispatches_cpu_tensors_to_it(monkeypatch, force_backend):
     assert "cpu" in gem_kernels.backends()
     calls = []
     real = cpu.layer_stats
     monkeypatch.setattr(cpu, "layer_stats", lambda *a: calls.append(a) or real(*a))
-    monkeypatch.delenv("GEM_KERNELS_BACKEND", raising=False)
+    force_backend(None)
     grads, weights = random_segments([(5,)], torch.float32, 0)
     ops.layer_stats(grads, weights)
     assert len(calls) == 1
-    monkeypatch.setenv("GEM_KERNELS_BACKEND", "cpu")
+    force_backend("cpu")
     ops.layer_stats(grads, weights)
     assert len(calls) == 2
-    monkeypatch.setenv("GEM_KERNELS_BACKEND", "reference")
+    force_backend("reference")
     ops.layer_stats(grads, weights)
     assert len(calls) == 2
 

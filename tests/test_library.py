@@ -24,10 +24,10 @@ def _adamw_args(grads_kind="dense"):
 
 
 @pytest.fixture(params=["reference", "cpu"])
-def backend(request, monkeypatch):
+def backend(request, force_backend):
     if request.param not in gem_kernels.backends():
         pytest.skip(f"{request.param} backend not built")
-    monkeypatch.setenv("GEM_KERNELS_BACKEND", request.param)
+    force_backend(request.param)
     return request.param
 
 

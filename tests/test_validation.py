@@ -116,13 +116,12 @@ def test_good_input_passes_the_same_checks():
     assert ops.ratio_topk(grads, weights, [30, 9])[1].tolist() == [0, 30, 39]
 
 
-def test_forced_backend_that_cannot_run_raises(monkeypatch):
+def test_forced_backend_that_cannot_run_raises(monkeypatch, force_backend):
     grads, weights = _segments()
-    monkeypatch.setenv("GEM_KERNELS_BACKEND", "nonsense")
     with pytest.raises(ValueError, match="GEM_KERNELS_BACKEND"):
-        ops.layer_stats(grads, weights)
-    monkeypatch.setenv("GEM_KERNELS_BACKEND", "triton")
+        force_backend("nonsense")
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    force_backend("triton")
     with pytest.raises(RuntimeError, match="forced but cannot run on cpu"):
         ops.layer_stats(grads, weights)
 

@@ -75,8 +75,8 @@ def test_modules_are_patched_in_training_only_and_no_dense_dw_is_made():
 
 
 @pytest.mark.parametrize("backend", ["reference", "cpu"])
-def test_training_equals_the_dense_path(backend, monkeypatch):
-    monkeypatch.setenv("GEM_KERNELS_BACKEND", backend)
+def test_training_equals_the_dense_path(backend, force_backend):
+    force_backend(backend)
     dense, _ = _run(False)
     sparse, _ = _run(True)
     for (name, a), b in zip(dense.named_parameters(), sparse.parameters()):
