@@ -127,15 +127,15 @@ class SelectedAllReduce:
 
         def scatter(fut):
             reduced = fut.value()[0]
-            at = 0
+            start = 0
             for flat, idx in plan:
                 if idx is None:
-                    flat.copy_(reduced[at:at + flat.numel()])
-                    at += flat.numel()
+                    flat.copy_(reduced[start:start + flat.numel()])
+                    start += flat.numel()
                 else:
                     flat.zero_()
-                    flat.index_copy_(0, idx, reduced[at:at + idx.numel()])
-                    at += idx.numel()
+                    flat.index_copy_(0, idx, reduced[start:start + idx.numel()])
+                    start += idx.numel()
             return buffer
         return future.then(scatter)
 
@@ -158,10 +158,10 @@ class SelectedAllReduce:
             idx = opt.state[p]["indices"]
             rows.append(torch.stack([torch.tensor(idx.numel(), device=idx.device), idx.sum(),
                                      (idx * idx).sum(), (idx * torch.arange(idx.numel(), device=idx.device)).sum()]))
-        mine = torch.stack(rows).to(torch.int64) if rows else torch.zeros(0, 4, dtype=torch.int64)
-        gathered = [torch.empty_like(mine) for _ in range(self.world_size)]
-        dist.all_gather(gathered, mine, group=self.process_group)
-        self.stats.check_bytes += mine.numel() * mine.element_size() * self.world_size
+        summary = torch.stack(rows).to(torch.int64) if rows else torch.zeros(0, 4, dtype=torch.int64)
+        gathered = [torch.empty_like(summary) for _ in range(self.world_size)]
+        dist.all_gather(gathered, summary, group=self.process_group)
+        self.stats.check_bytes += summary.numel() * summary.element_size() * self.world_size
         for rank, theirs in enumerate(gathered):
             if not torch.equal(theirs, gathered[0]):
                 raise RuntimeError(

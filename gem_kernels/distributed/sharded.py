@@ -131,9 +131,9 @@ def sharded_ratio_topk(local_grads: Sequence[Tensor], local_weights: Sequence[Te
     out, counts = [], []
     for seg, n in enumerate(numels):
         lo = int(shard_offsets[seg])
-        mine = ranked_glob[chosen & (ranked_seg == seg) & (ranked_glob >= lo) & (ranked_glob < lo + n)]
-        out.append(torch.sort(mine - lo).values)
-        counts.append(mine.numel())
+        in_shard = ranked_glob[chosen & (ranked_seg == seg) & (ranked_glob >= lo) & (ranked_glob < lo + n)]
+        out.append(torch.sort(in_shard - lo).values)
+        counts.append(in_shard.numel())
     result_offsets = torch.zeros(len(numels) + 1, dtype=torch.int64, device=device)
     result_offsets[1:] = torch.tensor(counts, dtype=torch.int64).cumsum(0)
     return (torch.cat(out) if out else empty_i), result_offsets

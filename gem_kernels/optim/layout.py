@@ -69,21 +69,21 @@ class GroupLayout:
             for key in self.keys:
                 state[key] = self.flat[key][self.bounds[i]:self.bounds[i + 1]]
 
-    def arguments(self, have: list, states: list) -> dict:
-        """Index set and state buffers of the params at positions ``have``: the flat buffers
+    def arguments(self, positions: list, states: list) -> dict:
+        """Index set and state buffers of the params at ``positions`` in the group: the flat buffers
         themselves when that is every param, else concatenated copies (``write_back`` then)."""
-        if len(have) == len(states):
+        if len(positions) == len(states):
             return {"offsets": self.offsets, **self.flat}
-        sub = [states[i] for i in have]
-        offsets = torch.zeros(len(have) + 1, dtype=torch.int64, device=self.offsets.device)
+        sub = [states[i] for i in positions]
+        offsets = torch.zeros(len(positions) + 1, dtype=torch.int64, device=self.offsets.device)
         offsets[1:] = torch.tensor([s["indices"].numel() for s in sub], dtype=torch.int64).cumsum(0)
         return {"offsets": offsets, **{key: torch.cat([s[key] for s in sub]) for key in self.keys}}
 
-    def write_back(self, have: list, states: list, buffers: dict) -> None:
+    def write_back(self, positions: list, states: list, buffers: dict) -> None:
         """Copies updated moments (and ages) of a subset call back into the params' views."""
-        if len(have) == len(states):
+        if len(positions) == len(states):
             return
         bounds = buffers["offsets"].tolist()
-        for j, i in enumerate(have):
+        for j, i in enumerate(positions):
             for key in self.keys[1:]:  # indices never change in an update
                 states[i][key].copy_(buffers[key][bounds[j]:bounds[j + 1]])

@@ -23,7 +23,7 @@ NUM_WARPS = 4
 FINISH_ROWS = 256
 FINISH_WARPS = 4
 
-TABLE_COLS = 5  # g address, w address, numel, g dtype code, w dtype code
+TABLE_COLS = tl.constexpr(5)  # g address, w address, numel, g dtype code, w dtype code
 
 
 @triton.jit
@@ -31,7 +31,7 @@ def _partials_kernel(table, block_start, num_segments, partials, eps, exponent: 
                      TILE: tl.constexpr, TILES: tl.constexpr, HAS_EXPONENT: tl.constexpr):
     pid = tl.program_id(0)
     seg = find_segment(block_start, num_segments, pid)
-    row = table + seg * 5
+    row = table + seg * TABLE_COLS
     g_base = tl.load(row)
     w_base = tl.load(row + 1)
     numel = tl.load(row + 2)

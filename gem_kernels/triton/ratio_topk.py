@@ -30,13 +30,13 @@ DIGIT_BITS = 8
 SHIFTS = (24, 16, 8, 0)  # keys fit in 31 bits: four 8-bit digits, most significant first
 RATIO_TOPK_PASSES = len(SHIFTS) + 2  # full reads of g and w: the histograms, count, write
 
-TABLE_COLS = 6  # g address, w address, numel, g dtype code, w dtype code, first flat element
+TABLE_COLS = tl.constexpr(6)  # g address, w address, numel, g dtype code, w dtype code, first flat element
 
 
 @triton.jit
 def _segment_of_program(table, block_start, num_segments, pid, CHUNK: tl.constexpr):
     seg = find_segment(block_start, num_segments, pid)
-    row = table + seg * 6
+    row = table + seg * TABLE_COLS
     first = (pid - tl.load(block_start + seg)).to(tl.int64) * CHUNK
     return (seg, tl.load(row), tl.load(row + 1), tl.load(row + 2), tl.load(row + 3),
             tl.load(row + 4), tl.load(row + 5), first)

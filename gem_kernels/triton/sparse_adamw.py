@@ -26,7 +26,7 @@ NUM_WARPS = 8
 # interpreter and the reference round at the same places.
 OPTIONS = {"num_warps": NUM_WARPS, "enable_fp_fusion": False}
 
-TABLE_COLS = 5  # param address, dense grad address, param dtype code, grad dtype code, step
+TABLE_COLS = tl.constexpr(5)  # param address, dense grad address, param dtype code, grad dtype code, step
 
 
 @triton.jit
@@ -44,7 +44,7 @@ def _sparse_adamw_kernel(table, offsets, num_segments, search_steps, indices, co
         go_right = tl.load(offsets + mid, mask=active, other=0) <= entry
         lo = tl.where(go_right, mid, lo)
         hi = tl.where(go_right, hi, mid)
-    row = table + lo * 5
+    row = table + lo * TABLE_COLS
     p_base = tl.load(row, mask=active, other=0)
     p_code = tl.load(row + 2, mask=active, other=0)
     idx = tl.load(indices + entry, mask=active, other=0)

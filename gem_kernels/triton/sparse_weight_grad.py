@@ -29,7 +29,7 @@ NUM_WARPS = 4
 # only promised to fp32 rounding, and a fused step rounds once instead of twice.
 OPTIONS = {"num_warps": NUM_WARPS, "enable_fp_fusion": True}
 
-TABLE_COLS = 7  # X address, dY address, X dtype code, dY dtype code, T, in, out
+TABLE_COLS = tl.constexpr(7)  # X address, dY address, X dtype code, dY dtype code, T, in, out
 
 
 @triton.jit
@@ -43,7 +43,7 @@ def _sparse_weight_grad_kernel(table, offsets, block_start, num_segments, indice
     end = tl.load(offsets + seg + 1)
     if first >= end:  # the grid's spare programs (the host does not know the per-segment counts)
         return
-    row = table + seg * 7
+    row = table + seg * TABLE_COLS
     x_base = tl.load(row)
     dy_base = tl.load(row + 1)
     x_code = tl.load(row + 2)
