@@ -256,3 +256,19 @@ def test_the_policy_by_device():
     for bad in ("yes", 1, None):
         with pytest.raises(ValueError, match="sparse_weight_grads must be"):
             SparseAdamW(model.parameters(), budget=10, selector=Random(0), sparse_weight_grads=bad)
+
+
+def test_the_policy_decides_which_weights_are_routed(monkeypatch):
+    """Where the policy says the sparse op does not pay (CUDA, by default), the module keeps
+    torch's forward and the optimizer's hook keeps the selected entries of the dense dW."""
+    from gem_kernels.optim import weight_grads
+    monkeypatch.setattr(weight_grads, "sparse_weight_grad_pays", lambda device, policy="auto": False)
+    model = _model()
+    opt = SparseAdamW(model.parameters(), lr=1e-2, budget=30, selector=Random(0))
+    opt.register_modules(model)
+    for batch in _batches(2):
+        _loss(model, batch).backward()
+        assert model[0].weight.grad.is_sparse  # the gradient hook's COO tensor
+        opt.step()
+        opt.zero_grad()
+    assert type(model[0]) is torch.nn.Linear and opt.phase == "training"
