@@ -9,7 +9,7 @@ PY := $(VENV)/bin/python
 SETUP_STAMP := $(VENV)/.gem_kernels_installed
 SOURCES := $(wildcard setup.py pyproject.toml CMakeLists.txt csrc/* csrc/*/* python/*)
 
-.PHONY: setup test demo bench clean asan
+.PHONY: setup test demo bench clean asan gpu-check
 
 setup: $(SETUP_STAMP)
 
@@ -65,6 +65,16 @@ asan: setup
 		print('sanitized _C:', f, flush=True); \
 		assert f.startswith('$(abspath $(ASAN_DIR))/'), 'gem_kernels._C is not the sanitized build'; \
 		sys.exit(pytest.main(['-q', '--capture=sys', '-p', 'no:cacheprovider', *'$(abspath $(ASAN_TESTS))'.split()]))"
+
+# `make gpu-check`: the GPU suite (benchmarks/gpu_suite.py, docs/gpu.md) on a CUDA machine, run
+# from this source checkout with that machine's own python3 (torch, triton, transformers, peft):
+# no venv, nothing built. Its stages are time-boxed to 330 s in all, to end within 6 minutes on one
+# H200 (not yet timed there). E.g. GPU_CHECK_ARGS="--results /tmp/out".
+GPU_PYTHON ?= python3
+GPU_CHECK_ARGS ?=
+
+gpu-check:
+	PYTHONPATH=$(CURDIR)$${PYTHONPATH:+:$$PYTHONPATH} PYTHONUNBUFFERED=1 $(GPU_PYTHON) benchmarks/gpu_check.py --all $(GPU_CHECK_ARGS)
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info gem_kernels/_C*.so

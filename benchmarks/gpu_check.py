@@ -2,7 +2,9 @@
 then a short timing of each kernel against what a user would run instead, with the bytes each
 kernel must move and the time that implies at a given bandwidth.
 
-    python benchmarks/gpu_check.py                # on a CUDA machine: writes
+    python benchmarks/gpu_check.py --all          # the whole GPU suite, time-boxed, one call
+                                                  # (benchmarks/gpu_suite.py; docs/gpu.md)
+    python benchmarks/gpu_check.py                # on a CUDA machine, the kernels alone: writes
                                                   # benchmarks/results/gpu_check-<device>.json
     python benchmarks/gpu_check.py --model-only   # anywhere: just the byte/time arithmetic
 """
@@ -69,6 +71,7 @@ def timings(device="cuda"):
     """Median times (ms, triton.testing.do_bench) of each kernel and its torch baseline."""
     import torch
     import triton
+
     import gem_kernels.triton as tk
 
     sizes = segment_sizes()
@@ -121,9 +124,17 @@ def timings(device="cuda"):
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "--all" in argv:  # the suite parses the rest (so `--all --help` is its help)
+        sys.path.insert(0, str(ROOT / "benchmarks"))
+        import gpu_suite
+        return gpu_suite.main([a for a in argv if a != "--all"])
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model-only", action="store_true", help="print the byte model and stop")
     parser.add_argument("--bandwidth", type=float, default=BANDWIDTH, help="bytes/s for the ideal times")
+    parser.add_argument("--all", action="store_true",
+                        help="run the whole GPU suite instead (benchmarks/gpu_suite.py; "
+                             "`--all --help` lists its options)")
     args = parser.parse_args(argv)
     model = traffic_model(bandwidth=args.bandwidth)
     if args.model_only:

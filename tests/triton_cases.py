@@ -3,8 +3,13 @@
 Not a pytest module by itself: ``tests/test_triton_interpret.py`` runs it in a subprocess
 with ``TRITON_INTERPRET=1`` (Triton picks interpreter or compiler when the kernels are
 decorated, so this must be a fresh process), and ``benchmarks/gpu_check.py`` runs it on
-CUDA tensors. ``python tests/triton_cases.py --device cpu --json out.json`` runs every case,
+CUDA tensors, where ``GPU_CASES`` (sparse_weight_grad at sizes only a GPU makes affordable)
+join ``CASES``. ``python tests/triton_cases.py --device cpu --json out.json`` runs every case,
 prints one line per case (with the worst mismatch) and exits non-zero if any case fails.
+
+What "exact" means for the AdamW step on CUDA, and why: the comment above
+``adamw_steps_bounds`` and docs/gpu.md. ``ulp_distance`` counts ulps (tests/test_gpu_suite.py
+tests it on CPU).
 """
 from __future__ import annotations
 
@@ -119,7 +124,8 @@ def check_stats(grads, weights, eps=1e-8, exponent=1.0):
     err = torch.where(both_finite, (got - want).abs() - tol, torch.zeros_like(got))
     assert same_nan and same_inf, f"non-finite pattern differs:\n got {got}\n want {want}"
     worst = float(((got - want).abs() / want.abs().clamp_min(1e-30))[both_finite].max()) if both_finite.any() else 0.0
-    assert bool((err <= 0).all()), f"stats differ beyond tolerance (worst relative {worst:.3g}):\n got {got}\n want {want}"
+    assert bool((err <= 0).all()), \
+        f"stats differ beyond tolerance (worst relative {worst:.3g}):\n got {got}\n want {want}"
     return f"worst relative error {worst:.3g}"
 
 
@@ -175,50 +181,226 @@ def check_adamw(device, param_dtypes, seed, *, compact=False, step=None, age_dty
     return f"{n} entries, worst param difference {worst:.3g}"
 
 
-def check_adamw_steps(device, param_dtype, seed, *, steps=5, compact=False, age_dtype=None,
-                      betas=(0.9, 0.999), counts=(1, 5, 300, 0, 2000)):
-    """Several steps in a row, new gradients each step, params and state compared bit for bit
-    with the reference (torch.equal): the kernel rounds where torch does (fp32 math, its fused
-    lerp and addcmul, round to nearest even into bf16/fp16), so nothing may differ. A store
-    that truncates, or a multiply-add fused where torch rounds twice, moves entries by an ulp
-    that the one-step cases' tolerances would let through. Not for fp32 params: those can
-    differ from the reference by an ulp, as the C++ backend's do (csrc/sparse_adamw.cpp)."""
-    from gem_kernels import reference
-    inputs = _adamw_inputs(device, [param_dtype], seed, counts)
+# ---------------------------------------------------------------------------------------
+# Ulps: how far apart two floats are, counted in representable values of their dtype.
+
+_INT_VIEW = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}
+
+
+def ulp_distance(got, want, scale=None):
+    """Per entry, how many ulps of their dtype ``got`` and ``want`` are apart (float64, CPU).
+
+    Without ``scale``: the number of representable values between them, from the integer view
+    of the bits (sign-magnitude mapped onto an ordered integer line): adjacent floats are 1
+    apart, +0 and -0 are 0 apart, the smallest subnormals either side of zero 2 apart; across a
+    power of two it counts the finer spacing below it. Equal infinities are 0 apart; NaN against
+    NaN is 0, NaN against a number is inf.
+
+    With ``scale`` (a tensor like ``want``, or a number): ``|got - want|`` in ulps of the dtype at
+    magnitude ``|scale|``. For a result that cancelled (far smaller than the terms it came from),
+    its own ulp measures nothing the arithmetic controls; the terms' size does.
+    """
+    if got.dtype != want.dtype or got.shape != want.shape:
+        raise TypeError(f"ulp_distance: got {got.dtype} {tuple(got.shape)}, want {want.dtype} {tuple(want.shape)}")
+    if got.dtype not in _INT_VIEW:
+        raise TypeError(f"ulp_distance: {got.dtype} is not one of {list(_INT_VIEW)}")
+    got, want = got.detach().cpu(), want.detach().cpu()
+    if scale is None:
+        bits = 8 * got.element_size()
+        magnitude = (1 << (bits - 1)) - 1
+
+        def ordered(x):
+            i = x.contiguous().view(_INT_VIEW[x.dtype]).to(torch.int64)
+            return torch.where(i < 0, -(i & magnitude), i)
+        dist = (ordered(got) - ordered(want)).abs().double()
+    else:
+        scale = torch.as_tensor(scale, dtype=torch.float64).cpu()
+        dist = (got.double() - want.double()).abs() / spacing(scale, got.dtype)
+        dist = torch.where(got.isinf() & want.isinf() & (got == want), torch.zeros_like(dist), dist)
+    both_nan = got.isnan() & want.isnan()
+    one_nan = got.isnan() ^ want.isnan()
+    dist = torch.where(both_nan, torch.zeros_like(dist), dist)
+    return torch.where(one_nan, torch.full_like(dist, float("inf")), dist)
+
+
+def spacing(x, dtype):
+    """The gap between adjacent representable values of ``dtype`` at magnitude ``|x|`` (float64):
+    ``2^(e - p)`` for ``2^e <= |x| < 2^(e+1)`` with ``p`` mantissa bits, and the subnormal gap
+    below the smallest normal."""
+    info = torch.finfo(dtype)
+    x = torch.as_tensor(x, dtype=torch.float64).abs()
+    _, exponent = torch.frexp(x)  # x = f * 2^exponent, 0.5 <= f < 1
+    gap = torch.ldexp(torch.full_like(x, info.eps), (exponent - 1).to(torch.float64))
+    return torch.where(x < info.smallest_normal, torch.full_like(x, info.eps * info.smallest_normal), gap)
+
+
+def worst_ulp(got, want, bound=0.0, scale=None) -> dict:
+    """The worst entry of ``ulp_distance(got, want, scale)``: its position, both values and
+    distance, how many entries differ at all and how many lie beyond ``bound``."""
+    dist = ulp_distance(got, want, scale)
+    if dist.numel() == 0:
+        return {"worst_ulp": 0.0, "at": None, "got": None, "want": None, "differ": 0, "beyond": 0,
+                "bound": bound, "entries": 0}
+    flat = dist.reshape(-1)
+    at = int(torch.argmax(flat))
+    return {"worst_ulp": float(flat[at]), "at": at, "got": float(got.reshape(-1)[at]),
+            "want": float(want.reshape(-1)[at]), "differ": int((flat != 0).sum()),
+            "beyond": int((flat > bound).sum()), "bound": bound, "entries": flat.numel()}
+
+
+def describe_worst(w: dict) -> str:
+    if w["at"] is None:
+        return "no entries"
+    return (f"worst {w['worst_ulp']:.3g} ulp at entry {w['at']} (got {w['got']!r}, want {w['want']!r}); "
+            f"{w['differ']} of {w['entries']} differ, {w['beyond']} beyond {w['bound']:g}")
+
+
+# ---------------------------------------------------------------------------------------
+# Several AdamW steps in a row: bit-identical on CPU, within the GPU contract on CUDA.
+#
+# What "exact" means for sparse_adamw_ (docs/gpu.md, "The contract"):
+# * CPU (the C++ backend) and the Triton kernel under TRITON_INTERPRET=1: params and state
+#   bit-identical to the reference after every step (torch.equal). The kernel rounds where torch's
+#   CPU kernels do: fp32 math, lerp and addcmul as one fma each, bf16/fp16 stores to nearest even.
+# * CUDA: the reference run on the same CUDA tensors is torch's CUDA kernels, which round the same
+#   expression differently: addcmul as a + alpha*(b*c), and a division by a Python scalar as a
+#   multiplication by its reciprocal. benchmarks/cuda_rounding.py replays that arithmetic on CPU:
+#   300, 261 and 335 of the 2306 exp_avg_sq entries of the three cases below then differ, at most
+#   2 ulp, as the H200 run of issue 16 reported (261 to 335). So on CUDA, after step k of the run
+#   (no resynchronising), each selected entry must be within adamw_steps_bounds(k) of the CUDA
+#   reference: exp_avg_sq 4k+2 fp32 ulp, exp_avg 6k fp32 ulp at the scale of its terms, params
+#   k ulp of their dtype at the scale of their values (the derivation is in docs/gpu.md). The
+#   comparison with the reference run on CPU copies is reported beside it (``vs_cpu_reference``),
+#   not checked: the kernel is expected to match it bit for bit, which no GPU run has shown yet.
+
+
+def adamw_steps_bounds(step: int) -> dict:
+    """The GPU contract after ``step`` steps, in ulps (docs/gpu.md derives them)."""
+    return {"params": float(step), "exp_avg": 6.0 * step, "exp_avg_sq": 4.0 * step + 2}
+
+
+def _steps_inputs(param_dtype, seed, steps, compact, age_dtype, counts):
+    """Everything on CPU: start state, each step's grads, the first ages (moved by the caller)."""
+    inputs = _adamw_inputs("cpu", [param_dtype], seed, counts)
     n = inputs[2].numel()
     gen = torch.Generator().manual_seed(seed + 1)
-    step_grads = [torch.randn(n, generator=gen).to(param_dtype).to(device) if compact else
-                  [torch.randn(p.shape, generator=gen).to(param_dtype).to(device) for p in inputs[0]]
+    step_grads = [torch.randn(n, generator=gen).to(param_dtype) if compact else
+                  [torch.randn(p.shape, generator=gen).to(param_dtype) for p in inputs[0]]
                   for _ in range(steps)]
-    first_age = torch.randint(1, 50, (n,), generator=gen).to(device) if age_dtype else None
-    results = []
-    for impl in (_backend(), reference):
-        params, _, indices, offsets, exp_avg, exp_avg_sq = [x.clone() if isinstance(x, torch.Tensor)
-                                                            else [t.clone() for t in x] for x in inputs]
-        for step, grads in enumerate(step_grads, start=1):
-            age = (first_age + step - 1).to(age_dtype) if age_dtype else None
-            impl.sparse_adamw_(params, grads, indices, offsets, exp_avg, exp_avg_sq, lr=3e-3,
-                               betas=betas, eps=1e-8, weight_decay=0.05,
-                               step=None if age_dtype else step, age=age)
-        results.append((params, exp_avg, exp_avg_sq))
-    (got_p, got_m, got_v), (want_p, want_m, want_v) = results
-    indices, offsets = inputs[2], inputs[3]
+    first_age = torch.randint(1, 50, (n,), generator=gen) if age_dtype else None
+    return inputs, step_grads, first_age
 
-    def selected(params):  # the selected entries of all segments, in the order of indices
-        return torch.cat([p.view(-1)[indices[int(offsets[i]):int(offsets[i + 1])]] for i, p in enumerate(params)])
-    for name, got, want in [("params", selected(got_p), selected(want_p)), ("exp_avg", got_m, want_m),
-                            ("exp_avg_sq", got_v, want_v)]:
-        if not torch.equal(got.cpu(), want.cpu()):
-            bad = (got.cpu() != want.cpu()).nonzero().view(-1)
-            first = int(bad[0])
-            raise AssertionError(f"after {steps} steps, {bad.numel()} of {got.numel()} {name} entries differ "
-                                 f"from the reference; first at {first}: got {float(got[first])!r}, "
-                                 f"want {float(want[first])!r}")
-    for seg, (gp, p0) in enumerate(zip(got_p, inputs[0])):  # and nothing else was written
-        untouched = torch.ones(p0.numel(), dtype=torch.bool, device=p0.device)
+
+def _to(x, device):
+    if isinstance(x, torch.Tensor):
+        return x.to(device).clone()
+    if x is None:
+        return None
+    return [_to(t, device) for t in x]
+
+
+def _selected(params, indices, offsets):
+    """The selected entries of all segments, in the order of ``indices``."""
+    return torch.cat([p.view(-1)[indices[int(offsets[i]):int(offsets[i + 1])]] for i, p in enumerate(params)])
+
+
+def run_adamw_steps(impl, device, inputs, step_grads, first_age, age_dtype, betas):
+    """Runs ``impl.sparse_adamw_`` step after step from ``inputs`` on ``device``. Returns the history
+    (after each step: the selected params in their dtype, exp_avg, exp_avg_sq, on CPU) and the final
+    params (for the check that nothing else was written)."""
+    params, _, indices, offsets, exp_avg, exp_avg_sq = _to(inputs, device)
+    history = []
+    for step, grads in enumerate(step_grads, start=1):
+        age = (first_age.to(device) + step - 1).to(age_dtype) if age_dtype else None
+        impl.sparse_adamw_(params, _to(grads, device), indices, offsets, exp_avg, exp_avg_sq, lr=3e-3,
+                           betas=betas, eps=1e-8, weight_decay=0.05, step=None if age_dtype else step, age=age)
+        history.append({"params": _selected(params, indices, offsets).cpu(), "exp_avg": exp_avg.cpu().clone(),
+                        "exp_avg_sq": exp_avg_sq.cpu().clone()})
+    return history, [p.cpu() for p in params]
+
+
+def _selected_grads(step_grads, inputs):
+    """Each step's grad at the selected entries, fp32 (the terms of exp_avg's lerp)."""
+    indices, offsets = inputs[2], inputs[3]
+    return [(g if isinstance(g, torch.Tensor) else _selected(g, indices, offsets)).float() for g in step_grads]
+
+
+def compare_exact(got, want) -> None:
+    """Raises unless every step's params and state are bit-identical."""
+    for step, (g, w) in enumerate(zip(got, want), start=1):
+        for name in ("params", "exp_avg", "exp_avg_sq"):
+            a, b = g[name], w[name]
+            if not torch.equal(a, b):
+                bad = (a != b).nonzero().view(-1)
+                first = int(bad[0])
+                raise AssertionError(f"after step {step} of {len(got)}, {bad.numel()} of {a.numel()} {name} entries "
+                                     f"differ from the reference; first at {first}: got {float(a[first])!r}, "
+                                     f"want {float(b[first])!r}")
+
+
+def compare_contract(got, want, start, grads, bounds=adamw_steps_bounds) -> dict:
+    """Checks ``got`` against ``want`` step by step under the GPU contract: ``bounds(step)`` ulps,
+    exp_avg_sq counted on its own value, exp_avg at the largest |m| or |g| seen so far, params at
+    the largest |param| seen so far (both from ``want`` and ``start``). Raises AssertionError naming
+    the first step and quantity beyond its bound and the worst entry; returns, per quantity, the
+    worst entry over all steps (with its step) and the entries differing after the last step."""
+    m_scale = start["exp_avg"].double().abs()
+    p_scale = start["params"].double().abs()
+    worst = {}
+    for step, (g, w) in enumerate(zip(got, want), start=1):
+        m_scale = torch.maximum(torch.maximum(m_scale, grads[step - 1].double().abs()), w["exp_avg"].double().abs())
+        p_scale = torch.maximum(p_scale, w["params"].double().abs())
+        bound = bounds(step)
+        for name, scale in (("params", p_scale), ("exp_avg", m_scale), ("exp_avg_sq", None)):
+            result = worst_ulp(g[name], w[name], bound[name], scale)
+            if result["beyond"]:
+                raise AssertionError(f"after step {step} of {len(got)}, {name}: {result['beyond']} entries beyond "
+                                     f"the contract's {bound[name]:g} ulp; {describe_worst(result)}")
+            if name not in worst or result["worst_ulp"] > worst[name]["worst_ulp"]:
+                worst[name] = dict(result, step=step)
+            worst[name]["differ_after_last_step"] = result["differ"]
+    return worst
+
+
+def check_adamw_steps(device, param_dtype, seed, *, steps=5, compact=False, age_dtype=None,
+                      betas=(0.9, 0.999), counts=(1, 5, 300, 0, 2000), backend=None, contract=None):
+    """Several steps in a row, new gradients each step, params and state compared after every step
+    with the reference run on the same device: bit for bit on CPU (``contract="exact"``, the
+    default there), within the GPU contract on CUDA (``"gpu"``; see the comment above). A store that
+    truncates, or a multiply-add fused where torch rounds twice, moves entries by an ulp that the
+    one-step cases' tolerances would let through; the exact contract sees it. Not for fp32 params:
+    those can differ from the reference by an ulp, as the C++ backend's do (csrc/sparse_adamw.cpp)."""
+    from gem_kernels import reference
+    backend = backend or _backend()
+    contract = contract or ("gpu" if torch.device(device).type == "cuda" else "exact")
+    inputs, step_grads, first_age = _steps_inputs(param_dtype, seed, steps, compact, age_dtype, counts)
+    got, final = run_adamw_steps(backend, device, inputs, step_grads, first_age, age_dtype, betas)
+    want, _ = run_adamw_steps(reference, device, inputs, step_grads, first_age, age_dtype, betas)
+    indices, offsets = inputs[2], inputs[3]
+    for seg, (gp, p0) in enumerate(zip(final, inputs[0])):  # and nothing else was written
+        untouched = torch.ones(p0.numel(), dtype=torch.bool)
         untouched[indices[int(offsets[seg]):int(offsets[seg + 1])]] = False
         assert torch.equal(gp.view(-1)[untouched], p0.view(-1)[untouched]), f"segment {seg}: unselected entries changed"
-    return f"{n} entries x {steps} steps, params and state bit-identical"
+    n = indices.numel()
+    if contract == "exact":
+        compare_exact(got, want)
+        return f"{n} entries x {steps} steps, params and state bit-identical"
+    start = {"params": _selected(inputs[0], indices, offsets), "exp_avg": inputs[4]}
+    worst = compare_contract(got, want, start, _selected_grads(step_grads, inputs))
+    details = {"contract": {k: adamw_steps_bounds(steps)[k] for k in worst}, "vs_reference": worst}
+    if torch.device(device).type != "cpu":  # what the reference gives on CPU: reported, not checked
+        on_cpu, _ = run_adamw_steps(reference, "cpu", inputs, step_grads, first_age, age_dtype, betas)
+        details["vs_cpu_reference"] = {name: dict(worst_ulp(got[-1][name], on_cpu[-1][name]),
+                                                  identical_every_step=all(torch.equal(g[name], c[name])
+                                                                           for g, c in zip(got, on_cpu)))
+                                       for name in ("params", "exp_avg", "exp_avg_sq")}
+    summary = f"{n} entries x {steps} steps within the GPU contract; worst: " + ", ".join(
+        f"{k} {v['worst_ulp']:.3g} ulp ({v['differ_after_last_step']} differ)" for k, v in worst.items())
+    if "vs_cpu_reference" in details:
+        parts = [f"{k} identical" if v["identical_every_step"] else f"{k} worst {v['worst_ulp']:.3g} ulp"
+                 for k, v in details["vs_cpu_reference"].items()]
+        summary += "; against the reference on CPU: " + ", ".join(parts)
+    return summary, details
 
 
 # ---------------------------------------------------------------------------------------
@@ -277,6 +459,8 @@ CASES = {
                                                 compact=True, age_dtype=torch.int64),
     "adamw_compact_fp16_step1": _case_adamw(param_dtypes=[torch.float16], seed=8, compact=True, step=1),
     "adamw_nan_grad": _case_adamw(param_dtypes=[torch.float32], seed=9, step=3, nan_grad=True),
+    # The *_exact cases: bit-identical to the reference on CPU (the interpreter); on CUDA within
+    # the GPU contract (ulp bounds per step, see "Several AdamW steps in a row" above and docs/gpu.md).
     "adamw_steps_bf16_exact": lambda device: check_adamw_steps(device, torch.bfloat16, seed=10),
     "adamw_steps_fp16_compact_age_exact": lambda device: check_adamw_steps(
         device, torch.float16, seed=11, compact=True, age_dtype=torch.int32),
@@ -286,22 +470,111 @@ CASES = {
 }
 
 
+# ---------------------------------------------------------------------------------------
+# sparse_weight_grad on CUDA against float64. Under the interpreter the kernel is checked by
+# tests/test_sparse_weight_grad.py; these cases add the sizes a GPU makes affordable.
+
+U = 2.0 ** -24  # fp32 unit roundoff
+
+
+def check_weight_grad(device, shapes, dtypes, density, seed, backend=None):
+    """Random X [T, in] and dY [T, out] per segment (normal, never zero), sorted random indices at
+    ``density``; the kernel's entries against the float64 sums. A sum of T fp32 products in any
+    order is within (T + 1) u sum_t |dY X| of the exact value (inputs are widened exactly), so that
+    is the bound per entry; the relative error ||got - ref|| / ||ref|| is reported beside it. Then
+    the same shapes with inputs drawn from +-1, +-2, +-3, whose sums are exact in fp32 (below
+    2^24): every entry must be exact."""
+    backend = backend or _backend()
+    summaries = []
+    for integer in (False, True):
+        gen = torch.Generator().manual_seed(seed)
+        xs, dys, parts = [], [], []
+        for (t, n_out, n_in), dtype in zip(shapes, dtypes):
+            def draw(rows, cols):
+                if integer:
+                    values = torch.tensor([-3.0, -2.0, -1.0, 1.0, 2.0, 3.0])
+                    return values[torch.randint(0, 6, (rows, cols), generator=gen)]
+                return torch.randn(rows, cols, generator=gen)
+            xs.append(draw(t, n_in).to(dtype).to(device))
+            dys.append(draw(t, n_out).to(dtype).to(device))
+            k = max(1, round(density * n_out * n_in))
+            parts.append(torch.randperm(n_out * n_in, generator=gen)[:k].sort().values)
+        counts = [p.numel() for p in parts]
+        indices = torch.cat(parts).to(device)
+        offsets = torch.tensor([0] + counts, dtype=torch.int64).cumsum(0).to(device)
+        got = backend.sparse_weight_grad(xs, dys, indices, offsets)
+        wants, tols = [], []
+        for seg, (x, dy) in enumerate(zip(xs, dys)):
+            idx = indices[int(offsets[seg]):int(offsets[seg + 1])]
+            wants.append((dy.double().T @ x.double()).reshape(-1)[idx])
+            tols.append((x.shape[0] + 1) * U * (dy.double().abs().T @ x.double().abs()).reshape(-1)[idx])
+        want, tol = torch.cat(wants).cpu(), torch.cat(tols).cpu()
+        got = got.cpu()
+        assert got.dtype == torch.float32 and got.shape == want.shape, f"got {got.dtype} {tuple(got.shape)}"
+        err = (got.double() - want).abs().nan_to_num(float("inf"))  # a poisoned (unwritten) entry is NaN
+        if integer:
+            if not torch.equal(got.double(), want):
+                bad = int((got.double() != want).nonzero()[0])
+                raise AssertionError(f"integer inputs: entry {bad} is {float(got[bad])!r}, the exact sum is "
+                                     f"{float(want[bad])!r}")
+            summaries.append(f"integer inputs: all {got.numel()} entries exact")
+            continue
+        share = err / tol.clamp_min(1e-300)
+        worst = int(torch.argmax(share))
+        relative = float((got.double() - want).norm() / want.norm())
+        line = (f"{got.numel()} entries, relative error {relative:.3g}, worst err/bound {float(share[worst]):.3g} "
+                f"at entry {worst} (got {float(got[worst])!r}, float64 {float(want[worst])!r})")
+        assert bool((err <= tol).all()), line
+        summaries.append(line)
+    return "; ".join(summaries)
+
+
+# Shapes are (T, out, in) per segment. The 953M Llama's layers (benchmarks/step_cost.py,
+# llama-953m): q/k/v/o 2048 x 2048, gate/up 5632 x 2048, down 2048 x 5632, T = 8 x 512.
+LLAMA_953M_LAYERS = [(4096, 2048, 2048), (4096, 5632, 2048), (4096, 2048, 5632)]
+GPU_CASES = {
+    "weight_grad_awkward_mixed": lambda device: check_weight_grad(
+        device, [(37, 123, 431), (0, 5, 5), (64, 20, 30), (130, 50, 9), (1, 1, 1)],
+        [torch.bfloat16, torch.float16, torch.float32, torch.bfloat16, torch.float32], 0.05, seed=20),
+    "weight_grad_minilm_fp32": lambda device: check_weight_grad(device, [(2048, 384, 384)] * 3,
+                                                                [torch.float32] * 3, 1e-2, seed=21),
+    "weight_grad_llama953m_bf16": lambda device: check_weight_grad(device, LLAMA_953M_LAYERS,
+                                                                   [torch.bfloat16] * 3, 1e-3, seed=22),
+    "weight_grad_llama953m_fp32": lambda device: check_weight_grad(device, LLAMA_953M_LAYERS,
+                                                                   [torch.float32] * 3, 1e-3, seed=23),
+}
+
+
 def run_case(name: str, device: str) -> dict:
+    """One case: {ok, summary, seconds}, and ``details`` where the case returns them."""
     start = time.perf_counter()
+    details = None
     try:
-        summary = CASES[name](device)
+        summary = {**CASES, **GPU_CASES}[name](device)
+        if isinstance(summary, tuple):
+            summary, details = summary
         ok = True
     except Exception:  # report every failure, keep running the other cases
         summary, ok = traceback.format_exc(limit=4), False
-    return {"ok": ok, "summary": summary, "seconds": round(time.perf_counter() - start, 2)}
+    result = {"ok": ok, "summary": summary, "seconds": round(time.perf_counter() - start, 2)}
+    if details is not None:
+        result["details"] = details
+    return result
 
 
-def run_all(device: str, names=None) -> dict:
+def case_names(device: str) -> list:
+    """Every case for ``device``: the GPU-only ones too on a CUDA device."""
+    return list(CASES) + (list(GPU_CASES) if torch.device(device).type == "cuda" else [])
+
+
+def run_all(device: str, names=None, on_result=None) -> dict:
     results = {}
-    for name in names or CASES:
+    for name in names or case_names(device):
         results[name] = run_case(name, device)
         r = results[name]
         print(f"{'PASS' if r['ok'] else 'FAIL'} {name} ({r['seconds']} s): {r['summary']}", flush=True)
+        if on_result is not None:
+            on_result(name, r)
     return results
 
 
