@@ -1,9 +1,8 @@
 """layer_stats: our backends against the torch expression a user would write."""
+import _common as C
 import torch
 
 from gem_kernels import reference
-
-import _common as C
 
 
 def torch_layer_stats(grads, weights, eps=C.EPS):

@@ -4,13 +4,12 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the model is on disk; never reach the network
 
+import _common as C  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
 import gem_kernels  # noqa: E402
 from gem_kernels import reference  # noqa: E402
-
-import _common as C  # noqa: E402
 
 CASE = "minilm"
 _MODELS = {}

@@ -1,9 +1,8 @@
 """ratio_topk (k per tensor, as GEM uses it): our backends against score + torch.topk."""
+import _common as C
 import torch
 
 from gem_kernels import reference
-
-import _common as C
 
 
 def torch_score_topk(grads, weights, ks, eps=C.EPS):

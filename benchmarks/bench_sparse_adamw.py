@@ -1,11 +1,10 @@
 """sparse_adamw_: our backends against the reference (index ops in torch) and against
 torch.optim.AdamW stepping the whole tensors (foreach, and fused where the device has it)."""
+import _common as C
 import pytest
 import torch
 
 from gem_kernels import reference
-
-import _common as C
 
 
 class SparseStepState:

@@ -48,9 +48,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never download: the model comes 
 
 import torch
 
+from gem_finetune.data import Split, encode, read_task
+
 # Model, data and method set-ups are gem-finetune's, so this measures what that command trains.
 from gem_finetune.data import batches as make_batches
-from gem_finetune.data import Split, encode, read_task
 from gem_finetune.methods import optimizer_state_bytes, optimizer_state_tensors, set_up
 from gem_finetune.models import classification_loss, default_model_dir, load_model
 

@@ -10,7 +10,8 @@ The file is benchmarks/results/<device>[-quick][-<N>thread].md, so a quick or pi
 overwrites the full table. On a machine shared with other busy processes, OpenMP regions wait
 for a time slice on every core they use (milliseconds per region); --threads 1 avoids that.
 
-Achieved bandwidth is bytes moved (counted as docs/ARCHITECTURE.md, "How work is counted", says; see _common.py) over the
+Achieved bandwidth is bytes moved (counted as docs/ARCHITECTURE.md, "How work is counted", says;
+see _common.py) over the
 median time, shown as a share of the measured copy bandwidth (read + write of a large fp32
 buffer), so a figure near 100 % means the op runs at the memory's speed.
 """
@@ -179,7 +180,8 @@ def op_table(rows, op, device, copy_bw) -> list[str]:
         else:
             achieved = "—", "—"
         lines.append(" | ".join([
-            f"| {size_label(info)}" + (f", {variant}" if variant else ""), f"{density:g}" if density is not None else "—",
+            f"| {size_label(info)}" + (f", {variant}" if variant else ""),
+            f"{density:g}" if density is not None else "—",
             o["impl"] if o else "(none live)", fmt_time(o and o["median"]),
             b["impl"] if b else "—", fmt_time(b and b["median"]), speedup,
             fmt_bytes(o["bytes"]) if o else "—", achieved[0], achieved[1]]) + " |")
@@ -310,7 +312,8 @@ def render(rows, device, copy_bw, *, mode, command, suite_seconds, memory) -> st
         else "- suites: read from an earlier JSON (the copy bandwidth above is measured now)",
         "- medians over the timed rounds; speed-up = baseline median / ours; fp32 tensors; "
         "`ours` are the backend modules called directly (ops.py's input checks excluded)",
-        "- bytes moved (docs/ARCHITECTURE.md, 'How work is counted'): layer_stats one read of g and w; ratio_topk one read of g and "
+        "- bytes moved (docs/ARCHITECTURE.md, 'How work is counted'): layer_stats one read of g and w; "
+        "ratio_topk one read of g and "
         "w plus the index writes (its floor; a backend making several passes reads more); "
         "sparse_adamw_ per entry the index, gathered grad, m and v read + written, param read + written; "
         "optimizer_step the same for every selected entry (plus dense AdamW on the 1-D tensors). "

@@ -105,7 +105,8 @@ def main() -> None:
     dist.init_process_group(args.backend)
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if args.backend == "nccl" else torch.device("cpu")
+    device = (torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if args.backend == "nccl"
+              else torch.device("cpu"))
     model, groups, make_batch, loss_fn = (mlp if args.model == "mlp" else minilm)(seed=0)
     model.to(device)
     budget = round(args.density * sum(p.numel() for p in model.parameters()))

@@ -15,8 +15,13 @@ import os
 from pathlib import Path
 
 import torch
-from transformers import (AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding,
-                          TrainingArguments, get_linear_schedule_with_warmup)
+from transformers import (
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    DataCollatorWithPadding,
+    TrainingArguments,
+    get_linear_schedule_with_warmup,
+)
 
 from gem_finetune.data import read_task, take
 from gem_finetune.models import default_model_dir

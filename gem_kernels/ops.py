@@ -10,8 +10,9 @@ Backends (``gem_kernels.backends()`` lists the live ones):
 CPU tensors go to ``cpu`` and CUDA tensors to ``triton`` (torch's dispatcher picks the kernel
 ``library`` registered for the device). ``gem_kernels.library.force_backend(name)``, or
 ``GEM_KERNELS_BACKEND`` set to one of the names above when gem_kernels is imported, forces that
-backend; a forced backend that cannot run raises instead of falling back. Unforced, a device with no kernel of its own uses the reference, which gives
-the same answers (a warning at import says when the compiled kernels are missing).
+backend; a forced backend that cannot run raises instead of falling back. Unforced, a device
+with no kernel of its own uses the reference, which gives the same answers (a warning at import
+says when the compiled kernels are missing).
 
 The checks here need the data (index ranges, ``k`` bounds) and run before any tensor is
 written, so a call that raises changes nothing.

@@ -1,6 +1,5 @@
 """Sparse deltas: save / apply / remove are exact, O(k) in size, and every bad file or model is
 rejected with a ValueError that leaves the model bit for bit as it was."""
-import copy
 import json
 import struct
 

@@ -10,7 +10,6 @@ import os
 import pytest
 import torch
 import torch.distributed as dist
-
 from gloo_harness import WORLD, spawn
 
 import gem_kernels

@@ -1,6 +1,7 @@
 """Every Triton kernel, in every launch configuration its host function can pick, compiles to
 a cubin for sm_80 and sm_90 on this GPU-less machine, and ptxas gives it no stack and no local
-memory (no spills), as reported by the cuobjdump shipped with Triton (docs/ARCHITECTURE.md, "How GPU kernels are checked without a GPU")."""
+memory (no spills), as reported by the cuobjdump shipped with Triton (docs/ARCHITECTURE.md,
+"How GPU kernels are checked without a GPU")."""
 import os
 import re
 import subprocess

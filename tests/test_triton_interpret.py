@@ -1,4 +1,5 @@
-"""Numerics of the Triton kernels under TRITON_INTERPRET=1, against the reference (docs/ARCHITECTURE.md, "How GPU kernels are checked without a GPU").
+"""Numerics of the Triton kernels under TRITON_INTERPRET=1, against the reference
+(docs/ARCHITECTURE.md, "How GPU kernels are checked without a GPU").
 
 Triton chooses interpreter or compiler when a kernel is decorated, so the cases run in a fresh
 process with the variable set (tests/triton_cases.py); each case is reported here as a test.

@@ -7,11 +7,10 @@ import io
 
 import pytest
 import torch
+from test_weight_grads import _batches, _loss, _model, _routed
 
 from gem_kernels import SparseAdamW
 from gem_kernels.selection import Random
-
-from test_weight_grads import _batches, _loss, _model, _routed
 
 
 def _trained(sparse_weight_grads=True, steps=2, register=True):

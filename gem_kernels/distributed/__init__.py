@@ -31,8 +31,7 @@ tensors, cut to each rank's shard. ``SparseAdamW`` uses them for FSDP2 (``fully_
 (``gem_kernels/optim/fsdp.py``, ``docs/distributed.md``).
 """
 from .ddp import CommStats, SelectedAllReduce, attach
-from .sharded import (ShardedOps, local_shards, shard_offsets, sharded_layer_stats, sharded_ratio_topk,
-                      sharded_select)
+from .sharded import ShardedOps, local_shards, shard_offsets, sharded_layer_stats, sharded_ratio_topk, sharded_select
 
 __all__ = ["attach", "CommStats", "SelectedAllReduce", "sharded_layer_stats", "sharded_ratio_topk",
            "sharded_select", "shard_offsets", "local_shards", "ShardedOps"]

@@ -9,7 +9,6 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-
 Tensor = torch.Tensor
 
 
@@ -189,6 +188,7 @@ def attach(ddp_model, optimizer, process_group=None) -> SelectedAllReduce:
     the hook at a new optimizer (DDP accepts one comm hook per model).
     """
     from torch.nn.parallel import DistributedDataParallel
+
     from ..optim import SparseAdamW
 
     if not isinstance(ddp_model, DistributedDataParallel):

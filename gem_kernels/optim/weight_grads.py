@@ -164,7 +164,8 @@ def _routed_forward(module, x):
     if weight.shape != route.shape:
         owner = route.owner_ref()
         raise ValueError(f"{owner.describe(module) if owner else type(module).__name__}: its weight has shape "
-                         f"{tuple(weight.shape)} but had {tuple(route.shape)} when its entries were chosen; resizing a trained weight is "
+                         f"{tuple(weight.shape)} but had {tuple(route.shape)} when its entries were chosen; "
+                         "resizing a trained weight is "
                          "not supported (close the optimizer and make a new one)")
     gate = route.proxy.view_as(route.proxy)  # a node that tells whether this backward reaches the proxy
     return _SparseWeightGradLinear.apply(x, weight, module.bias, gate, route.indices, route.offsets,

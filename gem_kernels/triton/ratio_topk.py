@@ -14,8 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (block_starts, dtype_code, find_segment, int_table, load_f32, new_output,
-                      ratio_score, select_key)
+from ._common import block_starts, dtype_code, find_segment, int_table, load_f32, new_output, ratio_score, select_key
 
 # Launch settings, shared by the three big passes so they split the segments into the same
 # programs (the write pass relies on the count pass's per-program counts). TILE=1024 at 4 warps
