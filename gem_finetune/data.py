@@ -2,7 +2,10 @@
 tokenize, batch."""
 from __future__ import annotations
 
+import codecs
 import csv
+import hashlib
+import io
 import json
 import random
 from dataclasses import dataclass
@@ -44,6 +47,7 @@ class Task:
     label_names: list[str]  # class id -> label as written in the files
     train: Split
     dev: Split
+    sha256: dict[str, str]  # file name -> digest of its bytes: what a results file is checked against
 
 
 @dataclass
@@ -52,6 +56,7 @@ class Table:
     path: Path
     columns: list[str]  # TSV: the header; JSON lines: the keys of the first record
     rows: list[tuple[int, dict]]  # (line number in the file, {column: value})
+    sha256: str  # of the file's bytes
 
     def column(self, name: str) -> list[str]:
         values = []
@@ -67,11 +72,28 @@ class Table:
         return values
 
 
+def _read_text(path: Path) -> tuple[str, str]:
+    """The file as text and the sha256 of its bytes. A byte-order mark (some tools write one;
+    MRPC's header line carries it) is dropped, so that it never becomes part of a column name.
+    Decoded here rather than by open() so that a byte that is not UTF-8 is named with its line."""
+    try:
+        raw = path.read_bytes()
+    except OSError as error:  # unreadable: permissions, a directory, an I/O error
+        raise TaskDataError(f"{path}: cannot be read ({error.strerror})") from None
+    digest = hashlib.sha256(raw).hexdigest()
+    body = raw[len(codecs.BOM_UTF8):] if raw.startswith(codecs.BOM_UTF8) else raw
+    try:
+        return body.decode("utf-8"), digest
+    except UnicodeDecodeError as error:
+        line = body.count(b"\n", 0, error.start) + 1
+        raise TaskDataError(f"{path}: line {line}: byte 0x{body[error.start]:02x} is not UTF-8 "
+                            "(task files must be UTF-8 text)") from None
+
+
 def _read_tsv(path: Path) -> Table:
-    # utf-8-sig: a byte-order mark (some tools write one; MRPC's header line can carry it) must
-    # not become part of the first column's name. QUOTE_NONE: GLUE's text holds bare quotes.
-    with open(path, newline="", encoding="utf-8-sig") as f:
-        lines = list(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
+    text, digest = _read_text(path)
+    # newline="": csv sees the line ends as written. QUOTE_NONE: GLUE's text holds bare quotes.
+    lines = list(csv.reader(io.StringIO(text, newline=""), delimiter="\t", quoting=csv.QUOTE_NONE))
     if not lines or not any(cell.strip() for cell in lines[0]):
         raise TaskDataError(f"{path}: empty file (expected a header line)")
     header = lines[0]
@@ -82,25 +104,26 @@ def _read_tsv(path: Path) -> Table:
         if len(row) != len(header):
             raise TaskDataError(f"{path}: line {number} has {len(row)} fields, the header has "
                                 f"{len(header)} (the file must be tab-separated with no quoting)")
-    return Table(path, header, [(number, dict(zip(header, row))) for number, row in rows])
+    return Table(path, header, [(number, dict(zip(header, row))) for number, row in rows], digest)
 
 
 def _read_jsonl(path: Path) -> Table:
     rows = []
-    with open(path, encoding="utf-8-sig") as f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise TaskDataError(f"{path}: line {number} is not JSON ({error.msg})") from None
-            if not isinstance(record, dict):
-                raise TaskDataError(f"{path}: line {number} is not a JSON object")
-            rows.append((number, record))
+    text, digest = _read_text(path)
+    # split("\n"), not splitlines(): JSON strings may hold a raw U+2028, which splitlines() splits at.
+    for number, line in enumerate(text.split("\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise TaskDataError(f"{path}: line {number} is not JSON ({error.msg})") from None
+        if not isinstance(record, dict):
+            raise TaskDataError(f"{path}: line {number} is not a JSON object")
+        rows.append((number, record))
     if not rows:
         raise TaskDataError(f"{path}: empty file (expected one JSON object a line)")
-    return Table(path, list(rows[0][1]), rows)
+    return Table(path, list(rows[0][1]), rows, digest)
 
 
 def _task_files(task_dir: Path) -> tuple[Path, Path]:
@@ -152,6 +175,14 @@ def _label_names(path: Path, raw: list[str]) -> list[str]:
     if any(not n.is_integer() for n in numbers):
         raise TaskDataError(f"{path}: labels {values[:5]} are not integers or class names "
                             "(regression tasks such as STS-B are not supported)")
+    # "1" and "1.0" are one number but two strings: as strings they would be two classes.
+    spellings: dict[float, list[str]] = {}
+    for value, number in zip(values, numbers):
+        spellings.setdefault(number, []).append(value)
+    clash = next((group for group in spellings.values() if len(group) > 1), None)
+    if clash:
+        raise TaskDataError(f"{path}: labels {clash} are the same number written differently; "
+                            "write each class one way")
     return sorted(values, key=float)
 
 
@@ -185,7 +216,8 @@ def read_task(task_dir: str | Path, text_columns: list[str] | None = None,
         return Split(table.column(text[0]), table.column(text[1]) if text[1] else None,
                      [class_id[v] for v in raw])
 
-    return Task(task_dir.resolve().name, text, label_names, split(train), split(dev))
+    return Task(task_dir.resolve().name, text, label_names, split(train), split(dev),
+                {train_path.name: train.sha256, dev_path.name: dev.sha256})
 
 
 def take(split: Split, count: int | None, seed: int, skip: int = 0) -> Split:

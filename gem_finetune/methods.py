@@ -19,27 +19,33 @@ import torch
 from gem_kernels.integrations.transformers import matching_parameters, param_groups
 
 from .data import Encoded, batches
-from .models import classification_loss, load_model
-from .report import evaluate, per_tensor_budget, reset_peak_rss, rss_mib
+from .models import autocast, classification_loss, load_model, to_device
+from .report import evaluate, peak_memory_mib, per_tensor_budget, reset_peak_memory, rss_mib
 
-METHODS = ("gem", "gem-uniform", "gem-all", "id3", "grad-magnitude", "random", "full", "bitfit", "lora")
-SPARSE_METHODS = ("gem", "gem-uniform", "gem-all", "id3", "grad-magnitude", "random")
+METHODS = ("gem", "gem-uniform", "gem-all", "gem-all-uniform", "id3", "grad-magnitude", "random",
+           "full", "bitfit", "lora", "lora-all")
+SPARSE_METHODS = ("gem", "gem-uniform", "gem-all", "gem-all-uniform", "id3", "grad-magnitude", "random")
+# methods whose runs depend on --budget-fraction: the sparse ones, and LoRA sized to the budget
+BUDGETED_METHODS = (*SPARSE_METHODS, "lora-all")
+# methods that train every linear layer of the encoder but its pooler; the others query and value
+ALL_LINEAR_METHODS = ("gem-all", "gem-all-uniform", "lora-all")
 # selectors that score a calibration gradient
-CALIBRATED_METHODS = ("gem", "gem-uniform", "gem-all", "grad-magnitude")
+CALIBRATED_METHODS = ("gem", "gem-uniform", "gem-all", "gem-all-uniform", "grad-magnitude")
 # The defaults are still those of the 1-epoch reduced reproduction; scripts/reproduce.sh's
 # tuned protocol lists the lrs its held-out grid chooses, to replace these once it has run.
-DEFAULT_LR = {"gem": 1e-3, "gem-uniform": 1e-3, "gem-all": 1e-3, "id3": 1e-3, "grad-magnitude": 1e-3,
-              "random": 1e-3, "full": 5e-5, "bitfit": 1e-3, "lora": 5e-4}
+DEFAULT_LR = {"gem": 1e-3, "gem-uniform": 1e-3, "gem-all": 1e-3, "gem-all-uniform": 1e-3, "id3": 1e-3,
+              "grad-magnitude": 1e-3, "random": 1e-3, "full": 5e-5, "bitfit": 1e-3, "lora": 5e-4,
+              "lora-all": 5e-4}
 SPARSE_TARGETS = ("query", "value")  # the GEM paper's target modules; LoRA's too
-LORA_RANK, LORA_ALPHA = 8, 16
+LORA_RANK, LORA_ALPHA = 8, 16  # lora-all keeps the same alpha / rank = 2
 
 
 def target_modules(model, method: str = "gem") -> list[str]:
     """Module-name patterns (``param_groups``'s) of what a sparse method trains: query and value,
-    or for ``gem-all`` every ``nn.Linear`` of the encoder but its pooler. The pooler is left
-    out because the classifier mean-pools ``last_hidden_state``: the pooler gets no gradient,
-    and a budget share given to it would be wasted."""
-    if method != "gem-all":
+    or for the all-linear methods every ``nn.Linear`` of the encoder but its pooler. The pooler
+    is left out because the classifier mean-pools ``last_hidden_state``: the pooler gets no
+    gradient, and a budget share given to it would be wasted."""
+    if method not in ALL_LINEAR_METHODS:
         return list(SPARSE_TARGETS)
     return [name for name, module in model.named_modules()
             if isinstance(module, torch.nn.Linear) and name.startswith("encoder.")
@@ -57,11 +63,19 @@ def target_weight_names(model, method: str = "gem") -> list[str]:
     return [name for name, p in found.items() if p.dim() >= 2]
 
 
+def lora_all_rank(model, budget: int) -> int:
+    """The LoRA rank, on every linear layer of the encoder but the pooler, whose trainable
+    count, rank x (in + out) summed over those layers, is nearest ``budget`` (at least 1)."""
+    per_rank = sum(sum(model.get_submodule(name).weight.shape) for name in target_modules(model, "lora-all"))
+    return max(1, round(budget / per_rank))
+
+
 @dataclass
 class Setup:
     model: object
     optimizer: object
     trainable_entries: int  # entries the optimizer may change (sparse: the budget + the head)
+    lora_rank: int | None = None
 
 
 def _freeze_all_but(model, keep) -> list:
@@ -84,13 +98,18 @@ def set_up(method: str, model, lr: float, weight_decay: float, budget: int, tota
     if method == "bitfit":
         params = _freeze_all_but(model, lambda n, p: n.startswith("head.") or n.endswith(".bias"))
         return Setup(model, torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay), numel(params))
-    if method == "lora":
+    if method in ("lora", "lora-all"):
         from peft import LoraConfig, get_peft_model
-        config = LoraConfig(r=LORA_RANK, lora_alpha=LORA_ALPHA, lora_dropout=0.0,
-                            target_modules=list(SPARSE_TARGETS))
+        if method == "lora":
+            rank, targets = LORA_RANK, list(SPARSE_TARGETS)
+        else:  # names inside the encoder, which is what peft wraps
+            rank = lora_all_rank(model, budget)
+            targets = [name.removeprefix("encoder.") for name in target_modules(model, method)]
+        config = LoraConfig(r=rank, lora_alpha=rank * LORA_ALPHA // LORA_RANK, lora_dropout=0.0,
+                            target_modules=targets)
         model.encoder = get_peft_model(model.encoder, config)  # freezes the encoder's own weights
         params = [p for p in model.parameters() if p.requires_grad]
-        return Setup(model, torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay), numel(params))
+        return Setup(model, torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay), numel(params), rank)
     if method in SPARSE_METHODS:
         from gem_kernels.optim import SparseAdamW
         from gem_kernels.selection import GEM, ID3, GradMagnitude, Random
@@ -101,7 +120,8 @@ def set_up(method: str, model, lr: float, weight_decay: float, budget: int, tota
             raise ValueError(f"the dense pattern 'head' matched {[n for n, _ in groups[1]['params']]}, "
                              "more than the classifier's head: the encoder has a module named head too")
         selector = {"gem": lambda: GEM(), "gem-uniform": lambda: GEM(allocation="uniform"),
-                    "gem-all": lambda: GEM(), "id3": lambda: ID3(total_steps),
+                    "gem-all": lambda: GEM(), "gem-all-uniform": lambda: GEM(allocation="uniform"),
+                    "id3": lambda: ID3(total_steps),
                     "grad-magnitude": lambda: GradMagnitude(), "random": lambda: Random(seed)}[method]()
         # calibration_steps=0: GEM and grad-magnitude select in the explicit calibrate() pass
         # of run_once; Random selects here; ID3 takes none.
@@ -144,64 +164,88 @@ class RunConfig:
     budget: int
     calibration_batches: int | None
     pad_id: int
-    density: float | None = None  # the --density that gave ``budget``, recorded with sparse runs
+    budget_fraction: float | None = None  # the --budget-fraction that gave ``budget``
+    device: torch.device = torch.device("cpu")
+    precision: str = "fp32"  # or "bf16": see models.autocast
+
+
+def _clock(device: torch.device) -> float:
+    """Wall time once the device has done the work queued so far: CUDA kernels run
+    asynchronously, so reading the clock without a synchronize times only their launch."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
 
 
 def run_once(method: str, lr: float, seed: int, config: RunConfig, train: Encoded,
              dev_batches: list[dict], heldout_batches: list[dict] | None = None) -> dict:
     """Load a fresh model, train it with ``method`` for ``config.epochs``, evaluate on dev after
-    each epoch and on ``heldout_batches`` (if any) after the last; returns the run's row of the
-    results JSON. The held-out score is what an lr grid chooses by; dev is only reported."""
+    each epoch and on ``heldout_batches`` (if any) after the last; returns the run's record of
+    the results file. The held-out score is what an lr grid chooses by; dev is only reported."""
     from tqdm import tqdm
+    device, precision = config.device, config.precision
     gc.collect()
-    peak_known = reset_peak_rss()
+    peak_known = reset_peak_memory(device)
     rss_start = rss_mib("VmRSS")
+    run_start = _clock(device)
     torch.manual_seed(seed)  # dropout
     rng = random.Random(seed)  # batch order
     steps_per_epoch = math.ceil(len(train.labels) / config.batch_size)
     total_steps = steps_per_epoch * config.epochs
-    model = load_model(config.model_dir, config.num_labels, seed)
+    model = load_model(config.model_dir, config.num_labels, seed).to(device)
     model.train()
     setup = set_up(method, model, lr, config.weight_decay, config.budget, total_steps, seed)
     optimizer = setup.optimizer
+
+    def loss_fn(model, batch):
+        with autocast(device, precision):
+            return classification_loss(model, batch)
 
     calibration_seconds = 0.0
     if method in CALIBRATED_METHODS:
         calibration = batches(train, config.batch_size, config.pad_id, random.Random(seed))
         calibration = calibration[:config.calibration_batches] if config.calibration_batches else calibration
-        start = time.perf_counter()
-        optimizer.calibrate(model, calibration, classification_loss)
-        calibration_seconds = time.perf_counter() - start
+        calibration = [to_device(batch, device) for batch in calibration]
+        start = _clock(device)
+        optimizer.calibrate(model, calibration, loss_fn)
+        calibration_seconds = _clock(device) - start
 
     losses, step_seconds, dev_curve = [], [], []
     bar = tqdm(total=total_steps, desc=f"{method} lr={lr:g} seed={seed}", unit="step", leave=False)
     for epoch in range(config.epochs):
         for batch in batches(train, config.batch_size, config.pad_id, rng):
-            start = time.perf_counter()
-            loss = classification_loss(model, batch)
+            batch = to_device(batch, device)
+            start = _clock(device)
+            loss = loss_fn(model, batch)
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            step_seconds.append(time.perf_counter() - start)
+            step_seconds.append(_clock(device) - start)
             losses.append(loss.item())
             bar.update(1)
             bar.set_postfix(loss=f"{losses[-1]:.3f}")
-        dev_curve.append({"epoch": epoch + 1, "step": len(losses), **evaluate(model, dev_batches, config.num_labels)})
+        dev_curve.append({"epoch": epoch + 1, "step": len(losses),
+                          **evaluate(model, dev_batches, config.num_labels, device, precision)})
     bar.close()
+    heldout = evaluate(model, heldout_batches, config.num_labels, device, precision) if heldout_batches else None
 
-    result = {"method": method, "lr": lr, "seed": seed, **{k: dev_curve[-1][k] for k in ("accuracy", "mcc")},
-              "heldout": evaluate(model, heldout_batches, config.num_labels) if heldout_batches else None,
+    result = {"method": method, "lr": lr, "seed": seed,
+              "budget_fraction": config.budget_fraction if method in BUDGETED_METHODS else None,
+              **{k: dev_curve[-1][k] for k in ("accuracy", "mcc")}, "heldout": heldout,
+              "device": device.type, "precision": precision,
               "trainable_entries": setup.trainable_entries,
               "optimizer_state_bytes": optimizer_state_bytes(optimizer),
-              "peak_rss_mib": rss_mib("VmHWM") if peak_known else None,
+              "peak_memory_mib": peak_memory_mib(device) if peak_known else None,
               "rss_at_start_mib": rss_start,
               "median_step_seconds": statistics.median(step_seconds),
               "calibration_seconds": calibration_seconds,
+              "wall_seconds": _clock(device) - run_start,
               "losses": losses, "dev_curve": dev_curve}
+    if setup.lora_rank is not None:
+        result["lora_rank"] = setup.lora_rank
     if method in SPARSE_METHODS:
         # Report what was selected, not the budget: with rounding="floor" GEM selects a few
         # entries under it, and a tensor without gradient gets none.
-        result["density"] = config.density
         result["selected_count"] = optimizer.selected_count()
         result["trainable_entries"] = result["selected_count"] + sum(p.numel() for p in model.head.parameters())
         result["per_tensor_budget"] = per_tensor_budget(optimizer)

@@ -1,6 +1,7 @@
 """The classifier every method fine-tunes: an encoder, mean pooling, a new seeded linear head."""
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import torch
@@ -43,7 +44,21 @@ def classification_loss(model, batch):
     return torch.nn.functional.cross_entropy(logits, batch["labels"])
 
 
+def autocast(device: torch.device, precision: str):
+    """The context of a forward and its loss: bf16 is torch.autocast over the fp32 weights (the
+    optimizer keeps and updates fp32 master weights); fp32 is no context at all."""
+    if precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    return {name: tensor.to(device) for name, tensor in batch.items()}
+
+
 def load_model(model_dir: Path, num_labels: int, seed: int) -> SentenceClassifier:
     from transformers import AutoModel
-    encoder = AutoModel.from_pretrained(str(model_dir), local_files_only=True)
+    # dtype: fp32 master weights whatever the checkpoint's dtype (transformers 5 would otherwise
+    # keep an fp16 checkpoint in fp16).
+    encoder = AutoModel.from_pretrained(str(model_dir), local_files_only=True, dtype=torch.float32)
     return SentenceClassifier(encoder, num_labels, seed)

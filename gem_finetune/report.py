@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import statistics
+import sys
 from pathlib import Path
 
 import torch
@@ -17,6 +18,28 @@ def reset_peak_rss() -> bool:
         return True
     except OSError:
         return False
+
+
+def reset_peak_memory(device: torch.device) -> bool:
+    """Start a peak-memory measurement (see PEAK_MEMORY); False where it cannot be made."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return True
+    return reset_peak_rss()
+
+
+def peak_memory_mib(device: torch.device) -> float | None:
+    """The peak since ``reset_peak_memory(device)``, in MiB."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return rss_mib("VmHWM")
+
+
+# What the peak memory of a run measures, by device type.
+PEAK_MEMORY = {"cpu": "peak resident set size (VmHWM) of the process, reset at the start of the run via "
+                      "/proc/self/clear_refs; includes the data and the Python runtime",
+               "cuda": "torch.cuda.max_memory_allocated, reset at the start of the run: tensors only, "
+                       "not the CUDA context or the allocator's cache"}
 
 
 def rss_mib(field_name: str) -> float | None:
@@ -44,12 +67,16 @@ def matthews(labels: list[int], predictions: list[int], num_labels: int) -> floa
     return numerator / denominator if denominator else 0.0
 
 
-def evaluate(model, dev_batches: list[dict], num_labels: int) -> dict:
+def evaluate(model, dev_batches: list[dict], num_labels: int, device: torch.device = torch.device("cpu"),
+             precision: str = "fp32") -> dict:
+    from .models import autocast, to_device
     model.eval()
     labels, predictions = [], []
     with torch.no_grad():
         for batch in dev_batches:
-            logits = model(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
+            batch = to_device(batch, device)
+            with autocast(device, precision):
+                logits = model(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
             predictions += logits.argmax(-1).tolist()
             labels += batch["labels"].tolist()
     model.train()
@@ -69,25 +96,34 @@ def mean_std(values: list[float]) -> tuple[float, float]:
 def summarize(runs: list[dict]) -> dict:
     acc = mean_std([r["accuracy"] for r in runs])
     mcc = mean_std([r["mcc"] for r in runs])
-    peaks = [r["peak_rss_mib"] for r in runs if r["peak_rss_mib"] is not None]
-    return {"method": runs[0]["method"], "density": runs[0].get("density"),
+    peaks = [r["peak_memory_mib"] for r in runs if r["peak_memory_mib"] is not None]
+    return {"method": runs[0]["method"], "budget_fraction": runs[0]["budget_fraction"],
             "lr": runs[0]["lr"], "seeds": [r["seed"] for r in runs],
+            # a resumed comparison may have run its seeds on different devices: the table says so
+            "device": "+".join(sorted({r["device"] for r in runs})),
             "accuracy_mean": acc[0], "accuracy_std": acc[1], "mcc_mean": mcc[0], "mcc_std": mcc[1],
             "trainable_entries": runs[0]["trainable_entries"],
             "optimizer_state_bytes": runs[0]["optimizer_state_bytes"],
-            "peak_rss_mib": max(peaks) if peaks else None,
-            "median_step_seconds": statistics.median(r["median_step_seconds"] for r in runs)}
+            "peak_memory_mib": max(peaks) if peaks else None,
+            "median_step_seconds": statistics.median(r["median_step_seconds"] for r in runs),
+            "wall_seconds_mean": statistics.fmean(r["wall_seconds"] for r in runs)}
 
 
 def table(summaries: dict[str, dict]) -> str:
+    """The Markdown table of ``summaries`` (label -> summarize()). Peak memory is VmHWM on CPU and
+    CUDA's allocator peak on CUDA (PEAK_MEMORY). Summaries written before the device, the wall
+    time and the peak on CUDA were recorded show n/a there."""
     head = ("| method | lr | dev acc % (mean ± std) | dev MCC (mean ± std) | trainable entries "
-            "| optimizer state | peak RSS MiB | step ms (median) |")
+            "| optimizer state | device | peak memory MiB | step ms (median) | s per run (mean) |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
-    for method, s in summaries.items():
-        peak = f"{s['peak_rss_mib']:.0f}" if s["peak_rss_mib"] is not None else "n/a"
-        lines.append(f"| {method} | {s['lr']:g} | {100 * s['accuracy_mean']:.1f} ± {100 * s['accuracy_std']:.1f} "
+    for label, s in summaries.items():
+        peak = s.get("peak_memory_mib", s.get("peak_rss_mib"))
+        wall = s.get("wall_seconds_mean")
+        lines.append(f"| {label} | {s['lr']:g} | {100 * s['accuracy_mean']:.1f} ± {100 * s['accuracy_std']:.1f} "
                      f"| {s['mcc_mean']:.3f} ± {s['mcc_std']:.3f} | {s['trainable_entries']:,} "
-                     f"| {_bytes(s['optimizer_state_bytes'])} | {peak} | {1000 * s['median_step_seconds']:.0f} |")
+                     f"| {_bytes(s['optimizer_state_bytes'])} | {s.get('device', 'n/a')} "
+                     f"| {'n/a' if peak is None else f'{peak:.0f}'} | {1000 * s['median_step_seconds']:.0f} "
+                     f"| {'n/a' if wall is None else f'{wall:.1f}'} |")
     return "\n".join(lines)
 
 
@@ -105,7 +141,7 @@ def plot(results: dict, path: Path, metric: str) -> None:
     gem_budget = next((r["per_tensor_budget"] for r in results["runs"] if r["method"] == "gem"), None)
     panels = 3 if gem_budget else 2
     fig, axes = plt.subplots(1, panels, figsize=(5.5 * panels, 4.2))
-    for method in results["summary"]:  # a label: the method, or METHOD@DENSITY on a density curve
+    for method in results["summary"]:  # a label: the method, or METHOD@FRACTION with several budgets
         runs = [r for r in results["runs"]
                 if r.get("label", r["method"]) == method and r["lr"] == results["summary"][method]["lr"]]
         steps = min(len(r["losses"]) for r in runs)
@@ -133,51 +169,76 @@ def plot(results: dict, path: Path, metric: str) -> None:
     plt.close(fig)
 
 
-def plot_density(results: dict, path: Path, metric: str) -> None:
-    """The dev metric (mean ± std over seeds) against density, one line per sparse method; the
-    dense methods of the same run, which no density changes, as horizontal references."""
+def plot_budget_curve(results: dict, path: Path, metric: str) -> None:
+    """The dev metric (mean ± std over seeds) against the budget fraction, one line per budgeted
+    method; the other methods of the same run, which no budget changes, as horizontal references."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     scale = 100 if metric == "accuracy" else 1
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
     curves: dict[str, list] = {}
-    dense = 0
+    fixed = 0
     for label, s in results["summary"].items():
         mean, std = scale * s[f"{metric}_mean"], scale * s[f"{metric}_std"]
-        if s.get("density") is None:
-            dense += 1  # colours from the far end of the cycle, apart from the curves'
-            ax.axhline(mean, linestyle="--", linewidth=1, color=f"C{10 - dense}", label=f"{label} (dense)")
+        if s["budget_fraction"] is None:
+            # black, told apart by the dash: the colour cycle is the curves' (up to 8 of them)
+            style = ("--", ":", "-.", (0, (5, 1, 1, 1, 1, 1)))[fixed % 4]
+            fixed += 1
+            ax.axhline(mean, linestyle=style, linewidth=1, color="black", label=f"{label} (no budget)")
         else:
-            curves.setdefault(s["method"], []).append((s["density"], mean, std))
+            curves.setdefault(s["method"], []).append((s["budget_fraction"], mean, std))
     for method, points in curves.items():
         points.sort()
-        ax.errorbar([100 * d for d, _, _ in points], [m for _, m, _ in points], yerr=[sd for _, _, sd in points],
+        ax.errorbar([100 * f for f, _, _ in points], [m for _, m, _ in points], yerr=[sd for _, _, sd in points],
                     marker="o", capsize=3, label=method)
     ax.set_xscale("log")
-    ticks = sorted({100 * d for points in curves.values() for d, _, _ in points})
+    ticks = sorted({100 * f for points in curves.values() for f, _, _ in points})
     ax.set_xticks(ticks, [f"{t:g} %" for t in ticks])
     ax.minorticks_off()
-    ax.set(xlabel="density (share of all parameters trained)", ylabel=f"dev {metric}" + (" %" if metric == "accuracy" else ""),
-           title=f"{results['task']}: dev {metric} against density (mean ± std over seeds)")
-    ax.legend(fontsize=8)
+    ax.set(xlabel="budget (share of all model parameters)",
+           ylabel=f"dev {metric}" + (" %" if metric == "accuracy" else ""),
+           title=f"{results['task']}: dev {metric} against the budget (mean ± std over seeds)")
+    ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
+def write_plots(results: dict, directory: Path) -> list[Path]:
+    """curves-TASK.png and, where a method ran at several budget fractions, budget-curve-TASK.png."""
+    metric, task = results["settings"]["select_metric"], results["task"]
+    wrote = []
+    if results["summary"]:
+        plot(results, directory / f"curves-{task}.png", metric)
+        wrote.append(directory / f"curves-{task}.png")
+    if len({s["budget_fraction"] for s in results["summary"].values()} - {None}) > 1:
+        plot_budget_curve(results, directory / f"budget-curve-{task}.png", metric)
+        wrote.append(directory / f"budget-curve-{task}.png")
+    return wrote
+
+
+def lr_selection(settings: dict) -> str:
+    """How an lr grid is decided, in words."""
+    if not settings["heldout_examples"]:
+        return "one lr per method: nothing is chosen"
+    return (f"each lr grid is decided by the mean held-out {settings['select_metric']} of seeds "
+            f"{settings['grid_seeds']} on {settings['heldout_examples']} examples of the training file "
+            "apart from the training ones; dev is reported only")
+
+
 def markdown(results: dict) -> str:
-    """A results JSON as Markdown: settings, the command, the table, each lr grid with its
-    held-out scores (flagging a choice at the edge of its grid) and the chosen lrs."""
+    """Results (``results.load``) as Markdown: settings, the commands, the table, each lr grid with
+    its held-out scores (flagging a choice at the edge of its grid) and the chosen lrs."""
     s, metric = results["settings"], results["settings"]["select_metric"]
-    curve = " (density curve)" if len(s.get("densities", [])) > 1 else ""
-    lines = [f"## {results['task']}{curve}", ""]
+    lines = [f"## {results['task']}", ""]
     if not results["complete"]:
-        lines += ["**Incomplete**: the run stopped before its end; below is what it finished.", ""]
-    lines += [f"{s['train_examples']} training examples, {s.get('heldout_examples', 0)} held-out, "
+        lines += ["**Incomplete**: some runs are missing; below is what is finished.", ""]
+    lines += [f"{s['train_examples']} training examples, {s['heldout_examples']} held-out, "
               f"dev n={s['eval_examples']} (the reported set), {s['epochs']} epochs, batch {s['batch_size']}, "
-              f"max length {s['max_length']}, seeds {s['seeds']}; {s.get('lr_selection', 'lr choice not recorded')}.",
-              "", f"`{' '.join(results['command'])}`", "", table(results["summary"]), ""]
+              f"max length {s['max_length']}, {s['precision']}, seeds {s['seeds']}; {lr_selection(s)}.", ""]
+    lines += [f"`{' '.join(command)}`" for command in results["commands"]]
+    lines += ["", table(results["summary"]), ""]
     grid = {label: rows for label, rows in results["lr_grid"].items() if label in results["summary"]}
     if grid:
         value = (lambda v: f"{100 * v:.1f}") if metric == "accuracy" else (lambda v: f"{v:.3f}")
@@ -195,9 +256,23 @@ def markdown(results: dict) -> str:
     return "\n".join(lines)
 
 
-if __name__ == "__main__":  # python -m gem_finetune.report RESULTS.json [...] > table.md
-    import json
-    import sys
-    if len(sys.argv) < 2:
-        sys.exit("usage: python -m gem_finetune.report RESULTS.json [RESULTS.json ...]")
-    print("\n".join(markdown(json.loads(Path(name).read_text())) for name in sys.argv[1:]))
+def main(argv: list[str]) -> int:
+    """``python -m gem_finetune.report RESULTS.jsonl [...] > table.md``: the Markdown of each results
+    file, from all of its runs (every lane that wrote to it), and its plots redrawn beside it."""
+    from .results import ResultsFileError, load
+    if not argv:
+        print("usage: python -m gem_finetune.report RESULTS.jsonl [RESULTS.jsonl ...]", file=sys.stderr)
+        return 2
+    try:
+        everything = [(Path(name), load(Path(name))) for name in argv]
+    except ResultsFileError as error:
+        print(f"gem_finetune.report: error: {error}", file=sys.stderr)
+        return 2
+    for path, results in everything:
+        print(markdown(results))
+        write_plots(results, path.parent)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

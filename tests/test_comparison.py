@@ -1,14 +1,15 @@
 """The tuned comparison's protocol on a tiny BERT (test_finetune's fixture): the lr grid is
 decided on a held-out split of train, apart from the training examples and from dev;
-gem-uniform and gem-all select what they should; the density curve and the Markdown report."""
+gem-uniform and gem-all select what they should; the budget curve and the Markdown report."""
 import itertools
-import json
 import random
 
 import pytest
+from test_finetune import tiny_model, write_tsv  # noqa: F401  (tiny_model is a fixture)
 
 from gem_finetune import cli, data, methods, models, report
-from test_finetune import tiny_model, write_tsv  # noqa: F401  (tiny_model is a fixture)
+from gem_finetune.results import ResultsFile, ResultsFileError
+from gem_finetune.results import load as load_results
 
 POSITIVE, NEGATIVE = ["good", "great", "fine"], ["bad", "awful", "poor"]
 FILLER = ["movie", "film", "the", "a", "plot", "is", "was", "yes", "no", "maybe", "cat", "dog", "sat", "ran"]
@@ -35,7 +36,7 @@ def unique_task(directory, n_train, n_dev, flip_dev=False):
 
 def run_cli(tiny_model, task_dir, out, *extra):
     return cli.main(["--task-dir", str(task_dir), "--model", str(tiny_model), "--out", str(out),
-                     "--batch-size", "8", "--max-length", "16", "--density", "0.01", *extra])
+                     "--batch-size", "8", "--max-length", "16", "--budget-fraction", "0.01", *extra])
 
 
 def token_rows(batch_list):
@@ -80,7 +81,7 @@ def test_heldout_split_is_apart_from_training_and_dev(tmp_path, tiny_model, monk
         assert dev == dev_file and not heldout & dev  # ... and dev is dev, untouched
     assert len({tuple(token_rows(h)) for *_, h in seen}) == 1  # one held-out split for every run
 
-    results = json.loads((tmp_path / "out" / "results-task.json").read_text())
+    results = load_results(tmp_path / "out" / "results-task.jsonl")
     assert results["settings"]["heldout_examples"] == 12
     grid = results["lr_grid"]["bitfit"]
     assert [row["seeds"] for row in grid] == [[0, 1], [0, 1]]
@@ -97,7 +98,7 @@ def test_lr_is_chosen_on_heldout_where_dev_disagrees(tmp_path, tiny_model):
     code = run_cli(tiny_model, task_dir, tmp_path / "out", "--method", "full", "--lr", "full=1e-7,3e-3",
                    "--train-examples", "64", "--heldout-examples", "32", "--seeds", "0", "--epochs", "3")
     assert code == 0
-    results = json.loads((tmp_path / "out" / "results-flip.json").read_text())
+    results = load_results(tmp_path / "out" / "results-flip.jsonl")
     by_lr = {r["lr"]: r for r in results["runs"]}
     assert by_lr[1e-7]["accuracy"] > by_lr[3e-3]["accuracy"] + 0.3, by_lr  # dev prefers the useless lr
     assert by_lr[3e-3]["heldout"]["accuracy"] >= 0.9 > by_lr[1e-7]["heldout"]["accuracy"]
@@ -112,7 +113,7 @@ def test_heldout_errors_name_the_problem(tmp_path, tiny_model, capsys):
     assert code == 2 and "too few for --train-examples 32 plus --heldout-examples 16" in err
     for extra, message in ((["--lr", "gem=1e-3,1e-3"], "listed twice"),
                            (["--seeds", "0", "--grid-seeds", "2"], "only 1 seeds"),
-                           (["--density", "0.01", "0.01"], "a density is listed twice")):
+                           (["--budget-fraction", "0.01", "0.01"], "a value is listed twice")):
         with pytest.raises(SystemExit) as stop:
             run_cli(tiny_model, task_dir, tmp_path / "out", *extra)
         assert stop.value.code == 2 and message in capsys.readouterr().err
@@ -168,36 +169,37 @@ def test_gem_all_selects_in_every_linear_layer_but_the_pooler(tiny_model, encode
 
 
 # ---------------------------------------------------------------------------------------
-# The density curve and the report
+# The budget curve and the report
 
 
-def test_density_curve_writes_its_plot(tmp_path, tiny_model):
+def test_budget_curve_writes_its_plot(tmp_path, tiny_model):
     task_dir = unique_task(tmp_path / "curve", n_train=32, n_dev=8)
     code = run_cli(tiny_model, task_dir, tmp_path / "out", "--method", "gem", "bitfit",
-                   "--density", "0.005", "0.02", "--seeds", "0", "1", "--epochs", "1")
+                   "--budget-fraction", "0.005", "0.02", "--seeds", "0", "1", "--epochs", "1")
     assert code == 0
-    results = json.loads((tmp_path / "out" / "results-curve.json").read_text())
+    results = load_results(tmp_path / "out" / "results-curve.jsonl")
     assert list(results["summary"]) == ["gem@0.005", "gem@0.02", "bitfit"]
     total = results["settings"]["total_parameters"]
-    for density in (0.005, 0.02):
-        runs = [r for r in results["runs"] if r["label"] == f"gem@{density:g}"]
-        assert [r["seed"] for r in runs] == [0, 1] and all(r["density"] == density for r in runs)
-        assert all(r["selected_count"] == int(density * total) for r in runs)
-        assert results["summary"][f"gem@{density:g}"]["density"] == density
-    assert results["summary"]["bitfit"]["density"] is None
-    assert (tmp_path / "out" / "density-curve.png").stat().st_size > 10_000
+    for fraction in (0.005, 0.02):
+        runs = [r for r in results["runs"] if r["label"] == f"gem@{fraction:g}"]
+        assert [r["seed"] for r in runs] == [0, 1] and all(r["budget_fraction"] == fraction for r in runs)
+        assert all(r["selected_count"] == int(fraction * total) for r in runs)
+        assert results["summary"][f"gem@{fraction:g}"]["budget_fraction"] == fraction
+    assert results["summary"]["bitfit"]["budget_fraction"] is None
+    assert (tmp_path / "out" / "budget-curve-curve.png").stat().st_size > 10_000
     assert (tmp_path / "out" / "curves-curve.png").stat().st_size > 10_000
 
 
 def test_markdown_report_marks_the_choice_and_a_grid_edge():
     def summary(method, lr):
-        return {"method": method, "density": None, "lr": lr, "seeds": [0], "accuracy_mean": 0.8, "accuracy_std": 0.0,
-                "mcc_mean": 0.6, "mcc_std": 0.0, "trainable_entries": 10, "optimizer_state_bytes": 80,
-                "peak_rss_mib": None, "median_step_seconds": 0.1}
-    results = {"task": "T", "command": ["gem-finetune", "--x"], "complete": False,
+        return {"method": method, "budget_fraction": None, "lr": lr, "seeds": [0], "device": "cpu",
+                "accuracy_mean": 0.8, "accuracy_std": 0.0, "mcc_mean": 0.6, "mcc_std": 0.0, "trainable_entries": 10,
+                "optimizer_state_bytes": 80, "peak_memory_mib": None, "median_step_seconds": 0.1,
+                "wall_seconds_mean": 12.0}
+    results = {"task": "T", "commands": [["gem-finetune", "--x"]], "complete": False,
                "settings": {"train_examples": 1000, "heldout_examples": 200, "eval_examples": 872, "epochs": 3,
-                            "batch_size": 32, "max_length": 64, "seeds": [0], "select_metric": "accuracy",
-                            "lr_selection": "held-out"},
+                            "batch_size": 32, "max_length": 64, "precision": "fp32", "seeds": [0], "grid_seeds": [0],
+                            "select_metric": "accuracy"},
                "summary": {"gem": summary("gem", 1e-3), "full": summary("full", 1e-4)},
                "lr_grid": {"gem": [{"lr": lr, "heldout_accuracy": a} for lr, a in ((3e-4, .7), (1e-3, .9), (3e-3, .8))],
                            "full": [{"lr": lr, "heldout_accuracy": a} for lr, a in ((1e-5, .7), (1e-4, .9))]}}
@@ -205,3 +207,137 @@ def test_markdown_report_marks_the_choice_and_a_grid_edge():
     assert "**Incomplete**" in text and "| gem | 0.0003 → 70.0, **0.001 → 90.0**, 0.003 → 80.0 |  |" in text
     assert "| full | 1e-05 → 70.0, **0.0001 → 90.0** | chosen at the edge of the grid: widen it |" in text
     assert "Chosen lrs: gem 0.001, full 0.0001" in text
+    assert "| gem | 0.001 | 80.0 ± 0.0 | 0.600 ± 0.000 | 10 | 80 B | cpu | n/a | 100 | 12.0 |" in text
+
+
+# ---------------------------------------------------------------------------------------
+# Resuming: each finished run is in the results file at once; the same command goes on from them
+
+TIMINGS = ("peak_memory_mib", "median_step_seconds", "wall_seconds_mean", "device")
+
+
+def counting_runs(monkeypatch, stop_after=None):
+    """Replace the command's run_once by one that records each run it trains, and raises
+    KeyboardInterrupt (a ^C) instead of training the run after the first ``stop_after``."""
+    trained, real_run_once = [], methods.run_once  # not cli.run_once: that may be an earlier spy
+
+    def spy(method, lr, seed, config, *data):
+        if len(trained) == stop_after:
+            raise KeyboardInterrupt
+        trained.append((method, config.budget_fraction, lr, seed))
+        return real_run_once(method, lr, seed, config, *data)
+
+    monkeypatch.setattr(cli, "run_once", spy)
+    return trained
+
+
+def test_a_stopped_comparison_goes_on_where_it_stopped(tmp_path, tiny_model, monkeypatch, capsys):
+    task_dir = unique_task(tmp_path / "task", n_train=48, n_dev=16)
+    args = ("--method", "bitfit", "gem", "--lr", "bitfit=1e-4,3e-2", "gem=1e-3,1e-2", "--budget-fraction", "0.005",
+            "0.02", "--train-examples", "24", "--heldout-examples", "12", "--seeds", "0", "1", "--epochs", "1",
+            "--calibration-batches", "1")
+    # bitfit: 2 lrs on seed 0, then seed 1 at the chosen one; gem the same at each of 2 fractions
+    every_run = 9
+    trained = counting_runs(monkeypatch)
+    assert run_cli(tiny_model, task_dir, tmp_path / "whole", *args) == 0 and len(trained) == every_run
+
+    trained = counting_runs(monkeypatch, stop_after=4)
+    assert run_cli(tiny_model, task_dir, tmp_path / "resumed", *args) == 130
+    assert "interrupted" in capsys.readouterr().err
+    first = list(trained)
+    path = tmp_path / "resumed" / "results-task.jsonl"
+    assert sum('"kind": "run"' in line for line in path.read_text().splitlines()) == 4
+    partial = load_results(path)  # bitfit's 3 runs are all there, gem@0.005 has 1 of 3
+    assert not partial["complete"] and list(partial["summary"]) == ["bitfit"]
+
+    trained = counting_runs(monkeypatch)
+    assert run_cli(tiny_model, task_dir, tmp_path / "resumed", *args) == 0
+    assert len(trained) == every_run - 4 and not set(trained) & set(first)
+    assert "4 finished runs found" in capsys.readouterr().out
+    trained = counting_runs(monkeypatch)
+    assert run_cli(tiny_model, task_dir, tmp_path / "resumed", *args) == 0 and trained == []  # nothing left
+
+    whole, resumed = (load_results(tmp_path / name / "results-task.jsonl") for name in ("whole", "resumed"))
+    assert resumed["complete"] and resumed["lr_grid"] == whole["lr_grid"]
+    assert list(resumed["summary"]) == list(whole["summary"]) == ["gem@0.005", "gem@0.02", "bitfit"]  # METHODS order
+    for label, summary in whole["summary"].items():
+        assert ({k: v for k, v in resumed["summary"][label].items() if k not in TIMINGS}
+                == {k: v for k, v in summary.items() if k not in TIMINGS}), label
+
+    # The report reads the same file: the table, the grids, both commands' runs, the plots redrawn.
+    (tmp_path / "resumed" / "budget-curve-task.png").unlink()
+    capsys.readouterr()
+    assert report.main([str(path)]) == 0
+    printed = capsys.readouterr().out
+    assert "**Incomplete**" not in printed and "| gem@0.02 | " in printed and "| bitfit | " in printed
+    assert (tmp_path / "resumed" / "budget-curve-task.png").stat().st_size > 10_000
+
+
+def test_a_results_file_of_other_settings_is_refused(tmp_path, tiny_model, monkeypatch, capsys):
+    task_dir = unique_task(tmp_path / "task", n_train=24, n_dev=8)
+    base = ("--method", "bitfit", "--seeds", "0", "--epochs", "1", "--train-examples", "16")
+    assert run_cli(tiny_model, task_dir, tmp_path / "out", *base) == 0
+    path = tmp_path / "out" / "results-task.jsonl"
+    written = path.read_bytes()
+    capsys.readouterr()
+    trained = counting_runs(monkeypatch)
+    for extra, words in ((["--epochs", "2"], "epochs 1 there, 2 here"),
+                         (["--precision", "bf16"], 'precision "fp32" there, "bf16" here'),
+                         (["--seeds", "0", "1"], "seeds [0] there, [0, 1] here"),
+                         (["--train-examples", "12"], "train_examples 16 there, 12 here"),
+                         (["--max-length", "12"], "max_length 16 there, 12 here"),
+                         (["--lr", "bitfit=1e-2"], "lr grid of bitfit [0.001] there, [0.01] here")):
+        assert run_cli(tiny_model, task_dir, tmp_path / "out", *base, *extra) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and f"{path} holds runs made with other settings" in err and words in err, err
+    lines = (task_dir / "dev.tsv").read_text().splitlines()
+    text, label = lines[1].split("\t")
+    lines[1] = f"{text}\t{1 - int(label)}"  # one dev label changed: same counts, other numbers
+    (task_dir / "dev.tsv").write_text("\n".join(lines) + "\n")
+    assert run_cli(tiny_model, task_dir, tmp_path / "out", *base) == 2
+    assert "task_files_sha256" in capsys.readouterr().err
+    assert trained == [] and path.read_bytes() == written  # nothing trained, nothing mixed in
+
+
+def test_a_torn_last_line_is_skipped_and_the_next_run_starts_a_line(tmp_path, tiny_model, monkeypatch, capsys):
+    task_dir = unique_task(tmp_path / "task", n_train=24, n_dev=8)
+    base = ("--seeds", "0", "--epochs", "1", "--train-examples", "16", "--calibration-batches", "1")
+    assert run_cli(tiny_model, task_dir, tmp_path / "out", "--method", "bitfit", *base) == 0
+    path = tmp_path / "out" / "results-task.jsonl"
+    with open(path, "ab") as f:  # what a kill -9 in the middle of writing a record leaves
+        f.write(b'{"kind": "run", "method": "gem", "budget_fraction": 0.01, "lr": 0.0')
+    capsys.readouterr()
+    trained = counting_runs(monkeypatch)
+    assert run_cli(tiny_model, task_dir, tmp_path / "out", "--method", "bitfit", "gem", *base) == 0
+    assert trained == [("gem", 0.01, 1e-3, 0)]
+    assert "line 3 is not a whole JSON record" in capsys.readouterr().err
+    trained = counting_runs(monkeypatch)
+    assert run_cli(tiny_model, task_dir, tmp_path / "out", "--method", "bitfit", "gem", *base) == 0
+    assert trained == []  # the gem run appended after the torn line was read back
+    assert list(load_results(path)["summary"]) == ["gem", "bitfit"]
+
+
+def test_commands_with_different_methods_share_a_results_file(tmp_path):
+    # What scripts/reproduce.sh's lanes do: each writes its own settings record and runs.
+    settings = {"task": "T", "epochs": 1, "seeds": [0]}
+    path = tmp_path / "results-T.jsonl"
+
+    def header(lr_plan):
+        return {"settings": settings, "lr_plan": lr_plan, "methods": list(lr_plan), "budget_fractions": [1e-3],
+                "command": ["gem-finetune"]}
+
+    def run(method, lr):
+        return {"method": method, "budget_fraction": None, "lr": lr, "seed": 0}
+
+    full, gem = ResultsFile(path, header({"full": [1e-4]})), ResultsFile(path, header({"gem": [1e-3, 1e-2]}))
+    full.add(run("full", 1e-4))
+    gem.add(run("gem", 1e-3))
+    gem.add(run("gem", 1e-2))
+    both = ResultsFile(path, header({"full": [1e-4], "gem": [1e-3, 1e-2]}))
+    assert both.find("full", None, 1e-4, 0) and both.find("gem", None, 1e-2, 0) and len(both.runs) == 3
+    with pytest.raises(ResultsFileError, match=r"lr grid of gem \[0.001, 0.01\] there, \[0.001\] here"):
+        ResultsFile(path, header({"gem": [1e-3]}))
+    with open(path, "a") as f:
+        f.write('{"kind": "run", "method": "gem"}\n')  # not one of ours: refused, not half-read
+    with pytest.raises(ResultsFileError, match="line 6 is not a gem-finetune results record"):
+        ResultsFile(path, header({"full": [1e-4]}))

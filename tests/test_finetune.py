@@ -1,5 +1,5 @@
 """gem-finetune end to end on a tiny BERT built from a config (no download), and its errors."""
-import json
+import math
 import random
 import subprocess
 import sys
@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from gem_finetune import cli, data, methods, models, report
+from gem_finetune.results import load as load_results
 
 WORDS = ["good", "great", "fine", "bad", "awful", "poor", "movie", "film", "the", "a", "plot", "is",
          "was", "yes", "no", "maybe", "cat", "dog", "sat", "ran"]
@@ -64,7 +65,7 @@ def make_task(directory, kind, n_train=48, n_dev=24):
 def run_main(tiny_model, task_dir, out, *extra):
     return cli.main(["--task-dir", str(task_dir), "--model", str(tiny_model), "--out", str(out),
                           "--seeds", "0", "--epochs", "1", "--batch-size", "8", "--max-length", "16",
-                          "--density", "0.01", *extra])
+                          "--budget-fraction", "0.01", *extra])
 
 
 # ---------------------------------------------------------------------------------------
@@ -162,23 +163,29 @@ def test_every_method_runs_end_to_end(tmp_path, tiny_model, capsys):
                     "--calibration-batches", "2")
     assert code == 0
     printed = capsys.readouterr().out
-    results = json.loads((tmp_path / "out" / "results-single.json").read_text())
+    results = load_results(tmp_path / "out" / "results-single.jsonl")
     assert (tmp_path / "out" / "curves-single.png").stat().st_size > 10_000
-    budget = results["settings"]["budget"]
-    assert budget == int(0.01 * results["settings"]["total_parameters"])
+    budget = int(0.01 * results["settings"]["total_parameters"])
     head = 32 * 2 + 2
     for method in methods.METHODS:
         assert f"| {method} |" in printed
         (run,) = [r for r in results["runs"] if r["method"] == method]
         assert len(run["losses"]) == 6 and len(run["dev_curve"]) == 1
-        assert run["median_step_seconds"] > 0 and run["optimizer_state_bytes"] > 0
+        assert run["median_step_seconds"] > 0 and run["optimizer_state_bytes"] > 0 and run["wall_seconds"] > 0
+        # --device auto (the default): CUDA where torch sees it
+        assert (run["device"], run["precision"]) == ("cuda" if torch.cuda.is_available() else "cpu", "fp32")
+        assert run["budget_fraction"] == (0.01 if method in methods.BUDGETED_METHODS else None)
+        if method == "lora-all":
+            # LoRA parameters per rank: 2 layers x (4 x (32 + 32) + 2 x (32 + 64)) = 896
+            assert run["lora_rank"] == max(1, round(budget / 896))
+            assert run["trainable_entries"] == run["lora_rank"] * 896 + head
         if method in methods.SPARSE_METHODS:
             # Every selector fills the budget exactly (GEM hands out its floors' remainders).
             assert run["selected_count"] == budget
             assert run["trainable_entries"] == run["selected_count"] + head
             assert sum(run["per_tensor_budget"].values()) == run["selected_count"]
             in_qv = [".query." in n or ".value." in n for n in run["per_tensor_budget"]]
-            assert all(in_qv) != (method == "gem-all"), (method, run["per_tensor_budget"])
+            assert all(in_qv) != (method in methods.ALL_LINEAR_METHODS), (method, run["per_tensor_budget"])
             assert run["heldout"] is None  # one lr per method: no held-out split is taken
     full = results["summary"]["full"]
     assert full["trainable_entries"] == results["settings"]["total_parameters"]
@@ -190,7 +197,7 @@ def test_pair_and_string_label_tasks_run(tmp_path, tiny_model, kind):
     code = run_main(tiny_model, make_task(tmp_path / kind, kind), tmp_path / "out", "--method", "gem",
                     "--seeds", "0", "1", "--eval-examples", "10")
     assert code == 0
-    results = json.loads((tmp_path / "out" / f"results-{kind}.json").read_text())
+    results = load_results(tmp_path / "out" / f"results-{kind}.jsonl")
     assert results["settings"]["eval_examples"] == 10
     assert [r["seed"] for r in results["runs"]] == [0, 1]
     assert results["summary"]["gem"]["accuracy_std"] >= 0
@@ -201,7 +208,7 @@ def test_lr_grid_keeps_the_best_on_the_first_seed(tmp_path, tiny_model):
                     "--method", "bitfit", "--lr", "bitfit=1e-6,3e-2", "--seeds", "0", "1", "--epochs", "3",
                     "--train-examples", "32", "--heldout-examples", "16")
     assert code == 0
-    results = json.loads((tmp_path / "out" / "results-grid.json").read_text())
+    results = load_results(tmp_path / "out" / "results-grid.jsonl")
     grid = results["lr_grid"]["bitfit"]
     best = max(grid, key=lambda row: row["heldout_accuracy"])
     assert [row["lr"] for row in grid] == [1e-6, 3e-2] and all(row["seeds"] == [0] for row in grid)
@@ -215,10 +222,31 @@ def test_full_finetuning_learns_the_synthetic_task(tmp_path, tiny_model):
     code = run_main(tiny_model, make_task(tmp_path / "learn", "single", n_train=96), tmp_path / "out",
                     "--method", "full", "--lr", "3e-3", "--epochs", "4")
     assert code == 0
-    results = json.loads((tmp_path / "out" / "results-learn.json").read_text())
+    results = load_results(tmp_path / "out" / "results-learn.jsonl")
     (run,) = results["runs"]
     assert run["accuracy"] >= 0.9, run["dev_curve"]
     assert run["losses"][-1] < run["losses"][0]
+
+
+def test_cpu_and_bf16_autocast_are_used_and_recorded(tmp_path, tiny_model, monkeypatch):
+    seen = []
+    real_loss = methods.classification_loss
+
+    def spy(model, batch):  # the forward and loss as each run's training and calibration make them
+        seen.append((batch["input_ids"].device.type, next(model.parameters()).dtype,
+                     torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu")))
+        return real_loss(model, batch)
+
+    monkeypatch.setattr(methods, "classification_loss", spy)
+    code = run_main(tiny_model, make_task(tmp_path / "bf16", "single"), tmp_path / "out", "--method", "gem", "full",
+                    "--device", "cpu", "--precision", "bf16", "--calibration-batches", "1")
+    assert code == 0
+    results = load_results(tmp_path / "out" / "results-bf16.jsonl")
+    assert results["settings"]["precision"] == "bf16"
+    assert {(r["device"], r["precision"]) for r in results["runs"]} == {("cpu", "bf16")}
+    assert all(len(r["losses"]) == 6 and all(map(math.isfinite, r["losses"])) for r in results["runs"])
+    # 1 calibration batch + 6 steps per gem run, 6 steps for full: fp32 weights, bf16 autocast
+    assert len(seen) == 13 and set(seen) == {("cpu", torch.float32, torch.bfloat16)}
 
 
 def test_sparse_methods_touch_only_their_budget(tiny_model, tmp_path):

@@ -1,15 +1,16 @@
 """gem-finetune reads GLUE's and SuperGLUE's task files as they are distributed.
 
 Each fixture is a made-up task in one distributed layout (header, file names, label spelling),
-written here; none is copied data. The real SST-2 and CoLA copies are read too, where present.
+written here; none is copied data. The real SST-2, CoLA and MRPC copies are read too, where present.
 """
 import json
 from pathlib import Path
 
 import pytest
+from test_finetune import tiny_model, write_tsv  # noqa: F401  (tiny_model is a fixture)
 
 from gem_finetune import cli, data
-from test_finetune import tiny_model, write_tsv  # noqa: F401  (tiny_model is a fixture)
+from gem_finetune.results import load as load_results
 
 SHARED_GLUE = Path(__file__).resolve().parents[2] / "shared" / "data" / "glue"
 # Texts with bare quotes and parentheses, as GLUE's have: read with quoting off, they stay text.
@@ -100,13 +101,15 @@ def test_each_distributed_layout_is_read(tmp_path, layout):
         assert split.labels == [i % len(label_names) for i in range(n)]
 
 
-@pytest.mark.parametrize("name, size", [("SST-2", 67349), ("CoLA", 8551)])
-def test_the_shared_sst2_and_cola_copies_are_read(name, size):
+@pytest.mark.parametrize("name, size, text_columns", [("SST-2", 67349, ("sentence", None)),
+                                                     ("CoLA", 8551, ("sentence", None)),
+                                                     ("MRPC", 3668, ("#1 String", "#2 String"))])
+def test_the_shared_glue_copies_are_read(name, size, text_columns):
     if not (SHARED_GLUE / name).is_dir():
         pytest.skip(f"no {SHARED_GLUE / name} next to the repository")
     task = data.read_task(SHARED_GLUE / name)
-    assert task.text_columns == ("sentence", None) and task.label_names == ["0", "1"]
-    assert len(task.train.labels) == size and task.train.second is None
+    assert task.text_columns == text_columns and task.label_names == ["0", "1"]
+    assert len(task.train.labels) == size and (task.train.second is None) == (text_columns[1] is None)
 
 
 def write_custom(directory):
@@ -169,7 +172,7 @@ def test_bad_layouts_name_the_problem(tmp_path):
 def run_cli(tiny_model, task_dir, out, *extra):
     return cli.main(["--task-dir", str(task_dir), "--model", str(tiny_model), "--out", str(out),
                      "--method", "gem", "--seeds", "0", "--epochs", "1", "--batch-size", "8",
-                     "--max-length", "16", "--density", "0.01", "--calibration-batches", "1", *extra])
+                     "--max-length", "16", "--budget-fraction", "0.01", "--calibration-batches", "1", *extra])
 
 
 @pytest.mark.parametrize("layout", ["MNLI", "BoolQ"])
@@ -177,7 +180,7 @@ def test_distributed_layouts_fine_tune_end_to_end(tmp_path, tiny_model, layout, 
     assert run_cli(tiny_model, make_layout(tmp_path / layout, layout), tmp_path / "out") == 0
     _, text_columns, label_names = LAYOUTS[layout]
     assert f"{len(label_names)} classes {label_names}, text columns {text_columns}" in capsys.readouterr().out
-    results = json.loads((tmp_path / "out" / f"results-{layout}.json").read_text())
+    results = load_results(tmp_path / "out" / f"results-{layout}.jsonl")
     (run,) = results["runs"]
     assert len(run["losses"]) == 3 and results["settings"]["eval_examples"] == 12
 
