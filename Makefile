@@ -25,6 +25,7 @@ $(SETUP_STAMP): $(SOURCES)
 	touch $@
 
 test: setup
+	$(PY) -m ruff check .
 	$(PY) -m pytest tests -q
 	$(PY) -m pytest benchmarks -q --benchmark-disable
 
