@@ -115,7 +115,9 @@ class _Parser(argparse.ArgumentParser):
     """argparse, with every error on one line (the usage is what --help is for), and negative
     numbers in any notation (-1e-3, -inf) read as values, not options: argparse's own pattern
     knows only -1 and -1.5, so ``--lr -1e-3`` would fail as a missing argument instead of being
-    refused as a negative lr. No option of this command looks like a number."""
+    refused as a negative lr. No option of this command looks like a number. argparse has no public
+    setting for this pattern, so its private attribute is set here, the one place; a test of
+    ``--lr -1e-3`` fails if a later Python stops reading it."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
