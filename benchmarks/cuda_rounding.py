@@ -39,26 +39,8 @@ def sparse_adamw_(params, grads, indices, offsets, exp_avg, exp_avg_sq, *, lr, b
     """``gem_kernels.reference.sparse_adamw_`` with torch-CUDA rounding (module docstring), on CPU."""
     from gem_kernels import reference
     beta1, beta2 = betas
-    compact = isinstance(grads, torch.Tensor)
-    for seg, p in enumerate(params):
-        lo, hi = int(offsets[seg]), int(offsets[seg + 1])
-        if hi == lo:
-            continue
-        idx = indices[lo:hi]
-        flat = p.view(-1)
-        g = (grads[lo:hi] if compact else grads[seg].reshape(-1)[idx]).float()
-        if maximize:
-            g = -g
-        w = flat[idx].float()
-        m, v = exp_avg[lo:hi], exp_avg_sq[lo:hi]
-        if age is not None:
-            n = age[lo:hi].double()
-            decay = torch.tensor(1 - lr * weight_decay, dtype=torch.float32)
-            step_size = (lr / (1 - beta1 ** n)).float()
-            bc2_sqrt = torch.sqrt(1 - beta2 ** n).float()
-        else:
-            n = int(step[seg]) if isinstance(step, torch.Tensor) else int(step)
-            decay, step_size, bc2_sqrt = reference.adamw_scalars(lr, beta1, beta2, weight_decay, n)
+    for p, idx, g, w, m, v, decay, step_size, bc2_sqrt in reference.adamw_segments(
+            params, grads, indices, offsets, exp_avg, exp_avg_sq, lr, betas, weight_decay, step, age, maximize):
         w = w * decay
         m.lerp_(g, 1 - beta1)  # torch's CUDA lerp is the CPU one: one fma from the nearer end
         alpha = torch.tensor(1 - beta2, dtype=torch.float32)
@@ -70,7 +52,7 @@ def sparse_adamw_(params, grads, indices, offsets, exp_avg, exp_avg_sq, *, lr, b
             quotient = v.sqrt() / bc2_sqrt
         denom = quotient + eps
         w = w + (-step_size * m) / denom
-        flat[idx] = w.to(p.dtype)
+        p.view(-1)[idx] = w.to(p.dtype)
 
 
 def main() -> int:

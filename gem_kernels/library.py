@@ -24,7 +24,6 @@ raise instead of falling back.
 """
 from __future__ import annotations
 
-import contextlib
 import importlib
 import os
 from typing import Optional
@@ -323,16 +322,6 @@ def force_backend(name: Optional[str]) -> None:
 def backend_from_environment() -> None:
     """Each device's own kernels, or the backend ``GEM_KERNELS_BACKEND`` forces (at import)."""
     force_backend(os.environ.get("GEM_KERNELS_BACKEND", "").strip() or None)
-
-
-@contextlib.contextmanager
-def forced_backend(name: str):
-    """``force_backend(name)`` for the duration of a ``with`` block."""
-    force_backend(name)
-    try:
-        yield
-    finally:
-        backend_from_environment()
 
 
 backend_from_environment()

@@ -141,18 +141,31 @@ def sparse_adamw_(params: Sequence[Tensor], grads, indices: Tensor, offsets: Ten
     ``p -= lr/bc1 · m / (sqrt(v)/sqrt(bc2) + eps)``. Other entries are never touched.
     """
     beta1, beta2 = betas
+    for p, idx, g, w, m, v, decay, step_size, bc2_sqrt in adamw_segments(
+            params, grads, indices, offsets, exp_avg, exp_avg_sq, lr, betas, weight_decay, step, age, maximize):
+        w = w * decay
+        m.lerp_(g, 1 - beta1)
+        v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+        denom = (v.sqrt() / bc2_sqrt) + eps
+        w = w + (-step_size * m) / denom  # addcdiv's order: (value * t1) / t2
+        p.view(-1)[idx] = w.to(p.dtype)
+
+
+def adamw_segments(params, grads, indices, offsets, exp_avg, exp_avg_sq, lr, betas, weight_decay, step, age,
+                   maximize):
+    """Per segment with selected entries: ``(param, indices, g, w, m, v, decay, step_size,
+    bc2_sqrt)``: the fp32 gradient (negated for ``maximize``) and weights at the indices, views of
+    the segment's moments, and this step's scalars (tensors per entry for ``age``)."""
+    beta1, beta2 = betas
     compact = isinstance(grads, torch.Tensor)
     for seg, p in enumerate(params):
         lo, hi = int(offsets[seg]), int(offsets[seg + 1])
         if hi == lo:
             continue
         idx = indices[lo:hi]
-        flat = p.view(-1)
         g = (grads[lo:hi] if compact else grads[seg].reshape(-1)[idx]).float()
         if maximize:
             g = -g
-        w = flat[idx].float()
-        m, v = exp_avg[lo:hi], exp_avg_sq[lo:hi]
         if age is not None:
             n = age[lo:hi].double()
             decay = torch.tensor(1 - lr * weight_decay, dtype=torch.float32)
@@ -161,12 +174,7 @@ def sparse_adamw_(params: Sequence[Tensor], grads, indices: Tensor, offsets: Ten
         else:
             n = int(step[seg]) if isinstance(step, torch.Tensor) else int(step)
             decay, step_size, bc2_sqrt = adamw_scalars(lr, beta1, beta2, weight_decay, n)
-        w = w * decay
-        m.lerp_(g, 1 - beta1)
-        v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-        denom = (v.sqrt() / bc2_sqrt) + eps
-        w = w + (-step_size * m) / denom  # addcdiv's order: (value * t1) / t2
-        flat[idx] = w.to(p.dtype)
+        yield p, idx, g, p.view(-1)[idx].float(), exp_avg[lo:hi], exp_avg_sq[lo:hi], decay, step_size, bc2_sqrt
 
 
 # sparse_weight_grad computes dW a block of rows at a time: [rows, in] fp32, with rows =
