@@ -127,7 +127,6 @@ def set_up(method: str, model, lr: float, weight_decay: float, budget: int, tota
         # of run_once; Random selects here; ID3 takes none.
         optimizer = SparseAdamW(groups, lr=lr, weight_decay=weight_decay, budget=budget, selector=selector,
                                 calibration_steps=None if method == "id3" else 0)
-        optimizer.register_modules(model)  # sparse weight gradients from the first training step
         return Setup(model, optimizer, budget + numel(head))
     raise ValueError(f"method {method!r} is not one of {METHODS}")
 

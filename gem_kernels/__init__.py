@@ -11,6 +11,7 @@ except ImportError as _error:  # the package still works, on the reference ops
                    RuntimeWarning, stacklevel=2)
 
 from .delta import apply_delta, remove_delta, save_delta  # noqa: E402
+from .nn import SparseDeltaLinear, merge_, sparsify_  # noqa: E402
 from .ops import backends, layer_stats, ratio_topk, sparse_adamw_, sparse_weight_grad  # noqa: E402
 from .optim import SparseAdamW  # noqa: E402
 from .peft_export import export_peft_shira, export_peft_supertuning  # noqa: E402  (imports peft only when called)
@@ -18,4 +19,4 @@ from .selection import GEM, ID3, GradMagnitude, Random  # noqa: E402
 
 __all__ = ["__version__", "backends", "layer_stats", "ratio_topk", "sparse_adamw_", "sparse_weight_grad", "SparseAdamW",
            "GEM", "ID3", "GradMagnitude", "Random", "save_delta", "apply_delta", "remove_delta",
-           "export_peft_shira", "export_peft_supertuning"]
+           "export_peft_shira", "export_peft_supertuning", "SparseDeltaLinear", "sparsify_", "merge_"]

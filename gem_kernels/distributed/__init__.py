@@ -3,9 +3,9 @@ selection over sharded (FSDP2-style) tensors. See ``docs/distributed.md``.
 
 DDP
 ---
-``attach(ddp_model, optimizer)`` makes a ``SparseAdamW`` train a ``DistributedDataParallel``
-model. It switches off the optimizer's COO gradient hook (DDP's reducer copies every gradient
-into a dense bucket and fails on a sparse one) and registers a DDP comm hook that, per bucket:
+Plain DDP works with ``SparseAdamW`` as with AdamW: it all-reduces every gradient entry.
+``attach(ddp_model, optimizer)`` is the opt-in for a compact wire: it registers a DDP comm hook
+that, per bucket:
 
 * before and during the selection (phases ``"calibration"`` and ``"unmasking"``) all-reduces the
   whole bucket and averages it, so GEM's calibration sums and ID3's per-step picks are the same
@@ -16,8 +16,8 @@ into a dense bucket and fails on a sparse one) and registers a DDP comm hook tha
   the rest of the backward), divides by the world size and writes the averages back into the
   bucket. The other entries of a sparse param's gradient are set to 0: the optimizer never reads
   them, and a zero there keeps every rank's ``.grad`` identical (so a norm clip, a GradScaler's
-  inf check or a user's look at ``.grad`` agree across ranks and with the single-process COO
-  gradient).
+  inf check or a user's look at ``.grad`` agree across ranks). So under ``attach`` a norm
+  clip measures the selected entries only, not the whole gradient plain DDP would give.
 
 ``attach`` returns the hook's state, whose ``stats`` (a ``CommStats``) count the bytes handed to
 ``all_reduce`` per backward, and what plain DDP would have all-reduced for the same buckets.

@@ -78,7 +78,6 @@ class SelectedAllReduce:
         return self._optimizer_ref() if self._optimizer_ref is not None else None
 
     def set_optimizer(self, optimizer) -> None:
-        optimizer.use_gradient_hooks(False)
         self._optimizer_ref = weakref.ref(optimizer)
         self._verified = False
 
@@ -86,7 +85,7 @@ class SelectedAllReduce:
 
     def _phase(self):
         opt = self.optimizer
-        if opt is None or opt.closed:
+        if opt is None:
             return None  # no live optimizer: plain DDP
         return opt.phase
 
@@ -196,7 +195,6 @@ def attach(ddp_model, optimizer, process_group=None) -> SelectedAllReduce:
                         f"{type(ddp_model).__name__}")
     if not isinstance(optimizer, SparseAdamW):
         raise TypeError(f"optimizer must be a gem_kernels.SparseAdamW, got {type(optimizer).__name__}")
-    optimizer.check_open()
     ignored = ddp_model.parameters_to_ignore  # public: the names given to params_and_buffers_to_ignore
     synced = {id(p) for name, p in ddp_model.module.named_parameters() if name not in ignored}
     outside = [tuple(p.shape) for g in optimizer.param_groups for p in g["params"]
@@ -207,8 +205,6 @@ def attach(ddp_model, optimizer, process_group=None) -> SelectedAllReduce:
                          "params_and_buffers_to_ignore; their gradients would differ across ranks")
     state = _ATTACHED.get(ddp_model)
     if state is not None:
-        # The previous optimizer keeps its COO hook off: its params are still in this DDP
-        # model, where the hook now reduces them whole, as any param of no SparseAdamW.
         state.set_optimizer(optimizer)
         return state
     group = process_group if process_group is not None else ddp_model.process_group
@@ -216,11 +212,7 @@ def attach(ddp_model, optimizer, process_group=None) -> SelectedAllReduce:
     try:
         ddp_model.register_comm_hook(state, _selected_values_hook)
     except RuntimeError as error:  # DDP takes one comm hook per model, for good
-        optimizer.use_gradient_hooks(True)
         raise RuntimeError(f"this DDP model already has a comm hook; DDP takes one, and SparseAdamW needs "
                            f"its own ({error})") from None
-    except BaseException:
-        optimizer.use_gradient_hooks(True)
-        raise
     _ATTACHED[ddp_model] = state
     return state

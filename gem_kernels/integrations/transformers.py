@@ -12,11 +12,9 @@ matrices (``dim >= 2``) train, on the selected entries; its biases stay frozen u
 ``dense`` pattern names them too. Every parameter of a ``dense`` module trains as in AdamW.
 Everything else is frozen (``requires_grad=False``), so backward computes no gradient for it.
 
-Use ``SparseTrainer`` in place of ``Trainer`` with a ``SparseAdamW``: once the entries are
-selected, the optimizer keeps only them of each sparse gradient, as a sparse tensor, and
-``Trainer`` (transformers 5) measures the gradient norm at every step with torch's
-``clip_grad_norm_``, which cannot read sparse tensors. ``SparseTrainer`` measures and clips with
-``SparseAdamW.clip_grad_norm_`` instead; nothing else changes.
+``Trainer`` itself trains with a ``SparseAdamW`` (its gradients are torch's dense ones).
+``SparseTrainer`` is ``Trainer`` that refuses to resume from a checkpoint without the optimizer's
+state, which a fresh SparseAdamW would replace by a new selection of other entries.
 """
 from __future__ import annotations
 
@@ -88,14 +86,7 @@ def _sparse_trainer_class():
     from transformers import Trainer
 
     class SparseTrainer(Trainer):
-        """``transformers.Trainer`` whose gradient norm and clipping read sparse gradients, and
-        whose SparseAdamW knows the model's modules (sparse weight gradients from the first
-        training step on, after a resume too)."""
-
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, **kwargs)
-            if self.optimizer is not None:
-                self._sparse_optimizer().register_modules(self.model)
+        """``transformers.Trainer`` that refuses a resume without the optimizer's state."""
 
         def train(self, resume_from_checkpoint=None, **kwargs):
             """As Trainer's, but a checkpoint without the optimizer's state is refused before
@@ -110,20 +101,6 @@ def _sparse_trainer_class():
                                  "SparseAdamW cannot resume without it (a fresh one would calibrate again and "
                                  "train other entries); resume from a checkpoint saved with it, or start anew")
             return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
-
-        def _sparse_optimizer(self):
-            inner = getattr(self.optimizer, "optimizer", self.optimizer)  # accelerate wraps it
-            if not hasattr(inner, "clip_grad_norm_"):
-                raise TypeError(f"SparseTrainer needs a SparseAdamW, got {type(inner).__name__}")
-            return inner
-
-        def _clip_grad_norm(self, model):
-            return self._sparse_optimizer().clip_grad_norm_(self.args.max_grad_norm)
-
-        def _get_grad_norm(self, model, grad_norm=None):
-            if grad_norm is None:
-                grad_norm = self._sparse_optimizer().clip_grad_norm_(float("inf"))
-            return grad_norm.item() if isinstance(grad_norm, torch.Tensor) else grad_norm
 
     return SparseTrainer
 

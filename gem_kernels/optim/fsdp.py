@@ -12,11 +12,8 @@ DTensor whose local block is the averaged gradient of the rank's rows. So:
   (``gem_kernels.distributed.sharded_select``: the layer statistics all-reduced, the budget
   counted over the full tensors, an exact global top-k); each rank keeps local indices and
   O(k_rank) state;
-* the COO gradient hook and the sparse weight gradients stay off: FSDP2 reduce-scatters dense
-  gradients (a COO tensor is not a DTensor shard), and its modules run on unsharded copies of
-  the params that the optimizer never sees;
 * collectives where one rank's view is not enough: the finite-gradient check (all ranks raise
-  or go on together), the count of entries selected so far (ID3), gradient-norm clipping.
+  or go on together), the count of entries selected so far (ID3).
 
 Every sparse param of an optimizer is an FSDP2 param on the same mesh, or none is.
 """
@@ -126,39 +123,6 @@ def agree_finite(sharding, ok: bool) -> bool:
     flag = torch.tensor([0 if ok else 1], dtype=torch.int64, device=sharding.device)
     dist.all_reduce(flag, group=sharding.group)
     return int(flag) == 0
-
-
-@torch.no_grad()
-def clip_grad_norm_(param_groups, state, training: bool, sharding, max_norm: float, norm_type: float = 2.0) -> Tensor:
-    """``clip_grad_norm_`` for an optimizer on FSDP2 params: the norm of the gradients that
-    train, as in one process (in the training phase the selected entries of the sparse params,
-    else their whole gradients, plus the dense groups), over every rank's blocks; the same
-    scale on every rank. A collective."""
-    norm_type = float(norm_type)
-    parts, scaled = [], []
-    for group in param_groups:
-        for p in group["params"]:
-            if p.grad is None:
-                continue
-            grad = local(p.grad)
-            indices = state.get(p, {}).get("indices")
-            if group["sparse"] and training and indices is not None:
-                parts.append(grad.reshape(-1)[indices].float())
-            else:
-                parts.append(grad.float().reshape(-1))
-            scaled.append(grad)
-    values = torch.cat(parts) if parts else torch.zeros(0, device=sharding.device)
-    if norm_type == float("inf"):
-        total = values.abs().max() if values.numel() else torch.zeros((), device=values.device)
-        dist.all_reduce(total, op=dist.ReduceOp.MAX, group=sharding.group)
-    else:
-        total = values.abs().pow(norm_type).sum().double()
-        dist.all_reduce(total, group=sharding.group)
-        total = total.pow(1.0 / norm_type).float()
-    scale = torch.clamp(max_norm / (total + 1e-6), max=1.0)
-    for grad in scaled:
-        grad.mul_(scale.to(grad.dtype))
-    return total
 
 
 def refuse_dcp(sharding) -> None:

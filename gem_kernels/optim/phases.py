@@ -3,8 +3,7 @@
 ``SparseAdamW.step`` gathers what a step reads into a ``StepContext`` (its param groups, torch's
 per-param state, the gradient hooks, FSDP2's sharding) and calls the phase of its
 ``SelectionState`` once; the phase updates that state (counters, budget, report, layouts, and
-``phase`` when it moves on) and torch's per-param state, and the optimizer then enters the new
-phase (gradient hooks, sparse weight gradients).
+``phase`` when it moves on) and torch's per-param state.
 
 Every step first checks everything it will read (gradients dense where needed, finite, of the
 right shape and dtype; the op's arguments), then writes. So a step that raises leaves weights,
@@ -22,7 +21,7 @@ from torch.optim.adamw import adamw as torch_adamw
 
 from .. import ops
 from .fsdp import Sharding, local, selection_ops
-from .grads import SelectedGradHooks, check_finite, compact_grad
+from .grads import check_finite, compact_grad
 from .groups import resolve_budget
 from .layout import GroupLayout, merged_state, new_state
 from .state import SelectionState
@@ -38,7 +37,6 @@ class StepContext:
     state: dict                      # torch's optimizer.state: per-param tensors
     sparse_params: list              # [(name, param)] of the sparse groups, in group order
     describe: Callable[[int, int], str]  # (group index, param index) -> words for an error
-    hooks: SelectedGradHooks
     sharding: Optional[Sharding]     # FSDP2 params: where this rank's blocks lie
 
     def described_grads(self, sparse: bool) -> list:
@@ -59,8 +57,8 @@ class StepContext:
 
 def _require_dense(described, why: str) -> None:
     for describe, grad in described:
-        if grad.is_sparse:
-            raise TypeError(f"the gradient of {describe()} is sparse; {why} needs dense gradients")
+        if grad.layout != torch.strided:
+            raise TypeError(f"the gradient of {describe()} is {grad.layout}; {why} needs dense gradients")
 
 
 # ---------------------------------------------------------------------------------------
@@ -328,7 +326,7 @@ def _compact_group(ctx: StepContext, gi: int):
     """The selected gradient values of sparse group ``gi``: ``(grads, values)``, ``grads[i]`` the
     values of param i (None without a gradient) and ``values`` all of them concatenated in fp32
     (None when no param has a gradient)."""
-    grads = [compact_grad(p, ctx.state[p]["indices"], ctx.hooks) for p in ctx.param_groups[gi]["params"]]
+    grads = [compact_grad(p, ctx.state[p]["indices"]) for p in ctx.param_groups[gi]["params"]]
     present = [g for g in grads if g is not None]
     return grads, torch.cat(present).float() if present else None
 
@@ -343,6 +341,7 @@ class Training:
     gradients, torch's AdamW per dense group."""
 
     def step(self, ctx: StepContext, selection: SelectionState) -> None:
+        _require_dense(ctx.described_grads(sparse=True), "SparseAdamW")
         compact = {gi: _compact_group(ctx, gi) for gi, group in enumerate(ctx.param_groups) if group["sparse"]}
         # One finite check per group, on the values the op reads; the culprit is looked for only on failure.
         check_finite([(functools.partial(_first_non_finite, ctx, gi, grads), values)

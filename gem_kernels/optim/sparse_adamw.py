@@ -25,19 +25,21 @@ Groups and phases
   at construction when ``calibration_steps=0``, its default). ``calibrate()`` does the same
   over explicit batches. A sparse param that got no gradient in calibration gets no entry (a
   warning names it, ``selection_report()`` says why); the budget goes to the others.
-* Training: one ``sparse_adamw_`` op call per sparse group (see ``phases``); a hook keeps only
-  the selected entries of each fresh gradient (see ``grads``). Optimizer state per sparse
-  param is O(k) (see ``layout``); the rest (phase, counters, budget, report) is a
-  ``SelectionState`` (see ``state``); checkpoints go through torch's ``state_dict`` /
-  ``load_state_dict`` (see ``checkpoint``).
+* Training: one ``sparse_adamw_`` op call per sparse group (see ``phases``), which reads the
+  dense gradients at the selected entries. Optimizer state per sparse param is O(k) (see
+  ``layout``); the rest (phase, counters, budget, report) is a ``SelectionState`` (see
+  ``state``); checkpoints go through torch's ``state_dict`` / ``load_state_dict`` (see
+  ``checkpoint``).
+
+torch's contract holds: the optimizer touches no module and no gradient. ``.grad`` stays the
+dense tensor autograd made, so clipping, hooks, freezing, GradScaler, DDP and peft behave as
+with AdamW. Sparse weight gradients are the explicit layer ``gem_kernels.sparsify_`` makes.
 
 ``step()`` reads like ``torch.optim.AdamW.step``: gather what the step reads (a
 ``phases.StepContext``), let the phase run once, enter the next phase if it moved on.
 
-A param is trained sparsely by one SparseAdamW at a time: ``close()`` (or leaving a ``with``
-block) removes the hooks; a new SparseAdamW on the same params closes the old one, with a
-warning. Every ``step()`` checks all it reads before writing, so a step that raises changes
-nothing. FSDP2 (``fully_shard``) params: see ``optim/fsdp.py``.
+Every ``step()`` checks all it reads before writing, so a step that raises changes nothing.
+FSDP2 (``fully_shard``) params: see ``optim/fsdp.py``.
 
 ``step()`` is excluded from ``torch.compile`` tracing (``torch.compiler.disable``): its phase
 machine changes Python attributes and syncs with the host (the finite-gradient check, index
@@ -46,16 +48,13 @@ it eagerly, in between two graphs, with the eager result in every phase.
 """
 from __future__ import annotations
 
-import warnings
-
 import torch
 
 from .. import ops
 from ..selection import GEM, IncrementalSelector, Selector
-from . import checkpoint, fsdp, grads, phases
+from . import checkpoint, fsdp, phases
 from .groups import check_budget_args, resolve_budget, split_param_group
 from .state import SelectionState
-from .weight_grads import PLAIN_DDP_MESSAGE, SparseWeightGrads
 
 Tensor = torch.Tensor
 
@@ -68,7 +67,7 @@ class SparseAdamW(torch.optim.Optimizer):
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2,
                  amsgrad=False, *, maximize=False, foreach=None, capturable=False,
                  differentiable=False, fused=None, density=None, budget=None, selector=None,
-                 calibration_steps=None, sparse_weight_grads="auto"):
+                 calibration_steps=None):
         for name, value in (("amsgrad", amsgrad), ("capturable", capturable),
                             ("differentiable", differentiable)):
             if value:
@@ -98,34 +97,19 @@ class SparseAdamW(torch.optim.Optimizer):
         self._phases = {"calibration": phases.Calibrating(selector, calibration_steps, self._budget_args),
                         "unmasking": phases.Unmasking(selector, self._budget_args),
                         "training": phases.Training()}
-        self._hooks = grads.SelectedGradHooks()
-        self._gradient_hooks_enabled = True  # off where a DDP comm hook reduces the selected values
         self._sharding = None  # FSDP2 params: where this rank's blocks lie (optim/fsdp.py)
-        self._weight_grads = SparseWeightGrads(sparse_weight_grads)  # raises on a bad policy
-        self._constructed = False  # add_param_group claims params only once the constructor did
         self._pending_load = None  # between the load hooks: the checked sparse states and selection
-        self.closed = False
 
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
                         amsgrad=False, maximize=maximize, foreach=foreach, capturable=False,
                         differentiable=False, fused=fused, decoupled_weight_decay=True)
-        try:
-            super().__init__(params, defaults)
-            if not self.sparse_params():
-                raise ValueError("no sparse parameters: SparseAdamW needs tensors with dim >= 2 or a "
-                                 "group with sparse=True (for dense training use torch.optim.AdamW)")
-            resolve_budget([p for _, p in self.sparse_params()], density, budget)  # bad budgets fail now
-            self._watch_modules()
-            if self.phase == "calibration" and calibration_steps == 0 and not selector.needs_gradients:
-                phases.choose_entries(self._context(), self.selection, selector, self._budget_args, {})
-                self._enter_phase()
-        except BaseException:
-            self._hooks.remove()  # a half-built optimizer leaves no hook behind
-            if self._weight_grads is not None:
-                self._weight_grads.remove()
-            raise
-        grads.claim([p for _, p in self.sparse_params()], self)
-        self._constructed = True
+        super().__init__(params, defaults)
+        if not self.sparse_params():
+            raise ValueError("no sparse parameters: SparseAdamW needs tensors with dim >= 2 or a "
+                             "group with sparse=True (for dense training use torch.optim.AdamW)")
+        resolve_budget([p for _, p in self.sparse_params()], density, budget)  # bad budgets fail now
+        if self.phase == "calibration" and calibration_steps == 0 and not selector.needs_gradients:
+            phases.choose_entries(self._context(), self.selection, selector, self._budget_args, {})
         self.register_state_dict_post_hook(SparseAdamW._add_checkpoint_entry)
         self.register_load_state_dict_pre_hook(SparseAdamW._check_checkpoint)
         self.register_load_state_dict_post_hook(SparseAdamW._restore_checkpoint)
@@ -198,7 +182,6 @@ class SparseAdamW(torch.optim.Optimizer):
         set to None. The model's train/eval mode is left as the caller set it. If it raises,
         the optimizer is as before the call.
         """
-        self.check_open()
         if self.phase != "calibration":
             raise RuntimeError(f"calibrate() needs the calibration phase; the phase is {self.phase!r}")
         if not isinstance(model, torch.nn.Module):
@@ -221,58 +204,37 @@ class SparseAdamW(torch.optim.Optimizer):
         if count == 0:
             raise ValueError("batches gave no batch to calibrate on")
         phases.choose_entries(ctx, self.selection, self._selector, self._budget_args, sums)
-        self._enter_phase()
 
-    def register_modules(self, model: torch.nn.Module) -> None:
-        """Tells the optimizer which ``nn.Linear``/``Conv1D`` modules hold the weights it trains, so
-        that their weight gradients are sparse from the first training step on (see
-        ``optim/weight_grads.py``), and error messages name them. Without it they are found on
-        their first call, and a checkpoint loaded into a fresh optimizer continues the
-        uninterrupted run to fp32 rounding rather than bit for bit."""
-        if not isinstance(model, torch.nn.Module):
-            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        if self._weight_grads is not None:
-            self._weight_grads.register(model.named_modules())
-
-    def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0) -> Tensor:
-        """``torch.nn.utils.clip_grad_norm_`` over this optimizer's grads, sparse ones included
-        (torch's cannot read sparse gradients). Returns the total norm before clipping. After
-        the selection a sparse param's gradient holds only its selected entries, so the norm is
-        that of the gradients that train, not of the dense gradients AdamW would see."""
-        if self._sharding is not None:  # FSDP2: over every rank's blocks, a collective
-            return fsdp.clip_grad_norm_(self.param_groups, self.state, self.phase == "training",
-                                        self._sharding, max_norm, norm_type)
-        return grads.clip_grad_norm_([p for g in self.param_groups for p in g["params"]], max_norm, norm_type)
-
-    def use_gradient_hooks(self, enabled: bool) -> None:
-        """Whether trained sparse params get the hook that turns their gradient into a sparse
-        COO tensor (the default). ``gem_kernels.distributed.attach`` turns it off: DDP's reducer
-        needs dense gradients in its buckets, where its comm hook reduces the selected values and
-        ``step()`` reads the dense gradient at the indices."""
-        self._gradient_hooks_enabled = bool(enabled)
-        self._enter_phase()
-
-    def check_open(self) -> None:
-        """Raises when this optimizer was closed."""
-        if self.closed:
-            raise RuntimeError("this SparseAdamW was closed (by close(), or because a newer SparseAdamW "
-                               "took over its params); make a new one to train again")
-
-    def close(self) -> None:
-        """Removes the gradient hooks and frees the params for another SparseAdamW; ``step()``
-        raises afterwards. Idempotent."""
-        self._hooks.remove()
-        if self._weight_grads is not None:
-            self._weight_grads.remove()
-        grads.release_all(self)
-        self.closed = True
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc_info):
-        self.close()
-        return False
+    def replace_trained_params(self, replacements: dict) -> None:
+        """Puts each ``replacements[weight]``, a tensor of the k values selected in ``weight`` (as
+        ``gem_kernels.sparsify_`` makes them), in the weight's place in its group. Its state
+        carries over with the index set ``0..k-1`` (the same moments, step and original values),
+        so training goes on as before, and the group keeps its place for LR schedulers. Checks
+        everything before it changes anything."""
+        if self.phase != "training" or self.incremental:
+            raise ValueError("replace_trained_params needs a one-shot selection that was made "
+                             f"(phase {self.phase!r}, selector {type(self._selector).__name__})")
+        where = {id(p): (gi, i) for gi, g in enumerate(self.param_groups) if g["sparse"]
+                 for i, p in enumerate(g["params"])}
+        for weight, values in replacements.items():
+            if id(weight) not in where:
+                raise ValueError(f"a weight of shape {tuple(weight.shape)} is not a sparse param of this optimizer")
+            k = self.state[weight]["indices"].numel()
+            if values.shape != (k,) or values.dtype != weight.dtype or values.device != weight.device:
+                raise ValueError(f"the values for {self._describe(*where[id(weight)])} must be {weight.dtype} "
+                                 f"of shape ({k},) on {weight.device}, got {values.dtype} of shape "
+                                 f"{tuple(values.shape)} on {values.device}")
+        for weight, values in replacements.items():
+            gi, i = where[id(weight)]
+            group = self.param_groups[gi]
+            group["params"][i] = values
+            names = group.get("param_names")
+            if names:
+                names[i] = f"{names[i].rpartition('.')[0]}.values".lstrip(".")
+            state = self.state.pop(weight)
+            state["indices"] = torch.arange(values.numel(), dtype=torch.int64, device=values.device)
+            self.state[values] = state
+        self._context().repack(self.selection, incremental=False)
 
     # -----------------------------------------------------------------------------------
     # torch.optim.Optimizer overrides
@@ -284,35 +246,23 @@ class SparseAdamW(torch.optim.Optimizer):
         try:
             for group in split_param_group(param_group, self.defaults, self.selection.selection_started):
                 super().add_param_group(group)
-            self._attach_sharding()  # FSDP2 or not, checked anew as the sparse params change
+            self._sharding = fsdp.sharding_of([p for _, p in self.sparse_params()], self._selector)
         except BaseException:
             del self.param_groups[count:]
             raise
-        if self._constructed:  # the constructor claims once all its checks passed
-            grads.claim([p for g in self.param_groups[count:] if g["sparse"] for p in g["params"]], self)
-            self._watch_modules()
 
     @torch.compiler.disable
     @torch.no_grad()
     def step(self, closure=None):
         """One optimizer step (calibration, unmasking or training, by phase); returns the closure's loss."""
-        self.check_open()
         fsdp.refuse_dcp(self._sharding)  # DCP's state-dict helpers run a step on zero grads: refuse first
-        if self._weight_grads is not None and self._weight_grads.plain_ddp is not None \
-                and self._gradient_hooks_enabled:
-            raise RuntimeError(PLAIN_DDP_MESSAGE)
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:  # in every phase: a bad lr fails at once, not steps later
             ops.check_adamw_hyper(group["lr"], group["betas"], group["eps"], group["weight_decay"])
-        phase = self.phase
-        self._phases[phase].step(self._context(), self.selection)
-        if self.phase != phase:
-            self._enter_phase()
-        if phase == "training" and self._weight_grads is not None:  # every module in use has been seen
-            self._weight_grads.finish_watching()
+        self._phases[self.phase].step(self._context(), self.selection)
         return loss
 
     # -----------------------------------------------------------------------------------
@@ -320,7 +270,7 @@ class SparseAdamW(torch.optim.Optimizer):
 
     def _context(self) -> phases.StepContext:
         return phases.StepContext(self.param_groups, self.state, self.sparse_params(), self._describe,
-                                  self._hooks, self._sharding)
+                                  self._sharding)
 
     def _describe(self, gi: int, i: int) -> str:
         group = self.param_groups[gi]
@@ -328,40 +278,6 @@ class SparseAdamW(torch.optim.Optimizer):
         p = group["params"][i]
         where = repr(names[i]) if names else f"param_groups[{gi}]['params'][{i}]"
         return f"parameter {where} (shape {tuple(p.shape)})"
-
-    def _attach_sharding(self) -> None:
-        """FSDP2 params or not; under FSDP2 the sparse weight gradients go: FSDP2's modules
-        compute on unsharded copies of the params, which the optimizer never sees, and
-        reduce-scatter dense gradients."""
-        self._sharding = fsdp.sharding_of([p for _, p in self.sparse_params()], self._selector)
-        if self._sharding is not None and self._weight_grads is not None:
-            self._weight_grads.remove()
-            self._weight_grads = None
-
-    def _enter_phase(self) -> None:
-        """Installs (training) or removes (before it) the gradient hooks and the sparse weight
-        gradients for the phase the selection state is in."""
-        if self.phase == "training" and self._gradient_hooks_enabled and self._sharding is None:  # FSDP2: dense
-            if torch.distributed.is_available() and torch.distributed.is_initialized() \
-                    and torch.distributed.get_world_size() > 1:
-                warnings.warn("SparseAdamW now turns the sparse params' gradients into sparse COO tensors "
-                              "while torch.distributed runs; if the model is wrapped in DistributedDataParallel, "
-                              "call gem_kernels.distributed.attach(ddp_model, optimizer) before training, or the "
-                              "next backward fails inside DDP ('Cannot access storage of SparseTensorImpl')",
-                              UserWarning, stacklevel=3)
-            selected = [(p, self.state[p]["indices"]) for _, p in self.sparse_params()]
-            self._hooks.install(selected)
-            if self._weight_grads is not None:
-                self._weight_grads.install(selected, self._hooks.coords)
-        else:
-            self._hooks.remove()
-            if self._weight_grads is not None:
-                self._weight_grads.remove_routes()
-
-    def _watch_modules(self) -> None:
-        """Until the first training step, note the Linear/Conv1D modules whose weight we train."""
-        if self._weight_grads is not None:
-            self._weight_grads.watch([p for _, p in self.sparse_params()])
 
     def _config(self) -> dict:
         density, budget = self._budget_args
@@ -396,4 +312,3 @@ class SparseAdamW(torch.optim.Optimizer):
         self.selection = selection
         if selection.selection_started:
             self._context().repack(selection, self.incremental)
-        self._enter_phase()

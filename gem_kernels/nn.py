@@ -1,0 +1,282 @@
+"""The explicit sparse-delta layer: sparse weight gradients as a module the user asks for.
+
+    opt = gem_kernels.SparseAdamW(model.parameters(), lr=1e-3, density=1e-3)
+    opt.calibrate(model, batches, loss_fn)        # or the first calibration_steps steps
+    gem_kernels.sparsify_(model, opt)             # nn.Linear -> SparseDeltaLinear, visible in print(model)
+    ... train ...
+    gem_kernels.merge_(model)                     # SparseDeltaLinear -> nn.Linear, the delta added
+
+A ``SparseDeltaLinear`` is an ``nn.Linear`` (so peft, accelerate and ``isinstance`` checks treat it
+as one) that holds
+
+* ``weight``: the frozen base (``requires_grad=False``), with the base values at the selected entries;
+* ``indices``: a buffer of the selected entries' flat (row-major) indices, strictly ascending;
+* ``original``: a buffer of the base values there;
+* ``values``: an ``nn.Parameter`` of the k trained values, the only thing an optimizer trains.
+
+It computes with the effective weight ``W = weight`` where at each selected entry ``W[i] =
+values[i] + (weight[i] - original[i])``: the trained value while the base is untouched (bit for
+bit), and the two changes added when something else changed the base there (peft's
+``merge_and_unload`` of a LoRA on top). Forward and backward are one registered operator,
+``gem_kernels::sparse_delta_linear``: the forward builds ``W`` (one layer's copy, dropped after the
+product) and runs ``F.linear``; the backward gives ``dX = dY W`` exactly, the values' gradient from
+``gem_kernels::sparse_weight_grad`` (the k entries of ``dYᵀX``, never the dense product) and the
+bias's gradient; it forms the dense weight gradient only if the user unfroze the base. Any
+optimizer trains ``values``: ``torch.optim.AdamW`` (O(k) state, since the tensor has k entries),
+or the SparseAdamW that selected them, which ``sparsify_`` hands them to with their moments.
+Under autocast the layer casts what ``F.linear`` would cast (input, base, values, bias) to the
+autocast dtype, as autocast does for ``nn.Linear``.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from . import library  # noqa: F401  (registers gem_kernels::sparse_weight_grad)
+from .ops import check_index_set
+
+Tensor = torch.Tensor
+
+
+# ---------------------------------------------------------------------------------------
+# The operator
+
+
+def effective_weight(weight: Tensor, values: Tensor, original: Tensor, indices: Tensor) -> Tensor:
+    """The dense weight a ``SparseDeltaLinear`` computes with (a new tensor; see the module doc)."""
+    w = weight.detach().clone(memory_format=torch.contiguous_format)
+    flat = w.view(-1)
+    flat[indices] = values.detach() + (flat[indices] - original)
+    return w
+
+
+@torch.library.custom_op("gem_kernels::sparse_delta_linear", mutates_args=())
+def sparse_delta_linear(input: Tensor, weight: Tensor, values: Tensor, original: Tensor, indices: Tensor,
+                        bias: Optional[Tensor]) -> Tensor:
+    """``F.linear(input, W, bias)`` with ``W`` the base ``weight`` plus the sparse delta."""
+    return F.linear(input, effective_weight(weight, values, original, indices), bias)
+
+
+@sparse_delta_linear.register_fake
+def _(input, weight, values, original, indices, bias):
+    return input.new_empty((*input.shape[:-1], weight.shape[0]))
+
+
+def _setup_context(ctx, inputs, output):
+    input, weight, values, original, indices, bias = inputs
+    ctx.save_for_backward(input, weight, values, original, indices)
+
+
+def _backward(ctx, grad_output):
+    input, weight, values, original, indices = ctx.saved_tensors
+    dy = grad_output.reshape(-1, weight.shape[0]).contiguous()
+    x = input.reshape(-1, weight.shape[1]).contiguous()
+    grad_input = grad_weight = grad_values = grad_bias = None
+    if ctx.needs_input_grad[0]:
+        grad_input = (dy @ effective_weight(weight, values, original, indices)).reshape(input.shape)
+    if ctx.needs_input_grad[1]:  # the base was unfrozen: its dense gradient, as nn.Linear's
+        grad_weight = dy.t() @ x
+    if ctx.needs_input_grad[2]:
+        offsets = torch.tensor([0, indices.shape[0]], dtype=torch.int64, device=indices.device)
+        # Rounded once to dY's dtype, as the dense product dYᵀX of nn.Linear's backward is.
+        grad_values = torch.ops.gem_kernels.sparse_weight_grad([x], [dy], indices, offsets).to(dy.dtype)
+    if ctx.needs_input_grad[5]:
+        grad_bias = dy.sum(0)
+    return grad_input, grad_weight, grad_values, None, None, grad_bias
+
+
+sparse_delta_linear.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ---------------------------------------------------------------------------------------
+# The layer
+
+
+class SparseDeltaLinear(torch.nn.Linear):
+    """An ``nn.Linear`` with a frozen base weight and ``values`` trained at ``indices``; see the
+    module doc. Make one with ``gem_kernels.sparsify_`` (or ``from_linear``); the constructor
+    builds an untrained one with ``nn.Linear``'s initialisation, for loading a state dict into."""
+
+    def __init__(self, in_features: int, out_features: int, indices: Tensor, bias: bool = True,
+                 device=None, dtype=None):
+        super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
+        self.weight.requires_grad_(False)
+        indices = torch.as_tensor(indices, device=self.weight.device)
+        self._check_indices(indices)
+        selected = self.weight.detach().reshape(-1)[indices]
+        self.register_buffer("indices", indices)
+        self.register_buffer("original", selected.clone())
+        self.values = torch.nn.Parameter(selected.clone())
+        self.register_load_state_dict_post_hook(SparseDeltaLinear._check_loaded)
+
+    @classmethod
+    def from_linear(cls, linear: torch.nn.Linear, indices: Tensor, original: Tensor) -> "SparseDeltaLinear":
+        """The layer over ``linear``'s own weight and bias tensors (shared, not copied): the base is
+        ``linear.weight`` with ``original`` written back at ``indices``, and ``values`` the
+        weight's current values there, so the layer computes what ``linear`` computed. Freezes the
+        base. Checks everything before it changes anything."""
+        layer = cls(linear.in_features, linear.out_features, indices.new_zeros(0), bias=False, device="meta")
+        weight = linear.weight
+        layer._check_indices(indices, weight)
+        if original.shape != indices.shape or original.dtype != weight.dtype:
+            raise ValueError(f"original must be {weight.dtype} of shape {tuple(indices.shape)}, got "
+                             f"{original.dtype} of shape {tuple(original.shape)}")
+        with torch.no_grad():
+            current = weight.detach().reshape(-1)[indices]
+            layer.values = torch.nn.Parameter(current.clone(), requires_grad=weight.requires_grad)
+            layer.indices = indices.to(weight.device)
+            layer.original = original.to(weight.device).clone()
+            weight.detach().view(-1)[indices] = layer.original  # the base: the values before training
+        weight.requires_grad_(False)
+        layer.weight = weight
+        layer.bias = linear.bias
+        return layer
+
+    def forward(self, input: Tensor) -> Tensor:
+        weight, values, original, bias = self.weight, self.values, self.original, self.bias
+        device = input.device.type
+        if torch.is_autocast_enabled(device):  # what autocast casts for F.linear
+            dtype = torch.get_autocast_dtype(device)
+            input, weight, values, original = (t.to(dtype) for t in (input, weight, values, original))
+            bias = None if bias is None else bias.to(dtype)
+        return torch.ops.gem_kernels.sparse_delta_linear(input, weight, values, original, self.indices, bias)
+
+    def merged_weight(self) -> Tensor:
+        """The dense weight the layer computes with (a new tensor, the base's dtype)."""
+        return effective_weight(self.weight, self.values.to(self.weight.dtype), self.original, self.indices)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, trained_entries={self.indices.numel()}"
+
+    def _check_indices(self, indices: Tensor, weight: Optional[Tensor] = None) -> None:
+        weight = self.weight if weight is None else weight
+        if indices.dtype != torch.int64 or indices.dim() != 1:
+            raise ValueError(f"indices must be a 1-D int64 tensor, got {indices.dtype} of shape "
+                             f"{tuple(indices.shape)}")
+        if weight.device.type == "meta":
+            return
+        offsets = torch.tensor([0, indices.numel()], dtype=torch.int64, device=indices.device)
+        check_index_set("SparseDeltaLinear", indices, offsets, [weight.numel()], indices.device)
+
+    def _check_loaded(self, incompatible_keys) -> None:
+        """A loaded state dict must give an index set the kernels can read, and one value per index."""
+        self._check_indices(self.indices)
+        if not (self.values.shape == self.original.shape == self.indices.shape):
+            raise ValueError(f"SparseDeltaLinear: loaded indices {tuple(self.indices.shape)}, values "
+                             f"{tuple(self.values.shape)} and original {tuple(self.original.shape)} differ in shape")
+
+
+# ---------------------------------------------------------------------------------------
+# The transforms
+
+
+def _plain_linear(module) -> bool:
+    """An ``nn.Linear`` that computes as ``nn.Linear`` does (a subclass with its own forward does not)."""
+    return isinstance(module, torch.nn.Linear) and not isinstance(module, SparseDeltaLinear) \
+        and type(module).forward is torch.nn.Linear.forward
+
+
+def _replace(model: torch.nn.Module, name: str, new: torch.nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name), child, new)
+
+
+def sparsify_(model: torch.nn.Module, optimizer) -> list:
+    """Turns every ``nn.Linear`` of ``model`` whose weight has entries selected by ``optimizer``
+    (a ``SparseAdamW`` past its selection) into a ``SparseDeltaLinear`` over the same weight and
+    bias tensors, and hands the optimizer each layer's ``values`` in place of its weight, with
+    the moments and step count it had (``SparseAdamW.replace_trained_params``). Returns the
+    converted modules' names.
+
+    Other sparse params (embeddings, transformers' ``Conv1D``, weights with no entry) stay as
+    they are and keep training on the drop-in path. Raises, changing nothing, for an optimizer
+    that has not selected, ID3 (its unmasking adds entries every step: it stays on the drop-in
+    path), FSDP2 params, a weight shared by several modules, or no Linear to convert.
+    """
+    from .optim import SparseAdamW
+
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if not isinstance(optimizer, SparseAdamW):
+        raise TypeError(f"optimizer must be the gem_kernels.SparseAdamW that selected the entries, got "
+                        f"{type(optimizer).__name__}")
+    if optimizer.incremental:
+        raise ValueError("sparsify_ does not take ID3: its unmasking adds entries at every step, so it "
+                         "trains on the drop-in path (SparseAdamW alone)")
+    if optimizer.phase != "training":
+        raise ValueError(f"sparsify_ needs the optimizer's selection; its phase is {optimizer.phase!r} "
+                         "(run opt.calibrate(...) or its calibration steps first)")
+    entries = {p: found for p, found in optimizer.selected_entries().items() if found[0].numel()}
+    if any(type(p) not in (Tensor, torch.nn.Parameter) for p in entries):
+        raise TypeError("sparsify_ does not take FSDP2 (DTensor) params: their modules compute on "
+                        "unsharded copies; train them with SparseAdamW alone")
+    users = {}
+    for name, module in model.named_modules():
+        weight = getattr(module, "weight", None)
+        if isinstance(weight, Tensor) and weight in entries:
+            users.setdefault(weight, []).append((name, module))
+    layers = {}
+    for weight, found in users.items():
+        names = [name or "<the model itself>" for name, _ in found]
+        if len(found) > 1:
+            raise ValueError(f"the weight of {names} is shared by {len(found)} modules; sparsify_ "
+                             "converts a weight used by one module only")
+        name, module = found[0]
+        if _plain_linear(module):
+            if not name:
+                raise ValueError("model itself is the Linear to convert; sparsify_ replaces submodules "
+                                 "(wrap it, e.g. in nn.Sequential)")
+            layers[name] = (module, *entries[weight])
+    if not layers:
+        raise ValueError("no nn.Linear of model has a weight with entries selected by optimizer; "
+                         "pass the model the optimizer trains")
+    converted = {}
+    for name, (module, indices, original) in layers.items():  # every check above: now change
+        converted[name] = (module.weight, SparseDeltaLinear.from_linear(module, indices, original))
+    optimizer.replace_trained_params({weight: layer.values for weight, layer in converted.values()})
+    for name, (_, layer) in converted.items():
+        _replace(model, name, layer)
+    return list(converted)
+
+
+@torch.no_grad()
+def merge_(model: torch.nn.Module) -> list:
+    """Turns every ``SparseDeltaLinear`` of ``model`` back into an ``nn.Linear`` whose weight (the
+    layer's base tensor, written in place) holds the effective weight, in the base's dtype:
+    bit for bit the trained values while the base was untouched. The weight requires grad again,
+    as a fresh ``nn.Linear``'s. Returns the merged modules' names. An optimizer still holding a
+    layer's ``values`` no longer changes the model."""
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    layers = [(name, m) for name, m in model.named_modules() if isinstance(m, SparseDeltaLinear)]
+    if any(not name for name, _ in layers):
+        raise ValueError("model itself is a SparseDeltaLinear; merge_ replaces submodules (use merged_weight())")
+    for name, layer in layers:
+        merged = layer.merged_weight()
+        weight = layer.weight
+        weight.copy_(merged)
+        linear = torch.nn.Linear(layer.in_features, layer.out_features, bias=False, device="meta")
+        linear.weight = weight
+        linear.bias = layer.bias
+        weight.requires_grad_(True)
+        _replace(model, name, linear)
+    return [name for name, _ in layers]
+
+
+def trained_entries(model: torch.nn.Module) -> dict:
+    """``{weight: (indices, original, trained)}`` of every ``SparseDeltaLinear`` of ``model``:
+    the flat indices into the weight, the base values there and the effective values (copies)."""
+    out = {}
+    with torch.no_grad():
+        for layer in model.modules():
+            if isinstance(layer, SparseDeltaLinear):
+                trained = layer.merged_weight().reshape(-1)[layer.indices]
+                out[layer.weight] = (layer.indices.clone(), layer.original.clone(), trained)
+    return out
+
+
+def delta_values(model: torch.nn.Module) -> set:
+    """The ``values`` tensors of the ``SparseDeltaLinear`` layers of ``model`` (by identity)."""
+    return {id(m.values) for m in model.modules() if isinstance(m, SparseDeltaLinear)}
