@@ -106,60 +106,87 @@ def _scatter_(param: torch.Tensor, indices: torch.Tensor, values: torch.Tensor) 
 # Save
 
 
-def save_delta(model, path, optimizer, *, exclude_dense: bool = False) -> dict:
-    """Writes the entries ``optimizer`` (a SparseAdamW) trained and changed in ``model`` to ``path``.
+def selected_rows(model, optimizer=None):
+    """What a sparse fine-tune of ``model`` trains, from either path: ``(rows, dense)``.
 
-    Returns a summary: ``{"tensors": n, "entries": changed entries, "bytes": file size}``.
+    ``rows`` holds ``(name, param, indices, original, trained)`` per param with selected entries:
+    those of ``optimizer`` (a SparseAdamW, the drop-in path) and those of the model's
+    ``SparseDeltaLinear`` layers (the explicit path: the layer's base ``weight`` with its effective
+    values; the optimizer's entries for a layer's ``values`` are the same ones, so they are not listed
+    twice). ``dense`` lists ``(name, param)`` of the params trained otherwise: the optimizer's params
+    without selected entries that require grad, or without an optimizer every param that requires
+    grad and is no layer's ``values``. Index and original tensors are on the CPU.
     """
+    from .nn import delta_values, trained_entries
+
     params = _named_parameters(model)
-    path = _check_path(path)
-    if not hasattr(optimizer, "selected_entries"):
+    if optimizer is not None and not hasattr(optimizer, "selected_entries"):
         raise TypeError(f"optimizer must be a SparseAdamW (with selected_entries()), got "
                         f"{type(optimizer).__name__}")
-    if not isinstance(exclude_dense, bool):
-        raise TypeError(f"exclude_dense must be a bool, got {type(exclude_dense).__name__}")
-    selected = optimizer.selected_entries()
-    if sum(indices.numel() for indices, _ in selected.values()) == 0:
-        raise ValueError(f"optimizer has selected no entries yet (phase "
-                         f"{getattr(optimizer, 'phase', '?')!r}); train past selection before saving")
+    layer_values = delta_values(model)
+    found = trained_entries(model)
+    selected = optimizer.selected_entries() if optimizer is not None else {}
     name_of = {id(p): name for name, p in params.items()}
     unknown = [tuple(p.shape) for p in selected if id(p) not in name_of]
     if unknown:
         raise ValueError(f"optimizer holds {len(unknown)} selected parameter(s) that model does "
                          f"not contain (shapes {unknown[:3]}); pass the model the optimizer trains")
-    dense = [name_of.get(id(p), f"<shape {tuple(p.shape)}>")
-             for group in optimizer.param_groups for p in group["params"]
-             if p.requires_grad and p not in selected]
+    with torch.no_grad():
+        for p, (indices, original) in selected.items():
+            if id(p) not in layer_values:
+                found[p] = (indices, original, _gather(p, indices.to(p.device)))
+    rows = [(name_of[id(p)], p, indices.to("cpu", torch.int64), original.detach().cpu(), trained.cpu())
+            for p, (indices, original, trained) in found.items() if indices.numel()]
+    if not rows:
+        where = (f"optimizer has selected no entries yet (phase {getattr(optimizer, 'phase', '?')!r}); train "
+                 "past selection first") if optimizer is not None else \
+            "model has no SparseDeltaLinear layer; pass the SparseAdamW that trained it"
+        raise ValueError(f"nothing to save: {where}")
+    if optimizer is not None:
+        candidates = [p for group in optimizer.param_groups for p in group["params"]]
+    else:
+        candidates = list(params.values())
+    dense = [(name_of.get(id(p), f"<shape {tuple(p.shape)}>"), p) for p in candidates
+             if p.requires_grad and p not in selected and id(p) not in layer_values]
+    return rows, dense
+
+
+def save_delta(model, path, optimizer=None, *, exclude_dense: bool = False) -> dict:
+    """Writes the entries a sparse fine-tune trained and changed in ``model`` to ``path``: those of
+    ``optimizer`` (a SparseAdamW) and of the model's ``SparseDeltaLinear`` layers (``optimizer`` may
+    then be left out); see ``selected_rows``.
+
+    Returns a summary: ``{"tensors": n, "entries": changed entries, "bytes": file size}``.
+    """
+    path = _check_path(path)
+    if not isinstance(exclude_dense, bool):
+        raise TypeError(f"exclude_dense must be a bool, got {type(exclude_dense).__name__}")
+    rows, dense = selected_rows(model, optimizer)
     if dense and not exclude_dense:
-        raise ValueError(f"optimizer trains {len(dense)} parameter(s) densely, which a sparse delta "
-                         f"does not hold: {dense[:5]}; save them with their state_dict and pass "
-                         "exclude_dense=True")
+        raise ValueError(f"{len(dense)} parameter(s) train densely, which a sparse delta "
+                         f"does not hold: {[name for name, _ in dense][:5]}; save them with their state_dict "
+                         "and pass exclude_dense=True")
 
     tensors, table = {}, {}
     changed_total = 0
-    with torch.no_grad():
-        for param, (indices, original) in selected.items():
-            name = name_of[id(param)]
-            if param.dtype not in _BITS_DTYPE:
-                raise ValueError(f"parameter {name!r} has dtype {_dtype_name(param.dtype)}; a delta "
-                                 f"supports {sorted(SUPPORTED_DTYPES)}")
-            indices = indices.detach().to("cpu", torch.int64)
-            original = original.detach().to("cpu")
-            if original.dtype != param.dtype or original.shape != indices.shape:
-                raise ValueError(f"optimizer's original values for {name!r} are "
-                                 f"{_dtype_name(original.dtype)}{tuple(original.shape)}; expected "
-                                 f"{_dtype_name(param.dtype)}{tuple(indices.shape)}")
-            current = _gather(param, indices.to(param.device)).cpu()
-            changed = _bits(current) != _bits(original)
-            if not bool(changed.any()):
-                continue
-            indices, original, current = indices[changed], original[changed], current[changed]
-            tensors[f"{name}{_KEY_SEP}indices"] = indices.contiguous()
-            tensors[f"{name}{_KEY_SEP}new"] = current.contiguous()
-            tensors[f"{name}{_KEY_SEP}original"] = original.contiguous()
-            table[name] = {"shape": list(param.shape), "dtype": _dtype_name(param.dtype),
-                           "base_sha256": _sha256(original)}
-            changed_total += indices.numel()
+    for name, param, indices, original, current in rows:
+        if param.dtype not in _BITS_DTYPE:
+            raise ValueError(f"parameter {name!r} has dtype {_dtype_name(param.dtype)}; a delta "
+                             f"supports {sorted(SUPPORTED_DTYPES)}")
+        if original.dtype != param.dtype or original.shape != indices.shape:
+            raise ValueError(f"the original values for {name!r} are "
+                             f"{_dtype_name(original.dtype)}{tuple(original.shape)}; expected "
+                             f"{_dtype_name(param.dtype)}{tuple(indices.shape)}")
+        changed = _bits(current) != _bits(original)
+        if not bool(changed.any()):
+            continue
+        indices, original, current = indices[changed], original[changed], current[changed]
+        tensors[f"{name}{_KEY_SEP}indices"] = indices.contiguous()
+        tensors[f"{name}{_KEY_SEP}new"] = current.contiguous()
+        tensors[f"{name}{_KEY_SEP}original"] = original.contiguous()
+        table[name] = {"shape": list(param.shape), "dtype": _dtype_name(param.dtype),
+                       "base_sha256": _sha256(original)}
+        changed_total += indices.numel()
 
     metadata = {"format": FORMAT, "format_version": FORMAT_VERSION,
                 "gem_kernels_version": __version__, "tensors": json.dumps(table, sort_keys=True)}

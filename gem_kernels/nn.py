@@ -109,7 +109,6 @@ class SparseDeltaLinear(torch.nn.Linear):
         self.register_buffer("indices", indices)
         self.register_buffer("original", selected.clone())
         self.values = torch.nn.Parameter(selected.clone())
-        self.register_load_state_dict_post_hook(SparseDeltaLinear._check_loaded)
 
     @classmethod
     def from_linear(cls, linear: torch.nn.Linear, indices: Tensor, original: Tensor) -> "SparseDeltaLinear":
@@ -160,12 +159,14 @@ class SparseDeltaLinear(torch.nn.Linear):
         offsets = torch.tensor([0, indices.numel()], dtype=torch.int64, device=indices.device)
         check_index_set("SparseDeltaLinear", indices, offsets, [weight.numel()], indices.device)
 
-    def _check_loaded(self, incompatible_keys) -> None:
-        """A loaded state dict must give an index set the kernels can read, and one value per index."""
-        self._check_indices(self.indices)
-        if not (self.values.shape == self.original.shape == self.indices.shape):
-            raise ValueError(f"SparseDeltaLinear: loaded indices {tuple(self.indices.shape)}, values "
-                             f"{tuple(self.values.shape)} and original {tuple(self.original.shape)} differ in shape")
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        """Checks the index set a state dict brings (one the kernels can read) before anything loads.
+        (A hook registered on the instance would be pickled with the module, which then no longer
+        loads with ``weights_only=True``; overriding this method is how torch's own modules do it.)"""
+        indices = state_dict.get(prefix + "indices")
+        if isinstance(indices, Tensor):
+            self._check_indices(indices)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
 # ---------------------------------------------------------------------------------------

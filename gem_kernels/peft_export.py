@@ -63,7 +63,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from .delta import _bits, load_delta
+from .delta import _bits, load_delta, selected_rows
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _PREFIX = "base_model.model."  # what PeftModel puts before the base model's module names
@@ -99,33 +99,6 @@ def _from_delta_file(params: dict, path) -> list:
     if not rows:
         raise ValueError(f"delta file {path} holds no entries to export")
     return rows
-
-
-def _from_optimizer(params: dict, optimizer):
-    """Every selected entry (changed or not: the mask is the selection, which matters to anyone
-    who trains the adapter further) and the params the optimizer trains densely."""
-    selected = optimizer.selected_entries()
-    name_of = {id(p): name for name, p in params.items()}
-    unknown = [tuple(p.shape) for p in selected if id(p) not in name_of]
-    if unknown:
-        raise ValueError(f"optimizer holds {len(unknown)} selected parameter(s) that model does not "
-                         f"contain (shapes {unknown[:3]}); pass the model the optimizer trains")
-    rows = []
-    with torch.no_grad():
-        for param, (indices, original) in selected.items():
-            if indices.numel() == 0:
-                continue
-            trained = param.detach().reshape(-1)[indices.to(param.device)]
-            rows.append((name_of[id(param)], param, indices.to("cpu", torch.int64), original.detach().cpu(),
-                         trained.cpu()))
-    if not rows:
-        raise ValueError(f"optimizer has selected no entries yet (phase "
-                         f"{getattr(optimizer, 'phase', '?')!r}); train past selection before exporting")
-    selected_ids = {id(p) for p in selected}
-    dense = [(name_of.get(id(p), f"<shape {tuple(p.shape)}>"), p)
-             for group in optimizer.param_groups for p in group["params"]
-             if p.requires_grad and id(p) not in selected_ids]
-    return rows, dense
 
 
 # ---------------------------------------------------------------------------------------
@@ -278,11 +251,11 @@ def _collect(model, source, out_dir, modules_to_save, exclude_dense, method: str
     params = dict(model.named_parameters())
     if isinstance(source, (str, os.PathLike)):
         rows, dense = _from_delta_file(params, source), []  # a delta file does not list dense params
-    elif hasattr(source, "selected_entries"):
-        rows, dense = _from_optimizer(params, source)
+    elif source is None or hasattr(source, "selected_entries"):
+        rows, dense = selected_rows(model, source)  # every selected entry, changed or not: the mask
     else:
-        raise TypeError(f"source must be a SparseAdamW or the path of a save_delta file, got "
-                        f"{type(source).__name__}")
+        raise TypeError(f"source must be a SparseAdamW, the path of a save_delta file, or None (the model's "
+                        f"SparseDeltaLinear layers), got {type(source).__name__}")
 
     owners = _owners(model)
     modules = []
@@ -342,8 +315,9 @@ def export_peft_shira(model, source, out_dir, *, modules_to_save=None, exclude_d
     ``peft.PeftModel.from_pretrained(base_model, out_dir)``.
 
     ``source`` is the ``SparseAdamW`` that trained ``model`` (its selected entries, with the trained
-    values read from ``model``) or the path of a ``save_delta`` file (its changed entries; then
-    ``model`` only supplies module names and types, and the values of ``modules_to_save``).
+    values read from ``model``, and those of its ``SparseDeltaLinear`` layers), None (the layers'
+    entries alone), or the path of a ``save_delta`` file (its changed entries; then ``model`` only
+    supplies module names and types, and the values of ``modules_to_save``).
     ``modules_to_save`` names modules stored whole (for a densely trained head); ``exclude_dense``
     skips the check that every dense param is stored. Load with peft's default
     ``autocast_adapter_dtype=True``: with False, bf16/fp16 models round the deltas to their dtype.
