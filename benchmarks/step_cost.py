@@ -1,5 +1,6 @@
-"""Step time and peak memory of a training step: GEM with sparse weight gradients, GEM without
-them (dense dW, then the selected entries gathered), LoRA r=8 and full AdamW, in one process.
+"""Step time and peak memory of a training step: GEM on the explicit sparse-delta layer (sparse
+weight gradients), GEM on the drop-in path (dense dW and ``.grad``), LoRA r=8 and full AdamW, in
+one process.
 
     python benchmarks/step_cost.py [--models minilm-qv minilm-all llama-all] [--steps 3] [--threads 1]
     python benchmarks/step_cost.py --device cuda --models llama-953m [--compile] [--steps 10]
@@ -18,13 +19,13 @@ Models (the same batch for every method of a model):
   Built from the config with random init, never downloaded. The model of issue 16's GPU table.
 * ``llama-tiny``: hidden 64, 2 layers, vocab 512, batch 2 x 32: for tests of this script.
 
-Methods: ``gem+swg`` (SparseAdamW, GEM at density 1e-3 of the targeted weights, one calibration
-batch, ``sparse_weight_grads=True``), ``gem`` (the same with ``sparse_weight_grads=False``),
-``default`` (the same with the optimizer's own default, ``"auto"``: on CPU the sparse op, on CUDA
-the dense path), ``lora`` (peft LoRA r=8, alpha 16, no dropout, on the same modules; torch AdamW),
-``full`` (torch AdamW on every parameter). On CUDA both torch AdamWs are ``fused=True``. Step:
-forward, backward, ``step()``, ``zero_grad``. Default methods: ``gem+swg gem lora full`` on CPU,
-``default gem lora full`` on CUDA.
+Methods, baselines first: ``full`` (torch AdamW on every parameter), ``lora`` (peft LoRA r=8,
+alpha 16, no dropout, on the same modules; torch AdamW), ``gem`` (the drop-in path: SparseAdamW,
+GEM at density 1e-3 of the targeted weights, one calibration batch; dense ``dW`` and ``.grad``)
+and ``gem-layer`` (the same selection, then ``gem_kernels.sparsify_``: the targeted Linear modules
+become ``SparseDeltaLinear``, whose backward computes only the selected entries of ``dW``; the
+same SparseAdamW trains their values). On CUDA both torch AdamWs are ``fused=True``. Step:
+forward, backward, ``step()``, ``zero_grad``.
 
 Devices. ``cpu`` (default): fp32; the median wall time of ``--steps`` steps after ``--warmup``
 (default 1) warm-up steps, and the peak tensor memory of one step
@@ -58,12 +59,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 import minilm_memory  # noqa: E402  (batches, the model, memory measurement)
 
-from gem_kernels import SparseAdamW  # noqa: E402
+from gem_kernels import SparseAdamW, sparsify_  # noqa: E402
 from gem_kernels.integrations.transformers import matching_parameters, param_groups  # noqa: E402
 from gem_kernels.selection import GEM  # noqa: E402
 
-METHODS = ("default", "gem+swg", "gem", "lora", "full")
-DEFAULT_METHODS = {"cpu": ("gem+swg", "gem", "lora", "full"), "cuda": ("default", "gem", "lora", "full")}
+METHODS = ("full", "lora", "gem", "gem-layer")
 MODELS = ("minilm-qv", "minilm-all", "llama-all", "llama-953m", "llama-tiny")
 MINILM_QV = ["query", "value"]
 LLAMA_ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -146,10 +146,10 @@ def set_up(method: str, model, patterns, dense, batch, loss_fn, device: str = "c
                                                  modules_to_save=dense or None))
         return model, torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR, **fused)
     groups = param_groups(model, sparse=patterns, dense=dense)
-    policy = {} if method == "default" else {"sparse_weight_grads": method == "gem+swg"}
-    opt = SparseAdamW(groups, lr=LR, density=DENSITY, selector=GEM(), calibration_steps=0, **policy)
-    opt.register_modules(model)
+    opt = SparseAdamW(groups, lr=LR, density=DENSITY, selector=GEM(), calibration_steps=0)
     opt.calibrate(model, [batch], loss_fn)
+    if method == "gem-layer":
+        sparsify_(model, opt)
     return model, opt
 
 
@@ -200,16 +200,14 @@ def _measure(case, method, steps, device, compile, warmup) -> dict:
 
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     start = time.perf_counter()
-    step()  # warm-up (and, for SparseAdamW, the first step on the patched modules; compilation)
+    step()  # warm-up (and compilation)
     sync()
     first = time.perf_counter() - start
     for _ in range(warmup - 1):
         step()
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     row = {"model": case, "method": method, "device": device, "compiled": compile,
-           "autocast": "bf16" if device == "cuda" else None, "warmup": warmup, "steps": steps,
-           "sparse_weight_grads": None if not isinstance(opt, SparseAdamW) else
-           ("auto" if method == "default" else method == "gem+swg")}
+           "autocast": "bf16" if device == "cuda" else None, "warmup": warmup, "steps": steps}
     if device == "cuda":
         sync()
         torch.cuda.reset_peak_memory_stats()
@@ -243,12 +241,12 @@ def _ratio(value, base) -> str:
 
 
 def table(rows) -> str:
-    lines = [f"{'model':<11} {'method':<8} {'step s':>8} {'x LoRA':>7} {'peak MiB':>9} {'x LoRA':>7} {'trained':>11}",
+    lines = [f"{'model':<11} {'method':<9} {'step s':>8} {'x LoRA':>7} {'peak MiB':>9} {'x LoRA':>7} {'trained':>11}",
              "-" * 67]
     for r in rows:
         lora = next((x for x in rows if x["model"] == r["model"] and x["method"] == "lora"
                      and x.get("compiled") == r.get("compiled")), None)
-        lines.append(f"{r['model']:<11} {r['method']:<8} {r['median_step_s']:>8.4f} "
+        lines.append(f"{r['model']:<11} {r['method']:<9} {r['median_step_s']:>8.4f} "
                      f"{_ratio(r['median_step_s'], lora and lora['median_step_s'])} "
                      f"{r['peak_step_bytes'] / 2**20:>9.1f} "
                      f"{_ratio(r['peak_step_bytes'], lora and lora['peak_step_bytes'])} {r['trained_entries']:>11,}")
@@ -258,8 +256,7 @@ def table(rows) -> str:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--models", nargs="+", default=["minilm-qv", "minilm-all", "llama-all"], choices=MODELS)
-    parser.add_argument("--methods", nargs="+", choices=METHODS,
-                        help="default: " + "; ".join(f"{d}: {' '.join(m)}" for d, m in DEFAULT_METHODS.items()))
+    parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--compile", action="store_true", help="wrap the model in torch.compile")
     parser.add_argument("--steps", type=int, default=3)
@@ -285,9 +282,8 @@ def main(argv=None) -> int:
         print("step_cost: error: --steps and --warmup must be at least 1", file=sys.stderr)
         return 2
     torch.set_num_threads(args.threads)
-    methods = args.methods or DEFAULT_METHODS[args.device]
     rows = [measure(case, method, args.steps, args.device, args.compile, args.warmup)
-            for case in args.models for method in methods]
+            for case in args.models for method in args.methods]
     where = (torch.cuda.get_device_name() if args.device == "cuda"
              else f"{args.threads} thread(s), {platform.processor() or platform.machine()}")
     print(f"torch {torch.__version__}, {where}, load average {os.getloadavg()[0]:.1f}; "

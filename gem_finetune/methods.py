@@ -208,6 +208,13 @@ def run_once(method: str, lr: float, seed: int, config: RunConfig, train: Encode
         start = _clock(device)
         optimizer.calibrate(model, calibration, loss_fn)
         calibration_seconds = _clock(device) - start
+    # The explicit layer where it measured faster: on CPU its sparse weight gradient takes a
+    # fifth off a step (benchmarks/results/step_cost.md); on CUDA dense dW through cuBLAS wins so
+    # far. ID3 adds entries at every step, so it stays on the drop-in path.
+    layer = method in SPARSE_METHODS and method != "id3" and device.type == "cpu"
+    if layer:
+        from gem_kernels import sparsify_
+        sparsify_(model, optimizer)
 
     losses, step_seconds, dev_curve = [], [], []
     bar = tqdm(total=total_steps, desc=f"{method} lr={lr:g} seed={seed}", unit="step", leave=False)
@@ -231,7 +238,7 @@ def run_once(method: str, lr: float, seed: int, config: RunConfig, train: Encode
     result = {"method": method, "lr": lr, "seed": seed,
               "budget_fraction": config.budget_fraction if method in BUDGETED_METHODS else None,
               **{k: dev_curve[-1][k] for k in ("accuracy", "mcc")}, "heldout": heldout,
-              "device": device.type, "precision": precision,
+              "device": device.type, "precision": precision, "sparse_delta_layer": layer,
               "trainable_entries": setup.trainable_entries,
               "optimizer_state_bytes": optimizer_state_bytes(optimizer),
               "peak_memory_mib": peak_memory_mib(device) if peak_known else None,

@@ -227,10 +227,7 @@ class SparseAdamW(torch.optim.Optimizer):
         for weight, values in replacements.items():
             gi, i = where[id(weight)]
             group = self.param_groups[gi]
-            group["params"][i] = values
-            names = group.get("param_names")
-            if names:
-                names[i] = f"{names[i].rpartition('.')[0]}.values".lstrip(".")
+            group["params"][i] = values  # its name, if named, stays the weight's: the selection's rows
             state = self.state.pop(weight)
             state["indices"] = torch.arange(values.numel(), dtype=torch.int64, device=values.device)
             self.state[values] = state
