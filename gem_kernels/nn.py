@@ -17,9 +17,9 @@ as one) that holds
 It computes with the effective weight ``W = weight`` where at each selected entry ``W[i] =
 values[i] + (weight[i] - original[i])``: the trained value while the base is untouched (bit for
 bit), and the two changes added when something else changed the base there (peft's
-``merge_and_unload`` of a LoRA on top). Forward and backward are one registered operator,
-``gem_kernels::sparse_delta_linear``: the forward builds ``W`` (one layer's copy, dropped after the
-product) and runs ``F.linear``; the backward gives ``dX = dY W`` exactly, the values' gradient from
+``merge_and_unload`` of a LoRA on top). Forward and backward are ``SparseDeltaLinearFunction``:
+the forward builds ``W`` (one layer's copy, dropped after the product) and runs ``F.linear``; the
+backward rebuilds it and gives ``dX = dY W`` exactly, the values' gradient from
 ``gem_kernels::sparse_weight_grad`` (the k entries of ``dYᵀX``, never the dense product) and the
 bias's gradient; it forms the dense weight gradient only if the user unfroze the base. Any
 optimizer trains ``values``: ``torch.optim.AdamW`` (O(k) state, since the tensor has k entries),
@@ -33,6 +33,7 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 from . import library  # noqa: F401  (registers gem_kernels::sparse_weight_grad)
 from .ops import check_index_set
@@ -46,48 +47,48 @@ Tensor = torch.Tensor
 
 def effective_weight(weight: Tensor, values: Tensor, original: Tensor, indices: Tensor) -> Tensor:
     """The dense weight a ``SparseDeltaLinear`` computes with (a new tensor; see the module doc)."""
-    w = weight.detach().clone(memory_format=torch.contiguous_format)
-    flat = w.view(-1)
-    flat[indices] = values.detach() + (flat[indices] - original)
-    return w
+    flat = weight.reshape(-1)
+    return flat.index_put((indices,), values + (flat[indices] - original)).view_as(weight)
 
 
-@torch.library.custom_op("gem_kernels::sparse_delta_linear", mutates_args=())
-def sparse_delta_linear(input: Tensor, weight: Tensor, values: Tensor, original: Tensor, indices: Tensor,
-                        bias: Optional[Tensor]) -> Tensor:
-    """``F.linear(input, W, bias)`` with ``W`` the base ``weight`` plus the sparse delta."""
-    return F.linear(input, effective_weight(weight, values, original, indices), bias)
+class SparseDeltaLinearFunction(torch.autograd.Function):
+    """``F.linear(input, W, bias)`` with ``W`` the base ``weight`` plus the sparse delta (see the
+    module doc). Backward: ``dX = dY W`` exactly, the values' gradient through the registered
+    operator ``gem_kernels::sparse_weight_grad`` (never the dense ``dW``), the bias's; the dense
+    ``dW`` only for a base the user unfroze. Written with ``setup_context`` and torch ops, so that
+    ``torch.func`` (``grad``, ``vjp``, ``jacrev``, ``vmap``) and ``torch.compile(fullgraph=True)``
+    take it. Forward mode (``jvp``) is refused by torch: a custom ``jvp`` would make Dynamo break
+    the graph, and ``fullgraph`` compilation matters more to training."""
 
+    generate_vmap_rule = True
 
-@sparse_delta_linear.register_fake
-def _(input, weight, values, original, indices, bias):
-    return input.new_empty((*input.shape[:-1], weight.shape[0]))
+    @staticmethod
+    def forward(input, weight, values, original, indices, bias):
+        return F.linear(input, effective_weight(weight, values, original, indices), bias)
 
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        input, weight, values, original, indices, bias = inputs
+        ctx.save_for_backward(input, weight, values, original, indices)
 
-def _setup_context(ctx, inputs, output):
-    input, weight, values, original, indices, bias = inputs
-    ctx.save_for_backward(input, weight, values, original, indices)
-
-
-def _backward(ctx, grad_output):
-    input, weight, values, original, indices = ctx.saved_tensors
-    dy = grad_output.reshape(-1, weight.shape[0]).contiguous()
-    x = input.reshape(-1, weight.shape[1]).contiguous()
-    grad_input = grad_weight = grad_values = grad_bias = None
-    if ctx.needs_input_grad[0]:
-        grad_input = (dy @ effective_weight(weight, values, original, indices)).reshape(input.shape)
-    if ctx.needs_input_grad[1]:  # the base was unfrozen: its dense gradient, as nn.Linear's
-        grad_weight = dy.t() @ x
-    if ctx.needs_input_grad[2]:
-        offsets = torch.tensor([0, indices.shape[0]], dtype=torch.int64, device=indices.device)
-        # Rounded once to dY's dtype, as the dense product dYᵀX of nn.Linear's backward is.
-        grad_values = torch.ops.gem_kernels.sparse_weight_grad([x], [dy], indices, offsets).to(dy.dtype)
-    if ctx.needs_input_grad[5]:
-        grad_bias = dy.sum(0)
-    return grad_input, grad_weight, grad_values, None, None, grad_bias
-
-
-sparse_delta_linear.register_autograd(_backward, setup_context=_setup_context)
+    @staticmethod
+    @once_differentiable  # the operator has no derivative of its own: a double backward raises, never wrong
+    def backward(ctx, grad_output):
+        input, weight, values, original, indices = ctx.saved_tensors
+        dy = grad_output.reshape(-1, weight.shape[0]).contiguous()
+        x = input.reshape(-1, weight.shape[1]).contiguous()
+        grad_input = grad_weight = grad_values = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            grad_input = (dy @ effective_weight(weight, values, original, indices)).reshape(input.shape)
+        if ctx.needs_input_grad[1]:  # the base was unfrozen: its dense gradient, as nn.Linear's
+            grad_weight = dy.t() @ x
+        if ctx.needs_input_grad[2]:
+            offsets = torch.tensor([0, indices.shape[0]], dtype=torch.int64, device=indices.device)
+            # Rounded once to dY's dtype, as the dense product dYᵀX of nn.Linear's backward is.
+            grad_values = torch.ops.gem_kernels.sparse_weight_grad([x], [dy], indices, offsets).to(dy.dtype)
+        if ctx.needs_input_grad[5]:
+            grad_bias = dy.sum(0)
+        return grad_input, grad_weight, grad_values, None, None, grad_bias
 
 
 # ---------------------------------------------------------------------------------------
@@ -140,8 +141,9 @@ class SparseDeltaLinear(torch.nn.Linear):
             dtype = torch.get_autocast_dtype(device)
             input, weight, values, original = (t.to(dtype) for t in (input, weight, values, original))
             bias = None if bias is None else bias.to(dtype)
-        return torch.ops.gem_kernels.sparse_delta_linear(input, weight, values, original, self.indices, bias)
+        return SparseDeltaLinearFunction.apply(input, weight, values, original, self.indices, bias)
 
+    @torch.no_grad()
     def merged_weight(self) -> Tensor:
         """The dense weight the layer computes with (a new tensor, the base's dtype)."""
         return effective_weight(self.weight, self.values.to(self.weight.dtype), self.original, self.indices)

@@ -383,6 +383,50 @@ def test_layer_compile_fullgraph_against_eager():
             torch.testing.assert_close(a.grad, b.grad, rtol=1e-6, atol=1e-7)
 
 
+def test_layer_torch_func():
+    """grad, vjp, jacrev and vmap as for nn.Linear; forward mode (jvp) is refused by torch, as the
+    layer's autograd.Function has no jvp (Dynamo cannot trace one under fullgraph)."""
+    model, _ = _sparsified()
+    plain = copy.deepcopy(model)
+    merge_(plain)
+    x, y = _batch()
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    buffers = dict(model.named_buffers())
+
+    def loss(p):
+        return torch.nn.functional.mse_loss(torch.func.functional_call(model, (p, buffers), (x,)), y)
+    grads = torch.func.grad(loss)(params)
+    _loss(model).backward()
+    torch.testing.assert_close(grads["0.values"], model[0].values.grad, rtol=0, atol=0)
+    torch.testing.assert_close(torch.func.vmap(model)(x), plain(x), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(torch.func.jacrev(model)(x[:2]), torch.func.jacrev(plain)(x[:2]),
+                               rtol=1e-5, atol=1e-6)
+    out, pullback = torch.func.vjp(model, x)
+    torch.testing.assert_close(pullback(torch.ones_like(out))[0], torch.func.vjp(plain, x)[1](torch.ones_like(out))[0],
+                               rtol=1e-5, atol=1e-6)
+    with pytest.raises(NotImplementedError, match="jvp"):
+        torch.func.jvp(model, (x,), (torch.ones_like(x),))
+
+
+def test_layer_hooks_and_parametrizations():
+    model, opt = _sparsified()
+    seen = []
+    model[0].values.register_hook(lambda g: seen.append(tuple(g.shape)))
+    model[0].values.register_post_accumulate_grad_hook(lambda p: seen.append(("post", tuple(p.grad.shape))))
+    torch.nn.utils.parametrize.register_parametrization(model[2], "weight", _Scale())
+    x, _ = _batch()
+    # The parametrized base (2 W0) with the values' change added at the selected entries.
+    effective = 2 * model[2].parametrizations.weight.original.detach().clone()
+    flat = effective.view(-1)
+    flat[model[2].indices] += model[2].values.detach() - model[2].original
+    torch.testing.assert_close(model[2].merged_weight(), effective, rtol=0, atol=0)
+    expected = torch.nn.functional.linear(torch.tanh(model[0](x)), effective, model[2].bias)
+    torch.testing.assert_close(model(x), expected, rtol=1e-6, atol=1e-6)
+    _train(model, opt, steps=1)
+    k = model[0].indices.numel()
+    assert seen == [(k,), ("post", (k,))]
+
+
 def test_merge_gives_the_same_outputs():
     model, opt = _sparsified()
     _train(model, opt, steps=3)
