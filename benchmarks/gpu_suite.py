@@ -19,12 +19,12 @@ and one that runs out is stopped, recorded as ``timed_out``, and the suite goes 
 * ``weight_grad_timings`` (30): ``sparse_weight_grad`` against dense ``dYᵀX`` + gather on the
   953M Llama's layer shapes at T = 4096, density 1e-3, bf16 and fp32;
 * ``step_eager`` (90): ``benchmarks/step_cost.py``'s measure on ``llama-953m`` (bf16 autocast,
-  batch 8 x 512): SparseAdamW default, ``sparse_weight_grads=False``, LoRA r=8, full AdamW
-  (fused), then ``sparse_weight_grads=True``;
+  batch 8 x 512): SparseAdamW as it comes (``gem``: the drop-in path, dense ``dW`` and ``.grad``),
+  then the baselines LoRA r=8 and full AdamW (fused);
 * ``finetune`` (80): ``python -m gem_finetune --task-dir DATA/SST-2 --method gem full --device cuda``,
   one epoch of ``--finetune-examples`` examples, seed 0;
-* ``step_compiled`` (150): the step cost with ``torch.compile``: ``sparse_weight_grads=False``,
-  full, default, LoRA (as many as the time left allows).
+* ``step_compiled`` (150): the step cost with ``torch.compile``: SparseAdamW (``gem``), full,
+  LoRA (as many as the time left allows).
 
 Results: every record is appended at once, as one JSON line, to ``RESULTS/gpu-runs.jsonl`` (one
 file holds many runs; each line names its run); at the end the run's records are gathered into
@@ -56,8 +56,8 @@ STAGES = {"cases": 90, "kernel_timings": 45, "weight_grad_timings": 30, "step_ea
           "step_compiled": 150}
 TOTAL = 330        # seconds for all stages: with start-up and the report, the call ends within 6 minutes
 MIN_START = 15     # a stage is not started with less time left than this
-STEP_EAGER_METHODS = ("default", "gem", "lora", "full", "gem+swg")
-STEP_COMPILED_METHODS = ("gem", "full", "default", "lora")
+STEP_EAGER_METHODS = ("gem", "lora", "full")  # step_cost's methods: SparseAdamW, then the baselines
+STEP_COMPILED_METHODS = ("gem", "full", "lora")
 FINETUNE_EXAMPLES = 2000
 STEP_MODEL = "llama-953m"
 

@@ -1,5 +1,5 @@
 """Host work of SparseAdamW per training step: ops dispatched, host syncs and time in ``step()``,
-and ops dispatched in the backward (where the optimizer's gradient hooks run), on MiniLM-L6.
+and ops dispatched in the backward (autograd's alone: the optimizer installs no hook), on MiniLM-L6.
 
     python benchmarks/step_overhead.py [--steps 3] [--batch 8] [--length 32] [--json out.json]
 
@@ -85,7 +85,6 @@ def measure(targets: str, steps: int, batch: int, length: int) -> dict:
     model = _model()
     opt = SparseAdamW(param_groups(model, sparse=TARGETS[targets]), lr=1e-3, density=1e-3,
                       calibration_steps=1)
-    opt.register_modules(model)
     for seed in range(2):  # calibration (selects), then one warm-up training step
         _loss(model, _batch(model, batch, length, seed)).backward()
         opt.step()

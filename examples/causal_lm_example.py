@@ -146,7 +146,8 @@ def make_trainer(model, train_data, pad_id: int, out_dir, *, targets: str = "qv"
         save_strategy="steps", save_steps=save_steps, logging_steps=max(1, save_steps // 2), max_grad_norm=1.0,
         seed=seed, data_seed=seed, report_to="none", use_cpu=True, dataloader_num_workers=0,
         disable_tqdm=True)
-    # SparseTrainer is Trainer with a gradient norm that reads the optimizer's sparse gradients.
+    # SparseTrainer is Trainer (which measures and clips the dense gradients as with AdamW) that
+    # refuses to resume from a checkpoint without the optimizer's state.
     return SparseTrainer(model=model, args=args, train_dataset=train_data, optimizers=(optimizer, scheduler),
                          data_collator=Collator(pad_id))
 

@@ -1,5 +1,8 @@
 """SparseAdamW under DistributedDataParallel, with only the selected values all-reduced.
 
+Plain DDP trains a SparseAdamW as it trains AdamW (every gradient entry all-reduced);
+``gem_kernels.distributed.attach`` is the opt-in compact wire this example shows.
+
     torchrun --nproc_per_node 2 examples/ddp_example.py                 # a small MLP, GEM
     torchrun --nproc_per_node 2 examples/ddp_example.py --selector id3
     torchrun --nproc_per_node 2 examples/ddp_example.py --model minilm  # MiniLM-L6, query/value sparse
@@ -116,7 +119,7 @@ def main() -> None:
         opt = gem_kernels.SparseAdamW(groups, lr=1e-3, budget=budget,
                                       selector=gem_kernels.ID3(total_steps=args.selection_steps))
     ddp = DDP(model)
-    sync = gem_dist.attach(ddp, opt)  # before the first backward, on every rank
+    sync = gem_dist.attach(ddp, opt)  # opt-in, before the first backward, on every rank
 
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     if rank == 0:

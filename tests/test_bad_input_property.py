@@ -197,15 +197,14 @@ def _optimizer_case(rng):
         selected = opt.selected_entries().get(p, (None,))[0] if opt.phase == "training" else None
         if selected is not None and selected.numel() == 0:
             p, selected = params[-1], None  # the dense head's bias
-        grad = (p.grad.to_dense() if p.grad.is_sparse else p.grad).clone()
+        grad = p.grad.clone()
         position = rng.randrange(grad.numel()) if selected is None else int(rng.choice(selected.tolist()))
         grad.reshape(-1)[position] = float("nan") if what == "nan grad" else float("-inf")
         p.grad = grad
-    elif what == "sparse grad":  # read by calibration, ID3 and dense groups as dense only
-        if opt.phase == "training":
-            p = rng.choice([q for q in params if q.dim() == 1])
-        elif opt.phase == "calibration":
-            p = rng.choice([q for q in params if q.dim() == 2])
+    elif what == "sparse grad":  # refused, as torch's AdamW refuses it, in every phase
+        # A sparse param's: a dense group's sparse gradient is not refused cleanly yet in
+        # unmasking and training (tests/test_misuse.py marks that case xfail).
+        p = rng.choice([q for q in params if q.dim() == 2])
         p.grad = p.grad.to_sparse()
     else:
         opt.param_groups[rng.randrange(len(opt.param_groups))][what] = _bad_value(rng, what)

@@ -83,6 +83,9 @@ def test_resume_matches_an_uninterrupted_run(example, data, tmp_path):
     after = straight.model.state_dict()
     changed = {n for n in before if not torch.equal(before[n], after[n])}
     assert changed and all(n.endswith(("q_proj.weight", "v_proj.weight")) for n in changed)
+    # Trainer's own norm (torch's clip_grad_norm_ on the dense gradients) in every logged step.
+    norms = [row["grad_norm"] for row in straight.state.log_history if "grad_norm" in row]
+    assert len(norms) == 6 // max(1, SETTINGS["save_steps"] // 2) and all(0 < n < float("inf") for n in norms)
 
     resumed = trainer()
     resumed.train(resume_from_checkpoint=str(tmp_path / "checkpoint-3"))

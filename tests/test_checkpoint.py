@@ -73,17 +73,29 @@ def test_round_trip_continues_bit_identically(selector, before, phase):
     assert fresh.selection_report() == opt.selection_report()
 
 
-def test_hooks_are_installed_after_loading_a_training_checkpoint():
+def test_after_loading_a_training_checkpoint_grads_stay_dense_and_only_the_selection_trains():
     model = _mlp(0)
     opt = _make(model, GEM())
     _train(model, opt, _batches(3))
+    assert opt.phase == "training"
     fresh_model = _mlp(0)
+    fresh_model.load_state_dict(model.state_dict())
+    twin = _mlp(0)
+    twin.load_state_dict(model.state_dict())
     fresh = _make(fresh_model, GEM())
     fresh.load_state_dict(_round_trip(opt))
+    start = {n: p.detach().clone() for n, p in fresh_model.named_parameters()}
     x, y = _batches(1, seed=5)[0]
-    torch.nn.functional.cross_entropy(fresh_model(x).float(), y).backward()
-    grad = fresh_model[0].weight.grad
-    assert grad.is_sparse and grad._nnz() == fresh.state[fresh_model[0].weight]["indices"].numel()
+    for m in (fresh_model, twin):
+        torch.nn.functional.cross_entropy(m(x).float(), y).backward()
+    for p, q in zip(fresh_model.parameters(), twin.parameters()):  # autograd's dense gradient
+        assert p.grad.layout == torch.strided and torch.equal(p.grad, q.grad)
+    fresh.step()
+    for name, p in fresh_model.named_parameters():
+        changed = torch.nonzero(p.detach().reshape(-1) != start[name].reshape(-1)).reshape(-1)
+        assert changed.numel() > 0, name
+        if p in fresh.state and "indices" in fresh.state[p]:
+            assert bool(torch.isin(changed, fresh.state[p]["indices"]).all()), name
 
 
 def test_checkpoint_from_another_model_is_refused():

@@ -19,7 +19,6 @@ def test_a_stored_checkpoint_loads_and_continues(name):
     m = made.model()
     m.load_state_dict(saved["model"])
     opt = made.optimizer(m, kind)
-    opt.register_modules(m)
     opt.load_state_dict(saved["optimizer"])
     assert opt.phase == saved["phase"]
     made.train(m, opt, [steps])

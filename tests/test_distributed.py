@@ -1,5 +1,6 @@
-"""SparseAdamW on torch.distributed: DDP with gem_kernels.distributed.attach, checkpoints under
-DDP, and the sharded (FSDP2-style) selection. Two gloo processes on CPU per test.
+"""SparseAdamW on torch.distributed: plain DDP (as with AdamW) and DDP with
+gem_kernels.distributed.attach (the compact wire), checkpoints under DDP, and the sharded
+(FSDP2-style) selection. Two gloo processes on CPU per test.
 
 Each worker asserts and raises; ``mp.spawn`` re-raises a worker's error here with its traceback.
 """
@@ -96,37 +97,53 @@ def _plain_ddp_bytes(model):
 # DDP training, GEM and ID3
 
 
-def _ddp_worker(rank, tmpdir, method, bucket_view, steps):
+def _ddp_worker(rank, tmpdir, method, bucket_view, steps, attach=True):
+    """DDP against one process on the concatenated batch, in lockstep. With ``attach`` the comm
+    hook all-reduces the selected values only (and zeroes the rest of a sparse param's
+    gradient); without it, plain DDP all-reduces every entry, as for AdamW."""
     from torch.nn.parallel import DistributedDataParallel as DDP
     model = _model()
     start = _flat(model).clone()
     ddp = DDP(model, bucket_cap_mb=BUCKET_MB, gradient_as_bucket_view=bucket_view)
     opt = _optimizer(model, method)
-    sync = gd.attach(ddp, opt)
-    assert gd.attach(ddp, opt) is sync  # again: the same hook, not a second one
+    if attach:
+        sync = gd.attach(ddp, opt)
+        assert gd.attach(ddp, opt) is sync  # again: the same hook, not a second one
     single = _model()  # one process on the concatenated batch, in lockstep
     single_opt = _optimizer(single, method)
     phases = []
+    unselected_grad_seen = False
     for step in range(steps):
         x, y = _batch(step, rank)
         torch.nn.functional.mse_loss(ddp(x), y).backward()
         x, y = _batch(step)
         torch.nn.functional.mse_loss(single(x), y).backward()
-        # Every rank holds the same averaged gradient: the single-process one (in training, a
-        # sparse param's is that COO gradient made dense: 0 outside the selected entries).
+        # Every rank holds the same averaged dense gradient: the single-process one. Under
+        # attach, in training, a sparse param's is that gradient at the selected entries and 0
+        # elsewhere; under plain DDP it is the whole gradient.
         phases.append(opt.phase)
         grads = [p.grad for p in model.parameters()]
-        assert all(g is not None and not g.is_sparse for g in grads)
+        assert all(g is not None and g.layout == torch.strided for g in grads)
         _same_on_all_ranks(torch.cat([g.reshape(-1) for g in grads]), f"gradients at step {step}")
+        selected = single_opt.selected_entries() if opt.phase == "training" else {}
         for g, q in zip(grads, single.parameters()):
-            torch.testing.assert_close(g, q.grad.to_dense() if q.grad.is_sparse else q.grad,
-                                       rtol=1e-5, atol=1e-7, msg=lambda m: f"step {step} ({opt.phase}): {m}")
+            expected = q.grad
+            if q in selected:
+                outside = torch.ones(q.numel(), dtype=torch.bool)
+                outside[selected[q][0]] = False
+                if attach:
+                    expected = expected.clone()
+                    expected.view(-1)[outside] = 0.0
+                else:
+                    unselected_grad_seen |= bool((g.reshape(-1)[outside] != 0).any())
+            torch.testing.assert_close(g, expected, rtol=1e-5, atol=1e-7,
+                                       msg=lambda m: f"step {step} ({opt.phase}): {m}")
         opt.step()
         single_opt.step()
         opt.zero_grad()
         single_opt.zero_grad()
     assert opt.phase == "training" and phases[-1] == "training" and phases[0] != "training"
-    assert sync.stats.steps == steps
+    assert attach or unselected_grad_seen  # plain DDP: the whole gradient, as AdamW would get it
 
     # Same selection and bit-identical weights on every rank.
     selected = opt.selected_entries()
@@ -150,8 +167,12 @@ def _ddp_worker(rank, tmpdir, method, bucket_view, steps):
     for (indices, _), (single_indices, _) in zip(selected.values(), single_opt.selected_entries().values()):
         assert torch.equal(indices, single_indices), "the selection differs from the single-process one"
     torch.testing.assert_close(_flat(model), _flat(single), rtol=1e-5, atol=1e-6)
+    assert not torch.equal(_flat(model), start)
+    if not attach:
+        return
 
     # Bytes: dense while selecting, k + dense params once training.
+    assert sync.stats.steps == steps
     dense_numel = sum(p.numel() for g in opt.param_groups if not g["sparse"] for p in g["params"])
     trainable = sum(p.numel() for p in model.parameters())
     plain = _plain_ddp_bytes(model)
@@ -177,38 +198,34 @@ def test_ddp_id3_unmasking_then_training():
     spawn(_ddp_worker, "id3", False, 6)
 
 
-def _no_attach_worker(rank, tmpdir):
-    """Without attach(): the training phase's COO gradients would crash inside DDP's reducer
-    ("copy_() between dense and sparse Tensors"), far from the cause. So the first step()
-    refuses, naming attach, and changes nothing; a training-phase checkpoint loaded into a fresh
-    optimizer is refused at the first forward, before that backward could run."""
+def test_plain_ddp_trains_like_one_process():
+    """No attach: plain DDP all-reduces the whole dense gradients, as for AdamW; GEM's
+    calibration and training give the single-process selection and weights."""
+    spawn(_ddp_worker, "gem", False, 7, False)
+
+
+def _plain_ddp_resume_worker(rank, tmpdir):
+    """A training-phase checkpoint of one process, loaded into a fresh optimizer over plain DDP,
+    goes on as the single process does."""
     from torch.nn.parallel import DistributedDataParallel as DDP
-    model = _model()
-    ddp = DDP(model, bucket_cap_mb=BUCKET_MB)
-    opt = _optimizer(model, "gem")
-    x, y = _batch(0, rank)
-    torch.nn.functional.mse_loss(ddp(x), y).backward()
-    before = _flat(model).clone()
-    with pytest.raises(RuntimeError, match="gem_kernels.distributed.attach"):
-        opt.step()
-    assert torch.equal(_flat(model), before) and opt.phase == "calibration" and not opt.state
-
-    trained = _model()  # one process, no DDP, into the training phase
-    trained_opt = _optimizer(trained, "gem")
-    with pytest.warns(UserWarning, match="attach"):  # the selection under torch.distributed says so
-        _train(trained, trained_opt, range(3))
+    trained = _model()
+    trained_opt = _optimizer(trained, "id3")
+    _train(trained, trained_opt, range(4))
+    assert trained_opt.phase == "training"
+    checkpoint = {"model": copy.deepcopy(trained.state_dict()), "opt": copy.deepcopy(trained_opt.state_dict())}
+    _train(trained, trained_opt, range(4, 7))
     resumed = _model()
-    resumed.load_state_dict(trained.state_dict())
-    resumed_ddp = DDP(resumed, bucket_cap_mb=BUCKET_MB)
-    resumed_opt = _optimizer(resumed, "gem")
-    with pytest.warns(UserWarning, match="attach"):
-        resumed_opt.load_state_dict(trained_opt.state_dict())
-    with pytest.raises(RuntimeError, match="gem_kernels.distributed.attach"):
-        resumed_ddp(x)
+    resumed.load_state_dict(checkpoint["model"])
+    ddp = DDP(resumed, bucket_cap_mb=BUCKET_MB)
+    resumed_opt = _optimizer(resumed, "id3")
+    resumed_opt.load_state_dict(checkpoint["opt"])
+    _train(ddp, resumed_opt, range(4, 7), rank)
+    _same_on_all_ranks(_flat(resumed), "resumed weights")
+    torch.testing.assert_close(_flat(resumed), _flat(trained), rtol=1e-5, atol=1e-6)
 
 
-def test_ddp_without_attach_is_refused_naming_attach():
-    spawn(_no_attach_worker)
+def test_plain_ddp_resumes_a_training_checkpoint():
+    spawn(_plain_ddp_resume_worker)
 
 
 def _misuse_worker(rank, tmpdir):
@@ -221,16 +238,13 @@ def _misuse_worker(rank, tmpdir):
     with pytest.raises(TypeError, match="SparseAdamW"):
         gd.attach(ddp, torch.optim.AdamW(model.parameters()))
     outside = torch.nn.Linear(4, 4)
-    with pytest.warns(UserWarning, match="took over"):  # of opt's model[0].weight
-        other = gem_kernels.SparseAdamW([{"params": [model[0].weight, outside.weight], "sparse": True}],
-                                        density=0.1)
+    other = gem_kernels.SparseAdamW([{"params": [model[0].weight, outside.weight], "sparse": True}],
+                                    density=0.1)
     with pytest.raises(ValueError, match="does not synchronise"):
         gd.attach(ddp, other)
-    other.close()
     opt = _optimizer(model, "gem")
     sync = gd.attach(ddp, opt)
-    with pytest.warns(UserWarning, match="took over"):
-        replacement = _optimizer(model, "gem")  # closes opt
+    replacement = _optimizer(model, "gem")  # a second optimizer over the same params: both live
     assert gd.attach(ddp, replacement) is sync and sync.optimizer is replacement
     _train(ddp, replacement, range(5), rank)
     assert replacement.phase == "training" and sync.stats.last_phase == "training"

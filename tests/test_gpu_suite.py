@@ -272,7 +272,7 @@ def _fake_records(run="R1"):
          "median_step_s": 0.0889},
         {"run": run, "kind": "item", "stage": "step_eager", "item": "gem", **row, "method": "gem",
          "median_step_s": 0.0790},
-        {"run": run, "kind": "item", "stage": "step_eager", "item": "gem+swg", "method": "gem+swg",
+        {"run": run, "kind": "item", "stage": "step_eager", "item": "gem-layer", "method": "gem-layer",
          "error": "Traceback\ntorch.OutOfMemoryError: CUDA out of memory"},
         {"run": run, "kind": "stage", "stage": "step_eager", "status": "timed_out", "seconds": 90.0, "budget_s": 90},
         {"run": run, "kind": "item", "stage": "finetune", "item": "run", "method": "gem", "seed": 0, "accuracy": 0.85,
@@ -305,7 +305,7 @@ def test_records_round_trip_and_markdown(tmp_path):
                      "4.30 TB/s", "| sparse_adamw | 0.058 | 0.860 | 14.83 |",
                      "| 4096 | 5632 x 2048 | bfloat16 | 0.001 | 11,534 | 2.030 | 1.210 | 0.60 |",
                      "| gem | 79.0 | 0.72 | 0.89 | 13.6 | 1.00 | 805,306 | 4.0 |",
-                     "| gem+swg | error: torch.OutOfMemoryError: CUDA out of memory",
+                     "| gem-layer | error: torch.OutOfMemoryError: CUDA out of memory",
                      "| gem | 0 | 85.0 | 41.0 | 400 | 12.0 |"):
         assert expected in text, f"{expected!r} not in\n{text}"
 
@@ -397,15 +397,26 @@ def test_step_cost_cpu_smoke(tmp_path, capsys):
     assert step_cost.main(["--models", "llama-tiny", "--steps", "1", "--json", str(out)]) == 0
     data = json.loads(out.read_text())
     rows = data["rows"]
-    assert [r["method"] for r in rows] == ["gem+swg", "gem", "lora", "full"]
+    assert [r["method"] for r in rows] == list(step_cost.METHODS)
     for r in rows:
         assert r["device"] == "cpu" and r["compiled"] is False and r["median_step_s"] > 0
         assert r["peak_step_bytes"] == r["resident_bytes"] + r["step_extra_peak_bytes"] > 0
     by = {r["method"]: r for r in rows}
-    assert by["gem"]["trained_entries"] == by["gem+swg"]["trained_entries"] < by["lora"]["trained_entries"]
+    assert 0 < by["gem"]["trained_entries"] < by["lora"]["trained_entries"] < by["full"]["trained_entries"]
+    if "gem-layer" in by:  # the same selection on the explicit layer
+        assert by["gem-layer"]["trained_entries"] == by["gem"]["trained_entries"]
     assert by["full"]["trained_entries"] == sum(p.numel() for p in step_cost._llama_builder("llama-tiny", "cpu")()
                                                 .parameters())
     assert "llama-tiny  lora" in capsys.readouterr().out
+
+
+def test_step_stages_time_step_cost_methods():
+    """The suite's step stages name methods step_cost knows: SparseAdamW (``gem``) and the
+    baselines LoRA and full AdamW, eager and compiled."""
+    import step_cost
+    for methods in (gpu_suite.STEP_EAGER_METHODS, gpu_suite.STEP_COMPILED_METHODS):
+        assert set(methods) <= set(step_cost.METHODS), methods
+        assert methods[0] == "gem" and {"lora", "full"} <= set(methods)
 
 
 def test_llama_953m_config_has_953m_parameters():

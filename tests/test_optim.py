@@ -154,26 +154,65 @@ def test_default_split_and_sparse_override():
     assert [row["name"] for row in named.selection_report()] == ["0.weight", "2.weight"]
 
 
-def test_gradient_accumulation_sums_selected_entries():
-    # The COO-hook path, exact (tests/test_weight_grads.py covers the sparse weight gradients).
+def test_gradient_accumulation_sums_and_the_step_reads_the_sum():
+    # .grad is autograd's dense gradient, accumulated as with AdamW; the step reads the sum.
     model = _mlp()
-    opt = SparseAdamW(model.parameters(), budget=30, selector=Random(1), sparse_weight_grads=False)
+    opt = SparseAdamW(model.parameters(), lr=1e-2, budget=30, selector=Random(1))
     twin = copy.deepcopy(model)
+    twin_opt = SparseAdamW(twin.parameters(), lr=1e-2, budget=30, selector=Random(1))
     a, b = _batches(2)
     _loss(model, a).backward()
     _loss(model, b).backward()
-    twin_grads, twin_bias_grads = [], []
+    twin_grads = {n: [] for n, _ in twin.named_parameters()}
     for batch in (a, b):
         twin.zero_grad()
         _loss(twin, batch).backward()
-        twin_grads.append(twin[0].weight.grad.clone())
-        twin_bias_grads.append(twin[0].bias.grad.clone())
+        for n, p in twin.named_parameters():
+            twin_grads[n].append(p.grad.clone())
+    for n, p in model.named_parameters():
+        assert p.grad.layout == torch.strided and p.grad.shape == p.shape, n
+        assert torch.equal(p.grad, twin_grads[n][0] + twin_grads[n][1]), n
     indices = opt.selected_entries()[model[0].weight][0]
-    grad = model[0].weight.grad
-    assert grad.is_sparse and grad._nnz() == indices.numel()
-    expected = (twin_grads[0] + twin_grads[1]).reshape(-1)[indices]
-    assert torch.equal(grad._values(), expected)
-    assert torch.equal(model[0].bias.grad, twin_bias_grads[0] + twin_bias_grads[1])  # still dense
+    unselected = torch.ones(model[0].weight.numel(), dtype=torch.bool)
+    unselected[indices] = False
+    assert bool((model[0].weight.grad.reshape(-1)[unselected] != 0).any())  # the whole gradient is kept
+    # The twin steps on the summed gradient set by hand: the same step.
+    for p, q in zip(twin.parameters(), model.parameters()):
+        p.grad = q.grad.clone()
+    opt.step()
+    twin_opt.step()
+    for p, q in zip(model.parameters(), twin.parameters()):
+        assert torch.equal(p, q)
+
+
+def test_the_optimizer_leaves_modules_and_gradients_as_torch_adamw_does():
+    """No class swap, no forward hook, no gradient hook: after the selection .grad is the dense
+    gradient autograd made (the same bits as on a copy of the model no optimizer knows), and
+    step() reads it without writing it."""
+    from torch.nn.modules import module as module_mod
+    global_hooks = (len(module_mod._global_forward_hooks), len(module_mod._global_forward_pre_hooks))
+    model = _mlp()
+    classes = [type(m) for m in model.modules()]
+    opt = SparseAdamW(model.parameters(), lr=1e-2, density=0.05, calibration_steps=1)
+    batches = _batches(3)
+    _train(model, opt, batches[:1])
+    assert opt.phase == "training"
+    for batch in batches[1:]:
+        twin = copy.deepcopy(model)
+        _loss(model, batch).backward()
+        _loss(twin, batch).backward()
+        assert [type(m) for m in model.modules()] == classes
+        assert all(not m._forward_hooks and not m._forward_pre_hooks and not m._backward_hooks
+                   for m in model.modules())
+        assert (len(module_mod._global_forward_hooks), len(module_mod._global_forward_pre_hooks)) == global_hooks
+        for p, q in zip(model.parameters(), twin.parameters()):
+            assert p.grad.layout == torch.strided and p.grad.shape == p.shape
+            assert torch.equal(p.grad, q.grad)
+        grads = [p.grad.clone() for p in model.parameters()]
+        opt.step()
+        assert all(torch.equal(p.grad, g) for p, g in zip(model.parameters(), grads))
+        assert not torch.equal(model[0].weight, twin[0].weight)  # it did step
+        opt.zero_grad()
 
 
 def test_calibrate_matches_calibration_steps():
@@ -249,17 +288,32 @@ def test_tensor_lr_and_scheduler_are_read_every_step():
     assert _same(frozen, model.state_dict())
 
 
-def test_clip_grad_norm_covers_sparse_grads():
+def test_torch_clip_grad_norm_measures_the_whole_dense_gradient():
+    # As with AdamW: torch's clip_grad_norm_ reads every entry of every gradient (the sparse
+    # params' unselected entries too), and the step reads the clipped values.
     model = _mlp()
-    opt = SparseAdamW(model.parameters(), budget=40, selector=Random(0))
-    _loss(model, _batches(1)[0]).backward()
-    values = [p.grad._values() if p.grad.is_sparse else p.grad for p in model.parameters()]
-    expected = torch.linalg.vector_norm(torch.cat([v.reshape(-1) for v in values]))
-    total = opt.clip_grad_norm_(1e-3)
+    twin = copy.deepcopy(model)
+    opt = SparseAdamW(model.parameters(), lr=1e-2, budget=40, selector=Random(0))
+    twin_opt = SparseAdamW(twin.parameters(), lr=1e-2, budget=40, selector=Random(0))
+    batch = _batches(1)[0]
+    _loss(model, batch).backward()
+    _loss(twin, batch).backward()
+    expected = torch.linalg.vector_norm(torch.cat([p.grad.reshape(-1) for p in model.parameters()]))
+    entries = opt.selected_entries()
+    selected = torch.cat([p.grad.reshape(-1)[entries[p][0]] for p in (model[0].weight, model[2].weight)]
+                         + [model[0].bias.grad, model[2].bias.grad])
+    assert float(torch.linalg.vector_norm(selected)) < 0.9 * float(expected)  # the two norms differ
+    total = torch.nn.utils.clip_grad_norm_(model.parameters(), 1e-3)
     torch.testing.assert_close(total, expected)
-    clipped = torch.cat([(p.grad._values() if p.grad.is_sparse else p.grad).reshape(-1)
-                         for p in model.parameters()])
+    clipped = torch.cat([p.grad.reshape(-1) for p in model.parameters()])
     torch.testing.assert_close(torch.linalg.vector_norm(clipped), torch.tensor(1e-3), rtol=1e-3, atol=0)
+    scale = torch.clamp(1e-3 / (expected + 1e-6), max=1.0)  # torch's formula
+    for p in twin.parameters():
+        p.grad.mul_(scale)
+    opt.step()
+    twin_opt.step()
+    for p, q in zip(model.parameters(), twin.parameters()):
+        assert torch.equal(p, q)
 
 
 def test_tiny_bert_bf16_drop_in():
@@ -352,10 +406,9 @@ def test_nonfinite_grad_raises_and_changes_nothing(phase_steps, selector):
     weights = copy.deepcopy(model.state_dict())
     state = _snapshot(opt)
     target = model[2].weight
-    if target.grad.is_sparse:
-        target.grad._values()[0] = float("nan")
-    else:
-        target.grad.view(-1)[0] = float("nan")
+    # In training the step reads the selected entries only (as the op does): put the NaN in one.
+    where = opt.selected_entries()[target][0][0] if opt.phase == "training" else 0
+    target.grad.view(-1)[where] = float("nan")
     with pytest.raises(ValueError, match=r"params'\]\[1\].*\(shape \(3, 24\)\).*NaN or inf"):
         opt.step()
     assert _same(weights, model.state_dict()) and _same(state, _snapshot(opt))
@@ -406,27 +459,31 @@ def test_nonfinite_grad_in_dense_group_names_it_and_changes_nothing():
     assert _same(weights, model.state_dict()) and _same(state, _snapshot(opt))
 
 
-def test_gradients_not_made_by_the_hook_are_read_at_the_selected_entries():
-    # A sparse gradient the user sets (not the hook's) and a dense one both give the same step.
+def test_gradients_are_read_at_the_selected_entries_only():
+    # autograd's gradient, one zeroed outside the selection and one with garbage there (a user's
+    # own .grad) all give the same step: only the selected entries are read.
     models = [_mlp() for _ in range(3)]
     opts = [SparseAdamW(m.parameters(), lr=1e-2, density=0.05, calibration_steps=1) for m in models]
     batches = _batches(4)
     for m, o in zip(models, opts):
         _train(m, o, batches[:1])
         assert o.phase == "training"
+    gen = torch.Generator().manual_seed(5)
     for batch in batches[1:]:
         for i, (m, o) in enumerate(zip(models, opts)):
-            _loss(m, batch).backward()  # the hook leaves a sparse COO gradient of the selection
+            _loss(m, batch).backward()
             if i > 0:
-                for p in m.parameters():
-                    if p.grad is not None and p.grad.is_sparse:
-                        dense = p.grad.to_dense()
-                        p.grad = dense.to_sparse() if i == 1 else dense
+                for p, (indices, _) in o.selected_entries().items():
+                    outside = torch.ones(p.numel(), dtype=torch.bool)
+                    outside[indices] = False
+                    flat = p.grad.view(-1)
+                    flat[outside] = 0.0 if i == 1 else 1e3 * torch.randn(int(outside.sum()), generator=gen)
             o.step()
             o.zero_grad()
     for other in models[1:]:
         for a, b in zip(models[0].parameters(), other.parameters()):
             assert torch.equal(a, b)
+    assert not torch.equal(models[0][0].weight, _mlp()[0].weight)
 
 
 def test_random_never_spends_budget_on_frozen_params():

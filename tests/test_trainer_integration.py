@@ -1,11 +1,12 @@
-"""SparseAdamW in transformers.Trainer: param groups from patterns, and resume == no stop."""
+"""SparseAdamW in transformers.Trainer: param groups from patterns, resume == no stop, and
+Trainer's own gradient clipping on the dense gradients (as with AdamW)."""
 import importlib.util
 import random
 from pathlib import Path
 
 import pytest
 import torch
-from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
+from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast, TrainerCallback
 
 from gem_kernels.integrations.transformers import matching_parameters, param_groups
 
@@ -71,6 +72,37 @@ def test_param_groups_freeze_the_rest():
         param_groups(model, sparse=["LayerNorm"])
 
 
+class DenseGradients(TrainerCallback):
+    """After Trainer's clipping, before each step: the norm of the whole dense gradient, and
+    whether a sparse param's gradient has entries outside the selection."""
+
+    def __init__(self):
+        self.norms, self.outside, self.selected_norms = {}, {}, {}
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, optimizer=None, **kwargs):
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        assert all(g.layout == torch.strided for g in grads)
+        step = state.global_step + 1
+        self.norms[step] = float(torch.linalg.vector_norm(torch.cat([g.reshape(-1) for g in grads])))
+        inner = getattr(optimizer, "optimizer", optimizer)
+        if inner.phase == "training":
+            outside, read = 0, []
+            entries = inner.selected_entries()
+            for p in model.parameters():
+                if p.grad is None:
+                    continue
+                if p not in entries:  # a dense param: read whole
+                    read.append(p.grad.reshape(-1))
+                    continue
+                assert p.grad.shape == p.shape
+                mask = torch.ones(p.numel(), dtype=torch.bool)
+                mask[entries[p][0]] = False
+                outside += int((p.grad.reshape(-1)[mask] != 0).sum())
+                read.append(p.grad.reshape(-1)[entries[p][0]])
+            self.outside[step] = outside
+            self.selected_norms[step] = float(torch.linalg.vector_norm(torch.cat(read)))
+
+
 def test_trainer_resume_matches_an_uninterrupted_run(tmp_path, tokenizer):
     example = load_example()
     data = dataset(tokenizer)
@@ -78,7 +110,19 @@ def test_trainer_resume_matches_an_uninterrupted_run(tmp_path, tokenizer):
     before = tiny_model().state_dict()
 
     straight = example.make_trainer(tiny_model(), tokenizer, data, tmp_path / "run", **settings)
+    watch = DenseGradients()
+    straight.add_callback(watch)
     straight.train()
+    # Trainer measures (and clips, max_grad_norm=1.0) the whole dense gradient, as with AdamW:
+    # the logged norm is that of every entry, not only of the entries the optimizer reads.
+    logged = {row["step"]: row["grad_norm"] for row in straight.state.log_history if "grad_norm" in row}
+    assert sorted(logged) == [2, 4, 6, 8] and sorted(watch.norms) == list(range(1, 9))
+    for step, norm in logged.items():
+        assert watch.norms[step] == pytest.approx(min(norm, 1.0), rel=1e-4), step
+    assert sorted(watch.outside) == list(range(3, 9)) and all(n > 0 for n in watch.outside.values())
+    for step in (4, 6, 8):  # in training: far closer to the dense norm than to the selected entries'
+        norm = logged[step]
+        assert norm < 1.0 and 10 * abs(norm - watch.norms[step]) < abs(norm - watch.selected_norms[step]), step
     optimizer = straight.optimizer.optimizer  # the SparseAdamW inside accelerate's wrapper
     assert optimizer.phase == "training" and optimizer.state_dict()["sparse_adamw"]["calibration_done"] == 2
     budget = round(2e-3 * sum(t.numel() for t in before.values()))
