@@ -102,19 +102,13 @@ def test_failed_construction_leaves_the_earlier_optimizer_working():
 # Sparse (COO) gradients: refused, as torch's AdamW refuses them
 
 
-DENSE_GROUP_BUG = pytest.mark.xfail(
-    strict=True, raises=NotImplementedError,
-    reason="product bug: in unmasking and training, check_finite runs isfinite() on a dense group's "
-           "sparse COO gradient (NotImplementedError) before anything checks its layout")
-
-
 @pytest.mark.parametrize("selector, steps, target", [
     (GEM(), 0, "0.weight"),  # calibration (it reads the sparse params' gradients only)
     (GEM(), 1, "0.weight"),  # training
     (Random(0), 0, "0.weight"),  # training, selected at construction
     (ID3(total_steps=3), 0, "0.weight"),  # unmasking
-    pytest.param(ID3(total_steps=3), 0, "0.bias", marks=DENSE_GROUP_BUG),  # unmasking, a dense group
-    pytest.param(Random(0), 0, "0.bias", marks=DENSE_GROUP_BUG),  # training, a dense group
+    (ID3(total_steps=3), 0, "0.bias"),  # unmasking, a dense group
+    (Random(0), 0, "0.bias"),  # training, a dense group
 ])
 def test_sparse_coo_gradient_is_refused_and_changes_nothing(selector, steps, target):
     model = _mlp()

@@ -278,9 +278,10 @@ class Unmasking:
         self.budget_args = budget_args
 
     def step(self, ctx: StepContext, selection: SelectionState) -> None:
-        described = ctx.described_grads(sparse=True)
+        described, dense = ctx.described_grads(sparse=True), ctx.described_grads(sparse=False)
         _require_dense(described, "ID3")
-        check_finite(described + ctx.described_grads(sparse=False), ctx.sharding)
+        _require_dense(dense, "AdamW")
+        check_finite(described + dense, ctx.sharding)
         for group in ctx.param_groups:
             with_grad = [p for p in group["params"] if p.grad is not None]
             if group["sparse"] and with_grad:
@@ -342,6 +343,7 @@ class Training:
 
     def step(self, ctx: StepContext, selection: SelectionState) -> None:
         _require_dense(ctx.described_grads(sparse=True), "SparseAdamW")
+        _require_dense(ctx.described_grads(sparse=False), "AdamW")
         compact = {gi: _compact_group(ctx, gi) for gi, group in enumerate(ctx.param_groups) if group["sparse"]}
         # One finite check per group, on the values the op reads; the culprit is looked for only on failure.
         check_finite([(functools.partial(_first_non_finite, ctx, gi, grads), values)
