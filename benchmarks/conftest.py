@@ -60,7 +60,7 @@ def pytest_generate_tests(metafunc):
             import gem_kernels
             metafunc.parametrize("device_backend", [pytest.param(
                 None, marks=pytest.mark.skip(reason="no compiled backend is live here "
-                                             f"(gem_kernels.backends() = {gem_kernels.backends()})"))])
+                                             f"(gem_kernels.live_backends() = {gem_kernels.live_backends()})"))])
 
 
 @pytest.fixture

@@ -39,8 +39,12 @@ def sparse_adamw_(params, grads, indices, offsets, exp_avg, exp_avg_sq, *, lr, b
     """``gem_kernels.reference.sparse_adamw_`` with torch-CUDA rounding (module docstring), on CPU."""
     from gem_kernels import reference
     beta1, beta2 = betas
-    for p, idx, g, w, m, v, decay, step_size, bc2_sqrt in reference.adamw_segments(
-            params, grads, indices, offsets, exp_avg, exp_avg_sq, lr, betas, weight_decay, step, age, maximize):
+    compact = isinstance(grads, torch.Tensor)
+    if age is None and not isinstance(step, torch.Tensor):
+        step = torch.full((len(params),), int(step), dtype=torch.int64)
+    for p, idx, g, w, m, v, _, decay, step_size, bc2_sqrt in reference.adamw_segments(
+            params, [] if compact else grads, grads if compact else None, indices, offsets, exp_avg, exp_avg_sq,
+            None, lr, beta1, beta2, weight_decay, step, age, maximize):
         w = w * decay
         m.lerp_(g, 1 - beta1)  # torch's CUDA lerp is the CPU one: one fma from the nearer end
         alpha = torch.tensor(1 - beta2, dtype=torch.float32)
@@ -58,8 +62,10 @@ def sparse_adamw_(params, grads, indices, offsets, exp_avg, exp_avg_sq, *, lr, b
 def main() -> int:
     sys.path.insert(0, str(ROOT / "tests"))
     import triton_cases as tc
+    from backend_kernels import Kernels
 
-    from gem_kernels import reference
+    from gem_kernels import reference as reference_module
+    reference = Kernels(reference_module)
     cases = [("adamw_steps_bf16_exact", torch.bfloat16, 10, {}),
              ("adamw_steps_fp16_compact_age_exact", torch.float16, 11, {"compact": True, "age_dtype": torch.int32}),
              ("adamw_steps_bf16_low_beta1_exact", torch.bfloat16, 12, {"betas": (0.3, 0.99)})]

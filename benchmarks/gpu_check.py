@@ -43,8 +43,8 @@ def traffic_model(total=TOTAL_ELEMENTS, density=DENSITY, g_bytes=4, w_bytes=4, b
     once per pass; the small per-program partials, histograms and tables are left out)."""
     k = int(total * density)
     per_pass = total * (g_bytes + w_bytes)
-    from gem_kernels.triton import ratio_topk as _  # noqa: F401  (the pass count lives there)
-    topk_module = sys.modules["gem_kernels.triton.ratio_topk"]
+    from gem_kernels.backends.triton import ratio_topk as _  # noqa: F401  (the pass count lives there)
+    topk_module = sys.modules["gem_kernels.backends.triton.ratio_topk"]
     topk_passes = len(topk_module.SHIFTS) + 2  # histogram passes, count pass, write pass
     # sparse AdamW on k entries: index (8), grad (4, gathered), m and v read+written (16),
     # param read+written (8). Scattered param/grad accesses cost a whole sector each.
@@ -72,7 +72,7 @@ def timings(device="cuda"):
     import torch
     import triton
 
-    import gem_kernels.triton as tk
+    import gem_kernels.backends.triton as tk
 
     sizes = segment_sizes()
     gen = torch.Generator(device=device).manual_seed(0)
@@ -91,15 +91,16 @@ def timings(device="cuda"):
     def torch_topk():
         return [torch.topk(g.abs() / (w.abs() + eps), k, sorted=False).indices for g, w, k in zip(grads, weights, ks)]
 
-    indices, offsets = tk.ratio_topk(grads, weights, ks, eps)
+    indices, offsets = tk.ratio_topk(grads, weights, ks, True, eps, 1.0, None, None)
     n_sel = indices.numel()
     exp_avg = torch.zeros(n_sel, device=device)
     exp_avg_sq = torch.zeros(n_sel, device=device)
     params = [w.clone() for w in weights]
+    steps = torch.full((len(params),), 10, dtype=torch.int64, device=device)
 
     def triton_adamw():
-        tk.sparse_adamw_(params, grads, indices, offsets, exp_avg, exp_avg_sq, lr=1e-4, betas=(0.9, 0.999),
-                         eps=1e-8, weight_decay=0.01, step=10)
+        tk.sparse_adamw_(params, grads, None, indices, offsets, exp_avg, exp_avg_sq, None, 1e-4, 0.9, 0.999,
+                         1e-8, 0.01, steps, None, False)
 
     dense = [torch.nn.Parameter(w.clone()) for w in weights]
     for p, g in zip(dense, grads):
@@ -112,7 +113,8 @@ def timings(device="cuda"):
         "layer_stats": {"triton_ms": bench(lambda: tk.layer_stats(grads, weights, eps), return_mode="median"),
                         "torch_ms": bench(torch_stats, return_mode="median"),
                         "torch_baseline": "per-tensor torch expression of the four sums"},
-        "ratio_topk": {"triton_ms": bench(lambda: tk.ratio_topk(grads, weights, ks, eps), return_mode="median"),
+        "ratio_topk": {"triton_ms": bench(lambda: tk.ratio_topk(grads, weights, ks, True, eps, 1.0, None, None),
+                                          return_mode="median"),
                        "torch_ms": bench(torch_topk, return_mode="median"),
                        "torch_baseline": "torch.topk on the torch-computed score, per tensor"},
         "sparse_adamw": {"triton_ms": bench(triton_adamw, return_mode="median"),

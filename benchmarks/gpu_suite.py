@@ -420,7 +420,7 @@ def stage_weight_grad_timings(emit, args) -> None:
     import triton
     from triton_cases import LLAMA_953M_LAYERS
 
-    import gem_kernels.triton as tk
+    import gem_kernels.backends.triton as tk
     bandwidth = copy_bandwidth()
     density = 1e-3
     for dtype in (torch.bfloat16, torch.float32):

@@ -303,7 +303,7 @@ def render(rows, device, copy_bw, *, mode, command, suite_seconds, memory) -> st
         f"- date: {datetime.datetime.now().astimezone().isoformat(timespec='seconds')}",
         f"- command: `{command}` (mode {mode})",
         f"- torch {torch.__version__}, python {platform.python_version()}, "
-        f"gem_kernels backends {gem_kernels.backends()}",
+        f"gem_kernels backends {gem_kernels.live_backends()}",
         f"- threads: torch.get_num_threads() = {torch.get_num_threads()}, "
         f"OMP_NUM_THREADS = {os.environ.get('OMP_NUM_THREADS', 'unset')}, CPUs = {os.cpu_count()}",
         f"- measured copy bandwidth: {copy_bw / 1e9:.1f} GB/s (median of `dst.copy_(src)`, "

@@ -1,7 +1,9 @@
-// sparse_adamw: torch AdamW's single-tensor update on the selected entries only, in fp32.
+// sparse_adamw: torch AdamW's single-tensor update (AMSGrad too) on the selected entries only, in fp32.
 #include <omp.h>
 
 #include <algorithm>
+#include <cmath>
+#include <limits>
 
 #include "kernels.h"
 
@@ -76,7 +78,13 @@ void update_run(P* param, const G* grad, const AdamWArgs& a, const Constants& c,
     const float v = std::fma(c.one_minus_beta2 * g, g, a.exp_avg_sq[e] * c.beta2);  // torch's addcmul, fused
     a.exp_avg[e] = m;
     a.exp_avg_sq[e] = v;
-    const float denom = std::sqrt(v) / bc.bc2_sqrt + c.eps;
+    float v_hat = v;
+    if (a.max_exp_avg_sq) {  // AMSGrad: torch.maximum(max_exp_avg_sq, exp_avg_sq), NaN-propagating
+      const float old = a.max_exp_avg_sq[e];
+      v_hat = (std::isnan(old) || std::isnan(v)) ? std::numeric_limits<float>::quiet_NaN() : std::max(old, v);
+      a.max_exp_avg_sq[e] = v_hat;
+    }
+    const float denom = std::sqrt(v_hat) / bc.bc2_sqrt + c.eps;
     w = w + (bc.neg_step_size * m) / denom;  // addcdiv's order: (value * t1) / t2
     param[j] = from_float<P>(w);
   }

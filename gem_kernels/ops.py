@@ -1,18 +1,8 @@
-"""The public ops: each checks its inputs, normalises them and calls its ``torch.library``
-operator (``gem_kernels.library``), which runs the kernel of the tensors' device.
-
-Backends (``gem_kernels.backends()`` lists the live ones):
-
-* ``cpu``: the compiled C++/OpenMP kernels (``gem_kernels._C``), for CPU tensors;
-* ``triton``: the Triton kernels, for CUDA tensors (and CPU tensors under ``TRITON_INTERPRET=1``);
-* ``reference``: plain PyTorch, any device; the specification.
-
-CPU tensors go to ``cpu`` and CUDA tensors to ``triton`` (torch's dispatcher picks the kernel
-``library`` registered for the device). ``gem_kernels.library.force_backend(name)``, or
-``GEM_KERNELS_BACKEND`` set to one of the names above when gem_kernels is imported, forces that
-backend; a forced backend that cannot run raises instead of falling back. Unforced, a device
-with no kernel of its own uses the reference, which gives the same answers (a warning at import
-says when the compiled kernels are missing).
+"""The public ops: each checks its inputs, normalises them to its operator's schema and calls the
+``torch.library`` operator (``gem_kernels.library``), which runs the kernel registered for the
+tensors' device (``gem_kernels/backends/``: ``cpu`` for CPU tensors, ``triton`` for CUDA ones) or,
+where none is, the reference. ``gem_kernels.live_backends()`` lists the backends that serve a device of
+this process.
 
 The checks here need the data (index ranges, ``k`` bounds) and run before any tensor is
 written, so a call that raises changes nothing.
@@ -26,7 +16,7 @@ from typing import Sequence
 import torch
 
 from . import library  # noqa: F401  (registers the torch.ops.gem_kernels operators)
-from .library import BACKEND_NAMES, FLOAT_DTYPES, backends, check_strided  # noqa: F401
+from .library import FLOAT_DTYPES, check_strided, live_backends  # noqa: F401
 
 Tensor = torch.Tensor
 
@@ -191,10 +181,44 @@ def ratio_topk(grads: Sequence[Tensor], weights: Sequence[Tensor], k, eps: float
                                             float(exponent), ex_indices, ex_offsets)
 
 
+def _check_adamw_grads(grads, params, n_selected: int, device) -> bool:
+    """Dense grads (one per param) or one compact tensor (one value per entry); True if compact."""
+    if isinstance(grads, torch.Tensor):
+        _check_tensor("grads (compact)", grads, dtypes=FLOAT_DTYPES, device=device, shape=(n_selected,))
+        return True
+    if isinstance(grads, str) or not isinstance(grads, Sequence):
+        raise TypeError(f"grads must be a list of tensors or one compact tensor, got {type(grads).__name__}")
+    if len(grads) != len(params):
+        raise ValueError(f"grads has {len(grads)} tensors but params has {len(params)}")
+    for i, (g, p) in enumerate(zip(grads, params)):
+        _check_tensor(f"grads[{i}]", g, dtypes=FLOAT_DTYPES, device=device, shape=p.shape)
+    return False
+
+
+def _check_adamw_schedule(step, age, n_params: int, n_selected: int, device, check_values: bool):
+    """Exactly one of ``step`` (an int, or int64 ``[L]``) and ``age`` (one per entry), all >= 1;
+    returns ``step`` as the op takes it (int64 ``[L]``, or None with ``age``)."""
+    if (step is None) == (age is None):
+        raise ValueError("give exactly one of step (per tensor) and age (per entry)")
+    if age is not None:
+        _check_tensor("age", age, dtypes=(torch.int32, torch.int64), device=device, shape=(n_selected,))
+        if check_values and n_selected and int(age.min()) < 1:
+            raise ValueError("age must be >= 1 for every entry (the step number of this update)")
+        return None
+    if isinstance(step, torch.Tensor):
+        _check_tensor("step", step, dtypes=(torch.int64,), shape=(n_params,))
+        if check_values and n_params and int(step.min()) < 1:
+            raise ValueError("step must be >= 1 (the step number of this update)")
+        return step
+    if _as_count("step", step) < 1:
+        raise ValueError(f"step must be >= 1 (the step number of this update), got {step}")
+    return torch.full((n_params,), int(step), dtype=torch.int64)
+
+
 def check_sparse_adamw_args(params: Sequence[Tensor], grads, indices: Tensor, offsets: Tensor,
-                            exp_avg: Tensor, exp_avg_sq: Tensor, *, lr: float, betas=(0.9, 0.999),
-                            eps: float = 1e-8, weight_decay: float = 1e-2, step=None, age=None,
-                            maximize: bool = False, check_indices: bool = True,
+                            exp_avg: Tensor, exp_avg_sq: Tensor, *, max_exp_avg_sq=None, lr: float,
+                            betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 1e-2, step=None,
+                            age=None, maximize: bool = False, check_indices: bool = True,
                             check_schedule: bool = True) -> tuple:
     """Every check of ``sparse_adamw_``, touching nothing; returns the operator's arguments.
 
@@ -207,54 +231,37 @@ def check_sparse_adamw_args(params: Sequence[Tensor], grads, indices: Tensor, of
     device = _first_device("params", params)
     for i, p in enumerate(params):
         _check_tensor(f"params[{i}]", p, dtypes=FLOAT_DTYPES, device=device)
-    numels = [p.numel() for p in params]
-    check_index_set("sparse_adamw_", indices, offsets, numels, device, check_values=check_indices)
+    check_index_set("sparse_adamw_", indices, offsets, [p.numel() for p in params], device,
+                    check_values=check_indices)
     n_selected = indices.numel()
-    compact = isinstance(grads, torch.Tensor)
-    if compact:
-        _check_tensor("grads (compact)", grads, dtypes=FLOAT_DTYPES, device=device, shape=(n_selected,))
-    else:
-        if isinstance(grads, str) or not isinstance(grads, Sequence):
-            raise TypeError(f"grads must be a list of tensors or one compact tensor, got {type(grads).__name__}")
-        if len(grads) != len(params):
-            raise ValueError(f"grads has {len(grads)} tensors but params has {len(params)}")
-        for i, (g, p) in enumerate(zip(grads, params)):
-            _check_tensor(f"grads[{i}]", g, dtypes=FLOAT_DTYPES, device=device, shape=p.shape)
-    for name, state in (("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)):
+    compact = _check_adamw_grads(grads, params, n_selected, device)
+    moments = {"exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq}
+    if max_exp_avg_sq is not None:  # AMSGrad
+        moments["max_exp_avg_sq"] = max_exp_avg_sq
+    for name, state in moments.items():
         _check_tensor(name, state, dtypes=(torch.float32,), device=device, shape=(n_selected,))
     check_adamw_hyper(lr, betas, eps, weight_decay)
-    if (step is None) == (age is None):
-        raise ValueError("give exactly one of step (per tensor) and age (per entry)")
-    if age is not None:
-        _check_tensor("age", age, dtypes=(torch.int32, torch.int64), device=device, shape=(n_selected,))
-        if check_schedule and n_selected and int(age.min()) < 1:
-            raise ValueError("age must be >= 1 for every entry (the step number of this update)")
-    elif isinstance(step, torch.Tensor):
-        _check_tensor("step", step, dtypes=(torch.int64,), shape=(len(params),))
-        if check_schedule and len(params) and int(step.min()) < 1:
-            raise ValueError("step must be >= 1 (the step number of this update)")
-    elif _as_count("step", step) < 1:
-        raise ValueError(f"step must be >= 1 (the step number of this update), got {step}")
-    else:
-        step = torch.full((len(params),), int(step), dtype=torch.int64)
+    step = _check_adamw_schedule(step, age, len(params), n_selected, device, check_schedule)
     return (list(params), [] if compact else list(grads), grads if compact else None, indices, offsets,
-            exp_avg, exp_avg_sq, float(lr), float(betas[0]), float(betas[1]), float(eps),
+            exp_avg, exp_avg_sq, max_exp_avg_sq, float(lr), float(betas[0]), float(betas[1]), float(eps),
             float(weight_decay), step, age, bool(maximize))
 
 
 def sparse_adamw_(params: Sequence[Tensor], grads, indices: Tensor, offsets: Tensor,
-                  exp_avg: Tensor, exp_avg_sq: Tensor, *, lr: float, betas=(0.9, 0.999),
+                  exp_avg: Tensor, exp_avg_sq: Tensor, *, max_exp_avg_sq=None, lr: float, betas=(0.9, 0.999),
                   eps: float = 1e-8, weight_decay: float = 1e-2, step=None, age=None,
                   maximize: bool = False, check_indices: bool = True) -> None:
     """In-place AdamW step on the selected entries of ``params``; see ``gem_kernels.reference``.
+    ``max_exp_avg_sq`` (fp32, one per entry) makes it AMSGrad's step.
 
     ``check_indices=False`` skips the O(k) pass over ``indices``/``offsets`` (range, order) and
     its host syncs, for a caller that keeps an index set it checked once, as SparseAdamW does.
     Out-of-range indices would then write out of bounds: leave it True for anything else.
     """
-    args = check_sparse_adamw_args(params, grads, indices, offsets, exp_avg, exp_avg_sq, lr=lr,
-                                   betas=betas, eps=eps, weight_decay=weight_decay, step=step, age=age,
-                                   maximize=maximize, check_indices=check_indices)
+    args = check_sparse_adamw_args(params, grads, indices, offsets, exp_avg, exp_avg_sq,
+                                   max_exp_avg_sq=max_exp_avg_sq, lr=lr, betas=betas, eps=eps,
+                                   weight_decay=weight_decay, step=step, age=age, maximize=maximize,
+                                   check_indices=check_indices)
     torch.ops.gem_kernels.sparse_adamw_(*args)
 
 

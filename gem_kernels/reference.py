@@ -1,7 +1,10 @@
 """Every op in plain PyTorch: the specification and the test oracle (docs/ARCHITECTURE.md, "The ops").
 
 Every backend must give these answers: top-k indices identical, floats within the
-tolerance of their dtype. Inputs are assumed valid here; `gem_kernels.ops` checks them.
+tolerance of their dtype. Each function has its op's schema signature (``gem_kernels.library``),
+which every backend's kernel has too. Inputs are assumed valid here; `gem_kernels.ops` checks
+them and normalises the public arguments (``k`` an int or a list, ``exclude`` a pair, ``betas``)
+to these.
 
 Conventions shared by all backends
 ----------------------------------
@@ -70,11 +73,10 @@ def _rank_key(score: Tensor) -> Tensor:
     return torch.where(torch.isfinite(score), score, torch.full_like(score, -1.0))
 
 
-def _excluded_mask(numel: int, exclude, seg: int, device) -> Tensor:
+def _excluded_mask(numel: int, exclude_indices, exclude_offsets, seg: int, device) -> Tensor:
     mask = torch.zeros(numel, dtype=torch.bool, device=device)
-    if exclude is not None:
-        ex_idx, ex_off = exclude
-        mask[ex_idx[int(ex_off[seg]):int(ex_off[seg + 1])]] = True
+    if exclude_indices is not None:
+        mask[exclude_indices[int(exclude_offsets[seg]):int(exclude_offsets[seg + 1])]] = True
     return mask
 
 
@@ -85,11 +87,12 @@ def _top_by_key(key: Tensor, count: int) -> Tensor:
     return order[:count]
 
 
-def ratio_topk(grads: Sequence[Tensor], weights: Sequence[Tensor], k, eps: float = 1e-8,
-               exponent: float = 1.0, exclude=None) -> tuple[Tensor, Tensor]:
-    """Exact top-k of the ratio score, per segment (``k`` a list) or across segments (``k`` an int).
+def ratio_topk(grads: Sequence[Tensor], weights: Sequence[Tensor], k: Sequence[int], per_segment: bool,
+               eps: float, exponent: float, exclude_indices, exclude_offsets) -> tuple[Tensor, Tensor]:
+    """Exact top-k of the ratio score, per segment (``per_segment``: ``k[l]`` in segment ``l``) or
+    across segments (``k[0]`` in all).
 
-    ``exclude`` is ``None`` or an ``(indices, offsets)`` pair of entries never to choose.
+    ``exclude_indices``/``exclude_offsets`` (both None, or an index set) are entries never to choose.
     Returns ``(indices, offsets)`` with indices sorted ascending inside each segment.
     """
     device = weights[0].device if len(weights) else "cpu"
@@ -97,12 +100,12 @@ def ratio_topk(grads: Sequence[Tensor], weights: Sequence[Tensor], k, eps: float
     for seg, (g, w) in enumerate(zip(grads, weights)):
         key = _rank_key(ratio_score(g, w, eps, exponent)).double()
         # Excluded entries sort below everything, including non-finite scores.
-        key[_excluded_mask(w.numel(), exclude, seg, device)] = -2.0
+        key[_excluded_mask(w.numel(), exclude_indices, exclude_offsets, seg, device)] = -2.0
         keys.append(key)
 
-    if isinstance(k, int):
+    if not per_segment:
         flat = torch.cat(keys) if keys else torch.zeros(0, dtype=torch.float64, device=device)
-        chosen = _top_by_key(flat, k)  # concatenation order = (segment, index) order
+        chosen = _top_by_key(flat, int(k[0]))  # concatenation order = (segment, index) order
         starts = torch.tensor([0] + [t.numel() for t in keys], device=device).cumsum(0)
         chosen_sorted = torch.sort(chosen).values
         seg_of = torch.searchsorted(starts[1:], chosen_sorted, right=True)
@@ -124,46 +127,50 @@ def adamw_scalars(lr: float, beta1: float, beta2: float, weight_decay: float, st
     return 1 - lr * weight_decay, lr / bias_correction1, math.sqrt(bias_correction2)
 
 
-def sparse_adamw_(params: Sequence[Tensor], grads, indices: Tensor, offsets: Tensor,
-                  exp_avg: Tensor, exp_avg_sq: Tensor, *, lr: float, betas=(0.9, 0.999),
-                  eps: float = 1e-8, weight_decay: float = 1e-2, step=None, age=None,
-                  maximize: bool = False) -> None:
+def sparse_adamw_(params: Sequence[Tensor], dense_grads: Sequence[Tensor], compact_grads, indices: Tensor,
+                  offsets: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, max_exp_avg_sq, lr: float, beta1: float,
+                  beta2: float, eps: float, weight_decay: float, step, age, maximize: bool) -> None:
     """torch AdamW's update on the selected entries only, in fp32, in place.
 
-    * ``grads``: a list of dense tensors shaped like ``params`` (read at the indices), or
-      one compact 1-D tensor with a value per selected entry, aligned with ``indices``.
-    * ``exp_avg``/``exp_avg_sq``: fp32, one value per selected entry.
-    * exactly one of ``step`` (the step number of this update: an int, or an int64 tensor
-      with one per segment) and ``age`` (an integer tensor, one step number per entry).
-      Step numbers count this update, so they are >= 1, as after torch's ``step += 1``.
+    * Grads: ``dense_grads``, one tensor shaped like each param (read at the indices), or
+      ``compact_grads``, one 1-D tensor with a value per selected entry, aligned with ``indices``
+      (then ``dense_grads`` is empty).
+    * ``exp_avg``/``exp_avg_sq``, and ``max_exp_avg_sq`` for AMSGrad (else None): fp32, one value
+      per selected entry.
+    * exactly one of ``step`` (int64 ``[L]``, the step number of this update per segment) and
+      ``age`` (an integer tensor, one step number per entry). Step numbers count this update, so
+      they are >= 1, as after torch's ``step += 1``.
     Order of operations, as ``torch.optim.AdamW`` (single tensor): decoupled decay
-    ``p *= 1 - lr*wd``; ``m += (1-β1)(g-m)``; ``v = β2 v + (1-β2) g²``;
-    ``p -= lr/bc1 · m / (sqrt(v)/sqrt(bc2) + eps)``. Other entries are never touched.
+    ``p *= 1 - lr*wd``; ``m += (1-β1)(g-m)``; ``v = β2 v + (1-β2) g²``; AMSGrad: ``v̂ = max(v̂, v)``
+    and ``v̂`` in place of ``v`` below; ``p -= lr/bc1 · m / (sqrt(v)/sqrt(bc2) + eps)``. Other
+    entries are never touched.
     """
-    beta1, beta2 = betas
-    for p, idx, g, w, m, v, decay, step_size, bc2_sqrt in adamw_segments(
-            params, grads, indices, offsets, exp_avg, exp_avg_sq, lr, betas, weight_decay, step, age, maximize):
+    for p, idx, g, w, m, v, v_max, decay, step_size, bc2_sqrt in adamw_segments(
+            params, dense_grads, compact_grads, indices, offsets, exp_avg, exp_avg_sq, max_exp_avg_sq, lr, beta1,
+            beta2, weight_decay, step, age, maximize):
         w = w * decay
         m.lerp_(g, 1 - beta1)
         v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+        if v_max is not None:
+            torch.maximum(v_max, v, out=v_max)
+            v = v_max
         denom = (v.sqrt() / bc2_sqrt) + eps
         w = w + (-step_size * m) / denom  # addcdiv's order: (value * t1) / t2
         p.view(-1)[idx] = w.to(p.dtype)
 
 
-def adamw_segments(params, grads, indices, offsets, exp_avg, exp_avg_sq, lr, betas, weight_decay, step, age,
-                   maximize):
-    """Per segment with selected entries: ``(param, indices, g, w, m, v, decay, step_size,
+def adamw_segments(params, dense_grads, compact_grads, indices, offsets, exp_avg, exp_avg_sq, max_exp_avg_sq,
+                   lr, beta1, beta2, weight_decay, step, age, maximize):
+    """Per segment with selected entries: ``(param, indices, g, w, m, v, v_max, decay, step_size,
     bc2_sqrt)``: the fp32 gradient (negated for ``maximize``) and weights at the indices, views of
-    the segment's moments, and this step's scalars (tensors per entry for ``age``)."""
-    beta1, beta2 = betas
-    compact = isinstance(grads, torch.Tensor)
+    the segment's moments (``v_max`` None without AMSGrad), and this step's scalars (tensors per
+    entry for ``age``)."""
     for seg, p in enumerate(params):
         lo, hi = int(offsets[seg]), int(offsets[seg + 1])
         if hi == lo:
             continue
         idx = indices[lo:hi]
-        g = (grads[lo:hi] if compact else grads[seg].reshape(-1)[idx]).float()
+        g = (compact_grads[lo:hi] if compact_grads is not None else dense_grads[seg].reshape(-1)[idx]).float()
         if maximize:
             g = -g
         if age is not None:
@@ -172,9 +179,10 @@ def adamw_segments(params, grads, indices, offsets, exp_avg, exp_avg_sq, lr, bet
             step_size = (lr / (1 - beta1 ** n)).float()
             bc2_sqrt = torch.sqrt(1 - beta2 ** n).float()
         else:
-            n = int(step[seg]) if isinstance(step, torch.Tensor) else int(step)
-            decay, step_size, bc2_sqrt = adamw_scalars(lr, beta1, beta2, weight_decay, n)
-        yield p, idx, g, p.view(-1)[idx].float(), exp_avg[lo:hi], exp_avg_sq[lo:hi], decay, step_size, bc2_sqrt
+            decay, step_size, bc2_sqrt = adamw_scalars(lr, beta1, beta2, weight_decay, int(step[seg]))
+        v_max = None if max_exp_avg_sq is None else max_exp_avg_sq[lo:hi]
+        yield (p, idx, g, p.view(-1)[idx].float(), exp_avg[lo:hi], exp_avg_sq[lo:hi], v_max, decay, step_size,
+               bc2_sqrt)
 
 
 # sparse_weight_grad computes dW a block of rows at a time: [rows, in] fp32, with rows =

@@ -1,11 +1,14 @@
-"""The compiled CPU kernels (gem_kernels.cpu / gem_kernels._C) against gem_kernels.reference."""
+"""The compiled CPU kernels (gem_kernels.backends.cpu / gem_kernels._C) against gem_kernels.reference."""
 import pytest
 import torch
+from backend_kernels import Kernels, kernels_of
 
 import gem_kernels
-from gem_kernels import ops, reference
+from gem_kernels import library, ops
+from gem_kernels import reference as reference_module
 
-cpu = pytest.importorskip("gem_kernels.cpu")
+reference = Kernels(reference_module)
+cpu = Kernels(pytest.importorskip("gem_kernels.backends.cpu"))
 if not cpu.available():
     pytest.skip("gem_kernels._C is not built (pip install -e .)", allow_module_level=True)
 _C = cpu._C
@@ -52,21 +55,21 @@ def assert_same_selection(got, want):
 # Dispatch
 
 
-def test_backends_lists_cpu_and_ops_dispatches_cpu_tensors_to_it(monkeypatch, force_backend):
-    assert "cpu" in gem_kernels.backends()
+def test_cpu_tensors_run_the_cpu_kernels_and_a_test_can_swap_them():
+    assert "cpu" in gem_kernels.live_backends()
+    assert library.registered_kernel("layer_stats", "cpu") is cpu.module.layer_stats
     calls = []
-    real = cpu.layer_stats
-    monkeypatch.setattr(cpu, "layer_stats", lambda *a: calls.append(a) or real(*a))
-    force_backend(None)
+
+    class Counting:
+        def layer_stats(self, *args):
+            calls.append(args)
+            return reference.module.layer_stats(*args)
     grads, weights = random_segments([(5,)], torch.float32, 0)
-    ops.layer_stats(grads, weights)
+    with kernels_of(Counting()):
+        ops.layer_stats(grads, weights)
     assert len(calls) == 1
-    force_backend("cpu")
-    ops.layer_stats(grads, weights)
-    assert len(calls) == 2
-    force_backend("reference")
-    ops.layer_stats(grads, weights)
-    assert len(calls) == 2
+    ops.layer_stats(grads, weights)  # the cpu kernels again
+    assert len(calls) == 1 and library.registered_kernel("layer_stats", "cpu") is cpu.module.layer_stats
 
 
 def test_bad_dtype_code_is_a_value_error():

@@ -19,15 +19,15 @@ def _adamw_args(grads_kind="dense"):
     indices, offsets = torch.tensor([1, 4, 29, 0, 8]), torch.tensor([0, 3, 5])
     op_grads = grads if grads_kind == "dense" else torch.randn(5)
     return [params, op_grads if grads_kind == "dense" else [], None if grads_kind == "dense" else op_grads,
-            indices, offsets, torch.rand(5), torch.rand(5), 1e-2, 0.9, 0.999, 1e-8, 0.01,
+            indices, offsets, torch.rand(5), torch.rand(5), None, 1e-2, 0.9, 0.999, 1e-8, 0.01,
             torch.tensor([3, 1]), None, False]
 
 
 @pytest.fixture(params=["reference", "cpu"])
-def backend(request, force_backend):
-    if request.param not in gem_kernels.backends():
+def backend(request, use_backend):
+    if request.param not in gem_kernels.live_backends():
         pytest.skip(f"{request.param} backend not built")
-    force_backend(request.param)
+    use_backend(request.param)
     return request.param
 
 
@@ -123,3 +123,28 @@ def test_fake_kernels_give_output_shapes_without_data():
         assert indices.shape == (6,) and offsets.shape == (3,)
         with pytest.raises(ValueError, match="grads\\[1\\] has shape"):
             torch.ops.gem_kernels.layer_stats([grads[0], torch.empty(8)], weights, 1e-8, 1.0)
+
+
+def test_a_backend_for_one_op_is_one_file():
+    """tests/toy_backend.py registers a kernel for sparse_weight_grad on CPU tensors and nothing
+    else: importing it is all it takes, and no file of gem_kernels names it."""
+    import importlib
+    import sys
+
+    from gem_kernels import library
+    before = library.registered_kernel("sparse_weight_grad", "cpu")
+    try:
+        toy = importlib.reload(sys.modules["toy_backend"]) if "toy_backend" in sys.modules else \
+            importlib.import_module("toy_backend")
+        assert "toy_backend" in gem_kernels.live_backends()
+        gen = torch.Generator().manual_seed(0)
+        x, dy = torch.randn(4, 3, generator=gen), torch.randn(4, 2, generator=gen)
+        indices, offsets = torch.tensor([0, 5]), torch.tensor([0, 2])
+        got = ops.sparse_weight_grad([x], [dy], indices, offsets)
+        torch.testing.assert_close(got, (dy.T @ x).reshape(-1)[indices])
+        assert toy.CALLS == [2]
+        ops.layer_stats([dy], [dy])  # the other ops keep their kernels
+        assert library.backend_name(library.registered_kernel("layer_stats", "cpu")) in ("cpu", "reference")
+    finally:
+        library.register_kernel("sparse_weight_grad", "cpu")(before)
+    assert "toy_backend" not in gem_kernels.live_backends()

@@ -363,7 +363,6 @@ def test_tiny_bert_bf16_drop_in():
     (dict(budget=2.0), TypeError, "budget"),
     (dict(), ValueError, "exactly one"),
     (dict(density=0.1, budget=3), ValueError, "exactly one"),
-    (dict(budget=3, amsgrad=True), ValueError, "amsgrad"),
     (dict(budget=3, capturable=True), ValueError, "capturable"),
     (dict(budget=3, differentiable=True), ValueError, "differentiable"),
     (dict(budget=3, foreach=True, fused=True), ValueError, "foreach"),

@@ -148,10 +148,10 @@ def _train_and_select(selector, steps, **kwargs):
 @pytest.mark.parametrize("make", [lambda: (GEM(), 3, {"calibration_steps": 2}),
                                   lambda: (GradMagnitude(), 3, {"calibration_steps": 2}),
                                   lambda: (ID3(total_steps=4), 5, {})])
-def test_selection_identical_across_backends(force_backend, make):
+def test_selection_identical_across_backends(use_backend, make):
     selector, steps, kwargs = make()
     default = _train_and_select(selector, steps, **kwargs)
-    force_backend("reference")
+    use_backend("reference")
     reference = _train_and_select(selector, steps, **kwargs)
     assert all(torch.equal(a, b) for a, b in zip(default, reference))
     total = sum(a.numel() for a in default)

@@ -227,7 +227,7 @@ def _layer_case(kind, dtype):
 
 
 def _backends():
-    from gem_kernels import cpu
+    from gem_kernels.backends import cpu
     return [reference] + ([cpu] if cpu.available() else [])
 
 
@@ -249,7 +249,7 @@ def test_layer_weight_grad(kind, dtype):
 
 
 def _cpu():
-    from gem_kernels import cpu
+    from gem_kernels.backends import cpu
     if not cpu.available():
         pytest.skip("gem_kernels._C is not built (pip install -e .)")
     if not hasattr(cpu._C, "sparse_weight_grad"):
@@ -308,8 +308,8 @@ def test_cpu_bad_dtype_code_is_a_value_error():
 
 def interpreter_cases() -> dict:
     """Runs every case (and both layer kinds) on the Triton backend; {name: {ok, summary}}."""
-    import gem_kernels.triton as backend
-    from gem_kernels.triton import _common
+    import gem_kernels.backends.triton as backend
+    from gem_kernels.backends.triton import _common
     _common.poison_outputs = True  # an entry the kernel forgets to write stays NaN
     results = {}
     names = list(CASES) + ["conv1d", "linear"]
@@ -351,10 +351,10 @@ def _compile_configs():
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         return []
     try:
-        from gem_kernels.triton import sparse_weight_grad as module  # noqa: F401
+        from gem_kernels.backends.triton import sparse_weight_grad as module  # noqa: F401
     except ImportError:
         return []
-    module = sys.modules["gem_kernels.triton.sparse_weight_grad"]
+    module = sys.modules["gem_kernels.backends.triton.sparse_weight_grad"]
     return [pytest.param(k, sig, cx, opts, id=",".join(f"{a}={b}" for a, b in cx.items()))
             for k, sig, cx, opts in module.compile_configs()]
 

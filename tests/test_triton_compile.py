@@ -13,7 +13,7 @@ triton = pytest.importorskip("triton")
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-import gem_kernels.triton  # noqa: E402,F401
+import gem_kernels.backends.triton  # noqa: E402,F401
 
 CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
 TARGETS = [GPUTarget("cuda", 80, 32), GPUTarget("cuda", 90, 32)]
@@ -22,7 +22,7 @@ MODULES = ["layer_stats", "ratio_topk", "sparse_adamw"]
 
 def _configs():
     for name in MODULES:
-        module = sys.modules[f"gem_kernels.triton.{name}"]  # the attribute of the same name is the op
+        module = sys.modules[f"gem_kernels.backends.triton.{name}"]  # the attribute of the same name is the op
         for kernel, signature, constexprs, options in module.compile_configs():
             label = f"{name}.{kernel.__name__}[{','.join(f'{k}={v}' for k, v in constexprs.items())},"
             label += f"{','.join(v for v in signature.values() if v.startswith('*'))},w{options['num_warps']}]"

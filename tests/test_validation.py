@@ -116,14 +116,10 @@ def test_good_input_passes_the_same_checks():
     assert ops.ratio_topk(grads, weights, [30, 9])[1].tolist() == [0, 30, 39]
 
 
-def test_forced_backend_that_cannot_run_raises(monkeypatch, force_backend):
-    grads, weights = _segments()
-    with pytest.raises(ValueError, match="GEM_KERNELS_BACKEND"):
-        force_backend("nonsense")
-    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    force_backend("triton")
-    with pytest.raises(RuntimeError, match="forced but cannot run on cpu"):
-        ops.layer_stats(grads, weights)
+def test_a_kernel_for_an_unknown_op_is_refused():
+    from gem_kernels.library import register_kernel
+    with pytest.raises(ValueError, match="'sparse_adam' is not an op of gem_kernels"):
+        register_kernel("sparse_adam", "cpu")
 
 
 def test_unchecked_indices_still_get_their_dtype_and_shape_checked():

@@ -20,6 +20,7 @@ import time
 import traceback
 
 import torch
+from backend_kernels import Kernels
 
 SIZES = [(1,), (7,), (4097,), (0,), (123, 431)]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -27,10 +28,17 @@ TIE_G, TIE_W = 0.5, 0.25  # exact in every dtype, so the tied score 2.0 is the s
 
 
 def _backend():
-    import gem_kernels.triton as backend
-    from gem_kernels.triton import _common
+    """The Triton kernels, called with the public ops' arguments (tests/backend_kernels.py)."""
+    import gem_kernels.backends.triton as backend
+    from gem_kernels.backends.triton import _common
     _common.poison_outputs = True  # an element a kernel forgets to write shows up as NaN / -7
-    return backend
+    return Kernels(backend)
+
+
+def _reference():
+    """The reference, called with the public ops' arguments."""
+    from gem_kernels import reference
+    return Kernels(reference)
 
 
 def make_segments(device, dtypes, seed, nonfinite=True):
@@ -76,11 +84,11 @@ def _available(weights, exclude):
 def _tie_split_k(weights, grads, exclude, eps, exponent):
     """Per segment, a k that cuts through the tied group: everything scoring above the tie,
     plus half of the ties."""
-    from gem_kernels import reference
+    reference = _reference()
     ks = []
     for seg, (g, w) in enumerate(zip(grads, weights)):
         s = reference.ratio_score(g, w, eps, exponent)
-        keep = torch.isfinite(s) & ~reference._excluded_mask(w.numel(), exclude, seg, w.device)
+        keep = torch.isfinite(s) & ~reference._excluded_mask(w.numel(), *(exclude or (None, None)), seg, w.device)
         tie = float(reference.ratio_score(torch.tensor([TIE_G]), torch.tensor([TIE_W]), eps, exponent))
         above = int((keep & (s > tie)).sum())
         ties = int((keep & (s == tie)).sum())
@@ -93,7 +101,7 @@ def _tie_split_k(weights, grads, exclude, eps, exponent):
 
 
 def check_topk(grads, weights, k, eps=1e-8, exponent=1.0, exclude=None):
-    from gem_kernels import reference
+    reference = _reference()
     got_idx, got_off = _backend().ratio_topk(grads, weights, k, eps, exponent, exclude)
     want_idx, want_off = reference.ratio_topk(grads, weights, k, eps, exponent, exclude)
     assert torch.equal(got_off.cpu(), want_off.cpu()), f"offsets {got_off.tolist()} != {want_off.tolist()}"
@@ -105,7 +113,7 @@ def check_topk(grads, weights, k, eps=1e-8, exponent=1.0, exclude=None):
 
 
 def check_stats(grads, weights, eps=1e-8, exponent=1.0):
-    from gem_kernels import reference
+    reference = _reference()
     got = _backend().layer_stats(grads, weights, eps, exponent).cpu()
     want = reference.layer_stats(grads, weights, eps, exponent).cpu()
     assert got.dtype == torch.float64 and got.shape == want.shape
@@ -149,7 +157,7 @@ def _adamw_inputs(device, param_dtypes, seed, counts):
 
 def check_adamw(device, param_dtypes, seed, *, compact=False, step=None, age_dtype=None, maximize=False,
                 nan_grad=False, counts=(1, 5, 300, 0, 2000)):
-    from gem_kernels import reference
+    reference = _reference()
     inputs = _adamw_inputs(device, param_dtypes, seed, counts)
     n = inputs[2].numel()
     gen = torch.Generator().manual_seed(seed + 1)
@@ -370,7 +378,7 @@ def check_adamw_steps(device, param_dtype, seed, *, steps=5, compact=False, age_
     truncates, or a multiply-add fused where torch rounds twice, moves entries by an ulp that the
     one-step cases' tolerances would let through; the exact contract sees it. Not for fp32 params:
     those can differ from the reference by an ulp, as the C++ backend's do (csrc/sparse_adamw.cpp)."""
-    from gem_kernels import reference
+    reference = _reference()
     backend = backend or _backend()
     contract = contract or ("gpu" if torch.device(device).type == "cuda" else "exact")
     inputs, step_grads, first_age = _steps_inputs(param_dtype, seed, steps, compact, age_dtype, counts)
@@ -439,7 +447,28 @@ def _case_adamw(**kwargs):
     return case
 
 
+def _case_density_one():
+    """SparseAdamW at density 1.0 on these kernels against torch.optim.AdamW with the same flags,
+    for amsgrad and maximize true and false: within one fp32 ulp per step (the bound of
+    docs/ARCHITECTURE.md, "AdamW's flags")."""
+    def case(device):
+        from backend_kernels import adamw_density_one, worst_relative_ulps
+
+        import gem_kernels.backends.triton as backend
+        steps, parts = 5, []
+        for amsgrad in (False, True):
+            for maximize in (False, True):
+                ours, torchs = adamw_density_one(backend, amsgrad=amsgrad, maximize=maximize, steps=steps,
+                                                 device=device)
+                worst = worst_relative_ulps(ours.cpu(), torchs.cpu())
+                assert worst <= steps, f"amsgrad={amsgrad} maximize={maximize}: {worst:.3g} ulps after {steps} steps"
+                parts.append(f"amsgrad={amsgrad} maximize={maximize} {worst:.3g}")
+        return f"worst ulps after {steps} steps against torch.optim.AdamW: " + ", ".join(parts)
+    return case
+
+
 CASES = {
+    "adamw_density_one_vs_torch": _case_density_one(),
     "stats_fp32": _case_stats([torch.float32], 1.0, nonfinite=False),
     "stats_mixed_dtypes": _case_stats(DTYPES, 1.0, nonfinite=False),
     "stats_exponent": _case_stats(DTYPES, 0.7, nonfinite=False),

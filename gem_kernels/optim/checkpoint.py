@@ -22,7 +22,7 @@ import torch
 
 from .. import ops
 from .fsdp import local
-from .layout import AGE_KEY
+from .layout import AGE_KEY, MAX_KEY, flat_keys
 from .state import SelectionState, bad_checkpoint
 
 STATE_KEY = "sparse_adamw"
@@ -79,7 +79,7 @@ def _check_step(where: str, step) -> None:
         raise bad_checkpoint(f"{where} 'step' must be a whole number >= 0, got {value}")
 
 
-def _check_sparse_state(where: str, p, state, incremental: bool, selected: bool) -> None:
+def _check_sparse_state(where: str, p, state, incremental: bool, selected: bool, amsgrad: bool) -> None:
     p = local(p)  # FSDP2: the state (sums, indices) is of this rank's block
     if not selected:
         extra = set(state) - {"grad_sum"}
@@ -90,7 +90,7 @@ def _check_sparse_state(where: str, p, state, incremental: bool, selected: bool)
             if not (isinstance(s, torch.Tensor) and s.dtype == torch.float32 and s.shape == p.shape):
                 raise bad_checkpoint(f"{where} 'grad_sum' must be float32 of shape {tuple(p.shape)}")
         return
-    expected = {"step", "indices", "original", "exp_avg", "exp_avg_sq"} | ({AGE_KEY} if incremental else set())
+    expected = set(("step", "original") + flat_keys(incremental, amsgrad))
     if set(state) != expected:
         raise bad_checkpoint(f"{where} has keys {sorted(state)}, expected {sorted(expected)}")
     _check_step(where, state["step"])
@@ -99,7 +99,7 @@ def _check_sparse_state(where: str, p, state, incremental: bool, selected: bool)
         raise bad_checkpoint(f"{where} 'indices' must be a 1-D int64 tensor")
     n = indices.numel()
     dtypes = {"original": (p.dtype,), "exp_avg": (torch.float32,), "exp_avg_sq": (torch.float32,),
-              AGE_KEY: (torch.int64,)}
+              MAX_KEY: (torch.float32,), AGE_KEY: (torch.int64,)}
     for key in expected - {"step", "indices"}:
         t = state[key]
         if not isinstance(t, torch.Tensor) or t.dtype not in dtypes[key] or tuple(t.shape) != (n,):
@@ -112,13 +112,14 @@ def _check_sparse_state(where: str, p, state, incremental: bool, selected: bool)
                          f"invalid ({error}): the checkpoint is from another model") from None
 
 
-def _check_dense_state(where: str, p, state) -> None:
+def _check_dense_state(where: str, p, state, amsgrad: bool) -> None:
     if not state:
         return
-    if set(state) != {"step", "exp_avg", "exp_avg_sq"}:
-        raise bad_checkpoint(f"{where} has keys {sorted(state)}, expected ['exp_avg', 'exp_avg_sq', 'step']")
+    moments = ("exp_avg", "exp_avg_sq") + ((MAX_KEY,) if amsgrad else ())
+    if set(state) != {"step", *moments}:
+        raise bad_checkpoint(f"{where} has keys {sorted(state)}, expected {sorted(['step', *moments])}")
     _check_step(where, state["step"])
-    for key in ("exp_avg", "exp_avg_sq"):
+    for key in moments:
         t = state[key]
         if not isinstance(t, torch.Tensor) or not t.is_floating_point() or t.shape != p.shape:
             raise bad_checkpoint(f"{where} {key!r} must be a float tensor of shape {tuple(p.shape)}")
@@ -145,10 +146,11 @@ def split(state_dict: dict, *, config: dict, shard, param_groups: list, describe
             if group["sparse"]:
                 if selection.selection_started and not state:
                     raise bad_checkpoint(f"{where} is missing, but the selection has started")
-                _check_sparse_state(where, p, state, incremental, selection.selection_started)
+                _check_sparse_state(where, p, state, incremental, selection.selection_started,
+                                    bool(saved.get("amsgrad")))
                 sparse_states[p] = state
             else:
-                _check_dense_state(where, p, state)
+                _check_dense_state(where, p, state, bool(saved.get("amsgrad")))
                 if state:
                     dense_states[key] = state
     return {**state_dict, "state": dense_states}, sparse_states, selection

@@ -41,7 +41,7 @@ def split_param_group(param_group: dict, defaults: dict, selection_started: bool
         group = {**param_group, "params": part, "sparse": sparse}
         merged = {**defaults, **group}
         ops.check_adamw_hyper(merged["lr"], merged["betas"], merged["eps"], merged["weight_decay"])
-        for name in ("amsgrad", "capturable", "differentiable"):
+        for name in ("capturable", "differentiable"):
             if merged.get(name):
                 raise ValueError(f"{name}=True is not supported by SparseAdamW")
         if sparse:

@@ -2,8 +2,9 @@
 
 Per sparse param, once the selection has started, ``state`` holds ``step`` (int64, CPU),
 ``indices`` (int64 flat indices, ascending), ``original`` (the values there when selected,
-param dtype), ``exp_avg``/``exp_avg_sq`` (fp32, one per index) and, for incremental selectors,
-``age`` (int64: each entry's own step count). Within a group, ``indices``, the moments and
+param dtype), ``exp_avg``/``exp_avg_sq`` (fp32, one per index), for AMSGrad
+``max_exp_avg_sq`` (fp32, one per index) and, for incremental selectors, ``age`` (int64: each
+entry's own step count). Within a group, ``indices``, the moments and
 ``age`` are views into one flat buffer per key, so a group's update is one op call with no
 copies; ``GroupLayout`` owns those buffers.
 """
@@ -16,14 +17,15 @@ from .fsdp import local
 Tensor = torch.Tensor
 
 FLAT_KEYS = ("indices", "exp_avg", "exp_avg_sq")
+MAX_KEY = "max_exp_avg_sq"  # AMSGrad's running maximum of exp_avg_sq
 AGE_KEY = "age"
 
 
-def flat_keys(incremental: bool) -> tuple:
-    return FLAT_KEYS + ((AGE_KEY,) if incremental else ())
+def flat_keys(incremental: bool, amsgrad: bool) -> tuple:
+    return FLAT_KEYS + ((MAX_KEY,) if amsgrad else ()) + ((AGE_KEY,) if incremental else ())
 
 
-def new_state(p: Tensor, indices: Tensor, incremental: bool) -> dict:
+def new_state(p: Tensor, indices: Tensor, incremental: bool, amsgrad: bool) -> dict:
     """The state of a param whose entries ``indices`` were just selected (moments 0)."""
     n = indices.numel()
     state = {
@@ -33,6 +35,8 @@ def new_state(p: Tensor, indices: Tensor, incremental: bool) -> dict:
         "exp_avg": torch.zeros(n, dtype=torch.float32, device=p.device),
         "exp_avg_sq": torch.zeros(n, dtype=torch.float32, device=p.device),
     }
+    if amsgrad:
+        state[MAX_KEY] = torch.zeros(n, dtype=torch.float32, device=p.device)
     if incremental:
         state[AGE_KEY] = torch.zeros(n, dtype=torch.int64, device=p.device)
     return state
@@ -43,10 +47,11 @@ def merged_state(state: dict, p: Tensor, new_indices: Tensor) -> dict:
     and ages start at 0. ``state`` itself is not changed."""
     if new_indices.numel() == 0:
         return dict(state)
-    fresh = new_state(p, new_indices, AGE_KEY in state)  # never written: still the original values
+    keys = flat_keys(AGE_KEY in state, MAX_KEY in state)
+    fresh = new_state(p, new_indices, AGE_KEY in state, MAX_KEY in state)  # never written: the original values
     order = torch.argsort(torch.cat([state["indices"], new_indices]))
     merged = {"step": state["step"]}
-    for key in ("indices", "original") + flat_keys(AGE_KEY in state)[1:]:
+    for key in ("indices", "original") + keys[1:]:
         merged[key] = torch.cat([state[key], fresh[key]])[order]
     return merged
 
@@ -54,8 +59,8 @@ def merged_state(state: dict, p: Tensor, new_indices: Tensor) -> dict:
 class GroupLayout:
     """The flat buffers of one sparse group; each param's state tensors become views of them."""
 
-    def __init__(self, params: list, states: list, incremental: bool):
-        self.keys = flat_keys(incremental)
+    def __init__(self, params: list, states: list, incremental: bool, amsgrad: bool):
+        self.keys = flat_keys(incremental, amsgrad)
         self.shapes = [local(p).shape for p in params]  # the index sets address these shapes
         device = params[0].device if params else torch.device("cpu")
         counts = [s["indices"].numel() for s in states]

@@ -23,7 +23,7 @@ from .. import ops
 from .fsdp import Sharding, local, selection_ops
 from .grads import check_finite, compact_grad
 from .groups import resolve_budget
-from .layout import GroupLayout, merged_state, new_state
+from .layout import MAX_KEY, GroupLayout, merged_state, new_state
 from .state import SelectionState
 
 NOTE_FROZEN = "frozen (requires_grad=False) when the entries were chosen"
@@ -51,8 +51,13 @@ class StepContext:
 
     def repack(self, selection: SelectionState, incremental: bool) -> None:
         """One flat buffer per state key and sparse group (see ``layout``)."""
-        selection.layouts = {gi: GroupLayout(g["params"], [self.state[p] for p in g["params"]], incremental)
+        selection.layouts = {gi: GroupLayout(g["params"], [self.state[p] for p in g["params"]], incremental,
+                                             g["amsgrad"])
                              for gi, g in enumerate(self.param_groups) if g["sparse"]}
+
+    def amsgrad_of(self, p) -> bool:
+        """Whether the group of sparse param ``p`` runs AMSGrad (its state then holds max_exp_avg_sq)."""
+        return next(g["amsgrad"] for g in self.param_groups if g["sparse"] and any(q is p for q in g["params"]))
 
 
 def _require_dense(described, why: str) -> None:
@@ -110,7 +115,7 @@ def choose_entries(ctx: StepContext, selection: SelectionState, selector, budget
     indices = {i: chosen.indices[bounds[j]:bounds[j + 1]].clone() for j, i in enumerate(candidates)}
     empty = torch.zeros(0, dtype=torch.int64)
     for i, (_, p) in enumerate(named):
-        ctx.state[p] = new_state(p, indices.get(i, empty.to(p.device)), incremental=False)
+        ctx.state[p] = new_state(p, indices.get(i, empty.to(p.device)), incremental=False, amsgrad=ctx.amsgrad_of(p))
     position = {i: j for j, i in enumerate(candidates)}  # in the selector's lists
     selection.report = [
         {"entropy": None if chosen.entropy is None or i not in position else chosen.entropy[position[i]],
@@ -163,6 +168,9 @@ def prepare_sparse_update(ctx: StepContext, layout: GroupLayout, gi: int, grads:
             raise ValueError(f"{ctx.describe(gi, i)} had shape {tuple(layout.shapes[i])} when its entries "
                              "were chosen; resizing a trained param is not supported (close the optimizer "
                              "and make a new one)")
+    if group["amsgrad"] != (MAX_KEY in layout.keys):
+        raise ValueError(f"param group {gi} has amsgrad={group['amsgrad']} but its entries were chosen with "
+                         f"amsgrad={not group['amsgrad']}; switching AMSGrad after the selection is not supported")
     buffers = layout.arguments(with_grad, states)
     op_grads = compact_values if compact_values is not None else [local(grads[i]) for i in with_grad]
     incremental = "age" in buffers
@@ -174,8 +182,8 @@ def prepare_sparse_update(ctx: StepContext, layout: GroupLayout, gi: int, grads:
         schedule = {"step": torch.stack(steps) + 1}  # no host read: the op takes the tensor
     args = ops.check_sparse_adamw_args(  # FSDP2: the local blocks, written in place through the view
         [local(params[i]) for i in with_grad], op_grads, buffers["indices"], buffers["offsets"],
-        buffers["exp_avg"], buffers["exp_avg_sq"], lr=group["lr"], betas=group["betas"], eps=group["eps"],
-        weight_decay=group["weight_decay"], maximize=group["maximize"],
+        buffers["exp_avg"], buffers["exp_avg_sq"], max_exp_avg_sq=buffers.get(MAX_KEY), lr=group["lr"],
+        betas=group["betas"], eps=group["eps"], weight_decay=group["weight_decay"], maximize=group["maximize"],
         check_indices=False, check_schedule=False, **schedule)  # checked when selected or loaded
 
     def run():
@@ -201,10 +209,14 @@ def prepare_dense_update(ctx: StepContext, group):
     if not params:
         return None
     ops.check_adamw_hyper(group["lr"], group["betas"], group["eps"], group["weight_decay"])
+    amsgrad = group["amsgrad"]
     for p in params:
         if p.grad.is_sparse:
             raise TypeError(f"a dense param of shape {tuple(p.shape)} has a sparse gradient; dense "
                             "param groups take dense gradients (as AdamW)")
+        if amsgrad and ctx.state[p] and MAX_KEY not in ctx.state[p]:
+            raise ValueError(f"a dense param of shape {tuple(p.shape)} trained without AMSGrad before; switching "
+                             "amsgrad on after the first step is not supported")
         if p.grad.shape != p.shape or p.grad.dtype != p.dtype or p.grad.device != p.device:
             raise ValueError(f"a dense param of shape {tuple(p.shape)} ({p.dtype}, {p.device}) has a "
                              f"gradient of shape {tuple(p.grad.shape)} ({p.grad.dtype}, {p.grad.device})")
@@ -218,12 +230,14 @@ def prepare_dense_update(ctx: StepContext, group):
                                  else torch.tensor(0.0, dtype=_scalar_dtype(False)))
                 state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                if amsgrad:
+                    state[MAX_KEY] = torch.zeros_like(p, memory_format=torch.preserve_format)
         states = [ctx.state[p] for p in params]
         beta1, beta2 = group["betas"]
         torch_adamw(params, [p.grad for p in params], [s["exp_avg"] for s in states],
-                    [s["exp_avg_sq"] for s in states], [], [s["step"] for s in states],
-                    foreach=group["foreach"], fused=group["fused"],
-                    has_complex=any(torch.is_complex(p) for p in params), amsgrad=False, beta1=beta1,
+                    [s["exp_avg_sq"] for s in states], [s[MAX_KEY] for s in states] if amsgrad else [],
+                    [s["step"] for s in states], foreach=group["foreach"], fused=group["fused"],
+                    has_complex=any(torch.is_complex(p) for p in params), amsgrad=amsgrad, beta1=beta1,
                     beta2=beta2, lr=group["lr"], weight_decay=group["weight_decay"], eps=group["eps"],
                     maximize=group["maximize"])
     return run
@@ -258,6 +272,8 @@ class Calibrating:
         if self.steps == 0:
             raise RuntimeError("calibration_steps=0: call opt.calibrate(model, batches, loss_fn) "
                                "before the first step()")
+        for group in ctx.param_groups:  # nothing updates yet, but a bad lr fails at once, not steps later
+            ops.check_adamw_hyper(group["lr"], group["betas"], group["eps"], group["weight_decay"])
         last = selection.calibration_done + 1 == self.steps
         sums = stored_sums(ctx, copy=last)
         add_gradients(ctx, sums)
@@ -292,7 +308,8 @@ class Unmasking:
         started = selection.selection_started
         budget = selection.budget if started else resolve_budget([p for _, p in named], *self.budget_args)
         states = {p: ctx.state[p] if started else new_state(p, torch.zeros(0, dtype=torch.int64, device=p.device),
-                                                            incremental=True) for _, p in named}
+                                                            incremental=True, amsgrad=ctx.amsgrad_of(p))
+                  for _, p in named}
         step = selection.unmask_done + 1
         candidates = [p for _, p in named if p.grad is not None and p.requires_grad]
         if candidates:

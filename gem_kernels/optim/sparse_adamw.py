@@ -68,8 +68,7 @@ class SparseAdamW(torch.optim.Optimizer):
                  amsgrad=False, *, maximize=False, foreach=None, capturable=False,
                  differentiable=False, fused=None, density=None, budget=None, selector=None,
                  calibration_steps=None):
-        for name, value in (("amsgrad", amsgrad), ("capturable", capturable),
-                            ("differentiable", differentiable)):
+        for name, value in (("capturable", capturable), ("differentiable", differentiable)):
             if value:
                 raise ValueError(f"{name}=True is not supported by SparseAdamW")
         if foreach and fused:
@@ -101,7 +100,7 @@ class SparseAdamW(torch.optim.Optimizer):
         self._pending_load = None  # between the load hooks: the checked sparse states and selection
 
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
-                        amsgrad=False, maximize=maximize, foreach=foreach, capturable=False,
+                        amsgrad=bool(amsgrad), maximize=maximize, foreach=foreach, capturable=False,
                         differentiable=False, fused=fused, decoupled_weight_decay=True)
         super().__init__(params, defaults)
         if not self.sparse_params():
@@ -257,8 +256,6 @@ class SparseAdamW(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        for group in self.param_groups:  # in every phase: a bad lr fails at once, not steps later
-            ops.check_adamw_hyper(group["lr"], group["betas"], group["eps"], group["weight_decay"])
         self._phases[self.phase].step(self._context(), self.selection)
         return loss
 
