@@ -1,9 +1,10 @@
-"""The ``cpu`` backend: thin wrappers over the compiled C++/OpenMP kernels in ``gem_kernels._C``.
+"""The ``cpu`` backend: the compiled C++/OpenMP kernels in ``gem_kernels._C``, registered as every
+op's kernel for CPU tensors when ``_C`` imported (else CPU tensors run the reference).
 
 Arguments arrive checked by ``gem_kernels.ops`` (contiguous CPU tensors of supported dtypes, valid
-index sets), in exactly ``gem_kernels.reference``'s signatures. Each wrapper allocates the outputs
-with torch, builds the pointer / size / dtype tables of all segments and makes one ``_C`` call,
-with ``torch.get_num_threads()`` threads.
+index sets), in the ops' schema signatures (``gem_kernels.library``). Each function allocates the
+outputs with torch, builds the pointer / size / dtype tables of all segments and makes one ``_C``
+call, with ``torch.get_num_threads()`` threads.
 """
 from __future__ import annotations
 
@@ -11,9 +12,11 @@ from typing import Sequence
 
 import torch
 
+from ..library import register_kernel
+
 try:
-    from . import _C
-except ImportError:  # ops.py then routes CPU tensors to the reference; available() says so
+    from .. import _C
+except ImportError:  # CPU tensors then run the reference; available() says so
     _C = None
 
 Tensor = torch.Tensor
@@ -47,13 +50,13 @@ def layer_stats(grads: Sequence[Tensor], weights: Sequence[Tensor], eps: float =
     return out
 
 
-def ratio_topk(grads: Sequence[Tensor], weights: Sequence[Tensor], k, eps: float = 1e-8,
-               exponent: float = 1.0, exclude=None) -> tuple[Tensor, Tensor]:
-    per_segment = not isinstance(k, int)
-    counts = [int(kk) for kk in k] if per_segment else [int(k)]
+def ratio_topk(grads: Sequence[Tensor], weights: Sequence[Tensor], k: Sequence[int], per_segment: bool,
+               eps: float, exponent: float, exclude_indices, exclude_offsets) -> tuple[Tensor, Tensor]:
+    counts = [int(kk) for kk in k]
     indices = torch.empty(sum(counts), dtype=torch.int64)
     offsets = torch.empty(len(weights) + 1, dtype=torch.int64)
-    ex_indices, ex_offsets = (0, 0) if exclude is None else (exclude[0].data_ptr(), exclude[1].data_ptr())
+    ex_indices, ex_offsets = (0, 0) if exclude_indices is None else (exclude_indices.data_ptr(),
+                                                                     exclude_offsets.data_ptr())
     g_ptrs, g_codes = _tables(grads)
     w_ptrs, w_codes = _tables(weights)
     _C.ratio_topk(g_ptrs, g_codes, w_ptrs, w_codes, [w.numel() for w in weights], counts, per_segment,
@@ -62,23 +65,17 @@ def ratio_topk(grads: Sequence[Tensor], weights: Sequence[Tensor], k, eps: float
     return indices, offsets
 
 
-def sparse_adamw_(params: Sequence[Tensor], grads, indices: Tensor, offsets: Tensor,
-                  exp_avg: Tensor, exp_avg_sq: Tensor, *, lr: float, betas=(0.9, 0.999),
-                  eps: float = 1e-8, weight_decay: float = 1e-2, step=None, age=None,
-                  maximize: bool = False) -> None:
+def sparse_adamw_(params: Sequence[Tensor], dense_grads: Sequence[Tensor], compact_grads, indices: Tensor,
+                  offsets: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, max_exp_avg_sq, lr: float, beta1: float,
+                  beta2: float, eps: float, weight_decay: float, step, age, maximize: bool) -> None:
     p_ptrs, p_codes = _tables(params)
-    if isinstance(grads, torch.Tensor):  # compact: one value per selected entry
-        dense_ptrs, dense_codes, compact_ptr, compact_code = [], [], grads.data_ptr(), _code(grads)
-    else:
-        (dense_ptrs, dense_codes), compact_ptr, compact_code = _tables(grads), 0, 0
-    if age is not None:
-        steps, age_ptr, age_code = [], age.data_ptr(), _code(age)
-    else:
-        steps = step.tolist() if isinstance(step, torch.Tensor) else [int(step)] * len(params)
-        age_ptr, age_code = 0, 0
+    dense_ptrs, dense_codes = _tables(dense_grads)
+    compact_ptr, compact_code = (0, 0) if compact_grads is None else (compact_grads.data_ptr(), _code(compact_grads))
+    steps, age_ptr, age_code = ([], age.data_ptr(), _code(age)) if age is not None else (step.tolist(), 0, 0)
     _C.sparse_adamw(p_ptrs, p_codes, dense_ptrs, dense_codes, compact_ptr, compact_code,
                     indices.data_ptr(), offsets.data_ptr(), exp_avg.data_ptr(), exp_avg_sq.data_ptr(),
-                    lr, betas[0], betas[1], eps, weight_decay, steps, age_ptr, age_code, maximize,
+                    0 if max_exp_avg_sq is None else max_exp_avg_sq.data_ptr(),
+                    lr, beta1, beta2, eps, weight_decay, steps, age_ptr, age_code, maximize,
                     torch.get_num_threads())
 
 
@@ -91,3 +88,9 @@ def sparse_weight_grad(inputs: Sequence[Tensor], grad_outputs: Sequence[Tensor],
                           [x.shape[1] for x in inputs], [dy.shape[1] for dy in grad_outputs],
                           indices.data_ptr(), offsets.data_ptr(), out.data_ptr(), torch.get_num_threads())
     return out
+
+
+KERNELS = (layer_stats, ratio_topk, sparse_adamw_, sparse_weight_grad)
+if available():
+    for _kernel in KERNELS:
+        register_kernel(_kernel.__name__, "cpu")(_kernel)

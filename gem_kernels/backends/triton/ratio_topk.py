@@ -138,9 +138,8 @@ def _write_kernel(table, block_start, num_segments, excluded, threshold, ties, t
         dest_next += tl.sum(take_i, axis=0)
 
 
-def _excluded_mask(exclude, elem_start: torch.Tensor, total: int, device) -> torch.Tensor:
+def _excluded_mask(ex_idx, ex_off, elem_start: torch.Tensor, total: int, device) -> torch.Tensor:
     """A byte per element of all segments, 1 where excluded (built on the device, no sync)."""
-    ex_idx, ex_off = exclude
     mask = torch.zeros(max(total, 1), dtype=torch.uint8, device=device)
     if ex_idx.numel():
         seg_of = torch.searchsorted(ex_off[1:], torch.arange(ex_idx.numel(), device=device), right=True)
@@ -148,12 +147,12 @@ def _excluded_mask(exclude, elem_start: torch.Tensor, total: int, device) -> tor
     return mask
 
 
-def ratio_topk(grads, weights, k, eps=1e-8, exponent=1.0, exclude=None):
+def ratio_topk(grads, weights, k, per_segment, eps, exponent, exclude_indices, exclude_offsets):
     device = weights[0].device if len(weights) else torch.device("cpu")
     num_segments = len(weights)
-    is_global = isinstance(k, int)
+    is_global = not per_segment
     numels = [w.numel() for w in weights]
-    total_k = k if is_global else sum(k)
+    total_k = sum(k)
     out = new_output((total_k,), torch.int64, device)
     if total_k == 0:
         return out, torch.zeros(num_segments + 1, dtype=torch.int64, device=device)
@@ -166,15 +165,16 @@ def ratio_topk(grads, weights, k, eps=1e-8, exponent=1.0, exclude=None):
     table = int_table([[g.data_ptr(), w.data_ptr(), n, dtype_code(g), dtype_code(w), e]
                        for g, w, n, e in zip(grads, weights, numels, elem_starts)], device)
     block_start = torch.tensor(starts, dtype=torch.int64, device=device)
-    if exclude is not None:
-        excluded = _excluded_mask(exclude, torch.tensor(elem_starts, device=device), elem_starts[-1], device)
+    if exclude_indices is not None:
+        excluded = _excluded_mask(exclude_indices, exclude_offsets, torch.tensor(elem_starts, device=device),
+                                  elem_starts[-1], device)
     else:
         excluded = torch.zeros(1, dtype=torch.uint8, device=device)  # never read
     num_groups = 1 if is_global else num_segments
     prefix = torch.zeros(num_groups, dtype=torch.int64, device=device)
-    need = torch.tensor([k] if is_global else list(k), dtype=torch.int64, device=device)
+    need = torch.tensor(list(k), dtype=torch.int64, device=device)
     hist = torch.zeros(len(SHIFTS), num_groups * 256, dtype=torch.int64, device=device)
-    flags = dict(TILE=TILE, TILES=TILES, HAS_EXPONENT=exponent != 1.0, HAS_EXCLUDE=exclude is not None,
+    flags = dict(TILE=TILE, TILES=TILES, HAS_EXPONENT=exponent != 1.0, HAS_EXCLUDE=exclude_indices is not None,
                  num_warps=NUM_WARPS)
     grid = (num_programs,)
     for i, shift in enumerate(SHIFTS):

@@ -7,7 +7,8 @@ fp32 and compact (one value per selected entry).
 """
 from __future__ import annotations
 
-import torch
+import itertools
+
 import triton
 import triton.language as tl
 
@@ -31,9 +32,10 @@ TABLE_COLS = tl.constexpr(5)  # param address, dense grad address, param dtype c
 
 @triton.jit
 def _sparse_adamw_kernel(table, offsets, num_segments, search_steps, indices, compact_grads, age,
-                         exp_avg, exp_avg_sq, num_selected, lr: tl.float64, beta1: tl.float64,
+                         exp_avg, exp_avg_sq, max_exp_avg_sq, num_selected, lr: tl.float64, beta1: tl.float64,
                          beta2: tl.float64, one_minus_beta1, one_minus_beta2, beta2_f32, eps, decay,
-                         maximize, BLOCK: tl.constexpr, COMPACT: tl.constexpr, USE_AGE: tl.constexpr):
+                         maximize, BLOCK: tl.constexpr, COMPACT: tl.constexpr, USE_AGE: tl.constexpr,
+                         AMSGRAD: tl.constexpr):
     entry = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     active = entry < num_selected
     # Largest seg with offsets[seg] <= entry: the segment that owns this entry.
@@ -73,37 +75,39 @@ def _sparse_adamw_kernel(table, offsets, num_segments, search_steps, indices, co
     m = tl.where(tl.abs(one_minus_beta1) < 0.5, tl.fma(one_minus_beta1, g - m, m),
                  tl.fma(one_minus_beta1 - 1.0, g - m, g))
     v = tl.fma(one_minus_beta2 * g, g, v * beta2_f32)  # mul_(beta2).addcmul_(g, g, 1-beta2), fused
-    denom = tl.math.div_rn(tl.sqrt_rn(v), bc2_sqrt) + eps
+    v_hat = v
+    if AMSGRAD:  # torch.maximum(max_exp_avg_sq, exp_avg_sq): NaN propagates
+        v_hat = tl.maximum(tl.load(max_exp_avg_sq + entry, mask=active, other=0.0), v,
+                           propagate_nan=tl.PropagateNan.ALL)
+        tl.store(max_exp_avg_sq + entry, v_hat, mask=active)
+    denom = tl.math.div_rn(tl.sqrt_rn(v_hat), bc2_sqrt) + eps
     w = w + tl.math.div_rn(-step_size * m, denom)     # addcdiv: (value * m) / denom
     tl.store(exp_avg + entry, m, mask=active)
     tl.store(exp_avg_sq + entry, v, mask=active)
     scatter_f32(p_base, idx, active, p_code, w)
 
 
-def sparse_adamw_(params, grads, indices, offsets, exp_avg, exp_avg_sq, *, lr, betas=(0.9, 0.999),
-                  eps=1e-8, weight_decay=1e-2, step=None, age=None, maximize=False):
+def sparse_adamw_(params, dense_grads, compact_grads, indices, offsets, exp_avg, exp_avg_sq, max_exp_avg_sq,
+                  lr, beta1, beta2, eps, weight_decay, step, age, maximize):
     num_selected = indices.numel()
     if num_selected == 0:
         return
     device = indices.device
-    compact = isinstance(grads, torch.Tensor)
-    step_is_tensor = isinstance(step, torch.Tensor)
+    compact = compact_grads is not None
     rows = []
     for i, p in enumerate(params):
-        g = p if compact else grads[i]  # compact: the dense grad column is never read
-        seg_step = 1 if age is not None or step_is_tensor else int(step)
-        rows.append([p.data_ptr(), g.data_ptr(), dtype_code(p), dtype_code(g), seg_step])
+        g = p if compact else dense_grads[i]  # compact: the dense grad column is never read
+        rows.append([p.data_ptr(), g.data_ptr(), dtype_code(p), dtype_code(g), 1])
     table = int_table(rows, device)
-    if step_is_tensor:
+    if age is None:
         table[:, 4] = step  # a device copy: the step numbers never visit the host
-    beta1, beta2 = betas
     grid = (triton.cdiv(num_selected, BLOCK),)
     _sparse_adamw_kernel[grid](
         table, offsets, len(params), len(params).bit_length(), indices,
-        grads if compact else exp_avg, age if age is not None else indices,
-        exp_avg, exp_avg_sq, num_selected, lr, beta1, beta2, 1 - beta1, 1 - beta2, beta2, eps,
-        1 - lr * weight_decay, int(maximize), BLOCK=BLOCK, COMPACT=compact, USE_AGE=age is not None,
-        **OPTIONS)
+        compact_grads if compact else exp_avg, age if age is not None else indices,
+        exp_avg, exp_avg_sq, max_exp_avg_sq if max_exp_avg_sq is not None else exp_avg_sq, num_selected,
+        lr, beta1, beta2, 1 - beta1, 1 - beta2, beta2, eps, 1 - lr * weight_decay, int(maximize), BLOCK=BLOCK,
+        COMPACT=compact, USE_AGE=age is not None, AMSGRAD=max_exp_avg_sq is not None, **OPTIONS)
 
 
 def compile_configs():
@@ -111,15 +115,14 @@ def compile_configs():
     configs = []
     grad_kinds = [(False, "*fp32")] + [(True, t) for t in ("*fp32", "*bf16", "*fp16")]
     age_kinds = [(False, "*i64"), (True, "*i32"), (True, "*i64")]
-    for compact, grad_type in grad_kinds:
-        for use_age, age_type in age_kinds:
-            signature = {
-                "table": "*i64", "offsets": "*i64", "num_segments": "i32", "search_steps": "i32",
-                "indices": "*i64", "compact_grads": grad_type, "age": age_type, "exp_avg": "*fp32",
-                "exp_avg_sq": "*fp32", "num_selected": "i64", "lr": "fp64", "beta1": "fp64",
-                "beta2": "fp64", "one_minus_beta1": "fp32", "one_minus_beta2": "fp32",
-                "beta2_f32": "fp32", "eps": "fp32", "decay": "fp32", "maximize": "i32",
-                "BLOCK": "constexpr", "COMPACT": "constexpr", "USE_AGE": "constexpr"}
-            configs.append((_sparse_adamw_kernel, signature,
-                            {"BLOCK": BLOCK, "COMPACT": compact, "USE_AGE": use_age}, OPTIONS))
+    for (compact, grad_type), (use_age, age_type), amsgrad in itertools.product(grad_kinds, age_kinds, (False, True)):
+        signature = {
+            "table": "*i64", "offsets": "*i64", "num_segments": "i32", "search_steps": "i32",
+            "indices": "*i64", "compact_grads": grad_type, "age": age_type, "exp_avg": "*fp32",
+            "exp_avg_sq": "*fp32", "max_exp_avg_sq": "*fp32", "num_selected": "i64", "lr": "fp64",
+            "beta1": "fp64", "beta2": "fp64", "one_minus_beta1": "fp32", "one_minus_beta2": "fp32",
+            "beta2_f32": "fp32", "eps": "fp32", "decay": "fp32", "maximize": "i32",
+            "BLOCK": "constexpr", "COMPACT": "constexpr", "USE_AGE": "constexpr", "AMSGRAD": "constexpr"}
+        configs.append((_sparse_adamw_kernel, signature,
+                        {"BLOCK": BLOCK, "COMPACT": compact, "USE_AGE": use_age, "AMSGRAD": amsgrad}, OPTIONS))
     return configs
