@@ -201,18 +201,9 @@ def _num(x, fmt=".3f") -> str:
     return "n/a" if x is None else format(x, fmt)
 
 
-def markdown(report: dict) -> str:
-    env = report.get("environment", {})
-    stages = report.get("stages", {})
-    out = [f"# GPU suite: {env.get('device', 'unknown device')}", "",
-           f"Run {report.get('run')}: torch {env.get('torch')}, CUDA {env.get('cuda')}, triton {env.get('triton')}, "
-           f"transformers {env.get('transformers')}, peft {env.get('peft')}, Python {env.get('python')}, "
-           f"checkout {env.get('commit') or 'unknown'}; {_num(report.get('seconds'), '.0f')} s in all.", "",
-           "| stage | status | seconds | budget s |", "|---|---|---|---|"]
-    for name, s in stages.items():
-        out.append(f"| {name} | {s.get('status', 'no status (the suite was stopped)')} | "
-                   f"{_num(s.get('seconds'), '.1f')} | {_num(s.get('budget_s'), '.0f')} |")
-
+def _cases_section(stages: dict) -> list[str]:
+    """The kernel cases: pass or fail, with each one's summary."""
+    out = []
     cases = [i for i in stages.get("cases", {}).get("items", []) if "ok" in i]
     if cases:
         passed = sum(i["ok"] for i in cases)
@@ -224,6 +215,12 @@ def markdown(report: dict) -> str:
             out.append(f"| {i['item']} | {'pass' if i['ok'] else 'FAIL'} | {_num(i.get('seconds'), '.2f')} | "
                        f"{summary[:300]} |")
 
+    return out
+
+
+def _timings_section(stages: dict) -> list[str]:
+    """The kernels against torch, and against the copy bandwidth."""
+    out = []
     timings = stages.get("kernel_timings", {}).get("items", [])
     if any("triton_ms" in i or "bytes_per_s" in i for i in timings):
         out += ["", "## Kernels against torch (median ms)", ""]
@@ -241,6 +238,12 @@ def markdown(report: dict) -> str:
                        f"{i['torch_ms'] / i['triton_ms']:.2f} | {_num(i.get('ideal_ms'))} | "
                        f"{_num(i.get('fraction_of_ideal'), '.2f')} | {i.get('torch_baseline', '')} |")
 
+    return out
+
+
+def _weight_grad_section(stages: dict) -> list[str]:
+    """sparse_weight_grad against dense dYᵀX + gather."""
+    out = []
     grads = [i for i in stages.get("weight_grad_timings", {}).get("items", []) if "triton_ms" in i]
     if grads:
         out += ["", "## sparse_weight_grad against dense dYᵀX + gather (median ms)", "",
@@ -251,6 +254,12 @@ def markdown(report: dict) -> str:
                        f"{i['triton_ms']:.3f} | {i['dense_ms']:.3f} | {i['dense_ms'] / i['triton_ms']:.2f} | "
                        f"{_num(i.get('ideal_ms'))} |")
 
+    return out
+
+
+def _steps_section(stages: dict) -> list[str]:
+    """The training step, eager and compiled, against LoRA and full fine-tuning."""
+    out = []
     for stage, title in (("step_eager", "eager"), ("step_compiled", "torch.compile")):
         rows = [i for i in stages.get(stage, {}).get("items", []) if "median_step_s" in i]
         errors = [i for i in stages.get(stage, {}).get("items", []) if "error" in i]
@@ -270,6 +279,12 @@ def markdown(report: dict) -> str:
         for e in errors:
             out.append(f"| {e['item']} | error: {str(e['error']).splitlines()[-1][:200]} | | | | | | |")
 
+    return out
+
+
+def _finetune_section(stages: dict) -> list[str]:
+    """The short gem-finetune run."""
+    out = []
     runs = [i for i in stages.get("finetune", {}).get("items", []) if i.get("item") == "run"]
     if runs:
         out += ["", "## gem-finetune on SST-2, one epoch, CUDA", "",
@@ -280,8 +295,23 @@ def markdown(report: dict) -> str:
             out.append(f"| {r.get('method')} | {r.get('seed')} | {_num(None if acc is None else 100 * acc, '.1f')} | "
                        f"{_ms(r.get('median_step_seconds'))} | {_num(r.get('peak_memory_mib'), '.0f')} | "
                        f"{_num(r.get('wall_seconds'), '.1f')} |")
-    return "\n".join(out) + "\n"
+    return out
 
+def markdown(report: dict) -> str:
+    env = report.get("environment", {})
+    stages = report.get("stages", {})
+    out = [f"# GPU suite: {env.get('device', 'unknown device')}", "",
+           f"Run {report.get('run')}: torch {env.get('torch')}, CUDA {env.get('cuda')}, triton {env.get('triton')}, "
+           f"transformers {env.get('transformers')}, peft {env.get('peft')}, Python {env.get('python')}, "
+           f"checkout {env.get('commit') or 'unknown'}; {_num(report.get('seconds'), '.0f')} s in all.", "",
+           "| stage | status | seconds | budget s |", "|---|---|---|---|"]
+    for name, s in stages.items():
+        out.append(f"| {name} | {s.get('status', 'no status (the suite was stopped)')} | "
+                   f"{_num(s.get('seconds'), '.1f')} | {_num(s.get('budget_s'), '.0f')} |")
+
+    for section in (_cases_section, _timings_section, _weight_grad_section, _steps_section, _finetune_section):
+        out += section(stages)
+    return "\n".join(out) + "\n"
 
 # ---------------------------------------------------------------------------------------
 # Running a stage in its own process, time-boxed

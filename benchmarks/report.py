@@ -198,39 +198,50 @@ def find(rows, *, op, device, case, density, role, impl, variant=None):
     return None
 
 
-def targets(rows, copy_bw, device) -> list[str]:
-    """The stated targets at the medium size, density 1e-3, and whether each is met."""
+class _Targets:
+    """Measurements of one device's rows at the medium size, density 1e-3, checked against targets:
+    each method returns ``(status, measured value or None)``."""
     case, density = "medium", 1e-3
-    ours_impl = {"cpu": "cpu", "cuda": "triton"}[device]
 
-    def get(op, role, impl, variant=None):
-        return find(rows, op=op, device=device, case=case, density=density, role=role, impl=impl,
-                    variant=variant)
+    def __init__(self, rows, copy_bw, device):
+        self.rows, self.copy_bw, self.device = rows, copy_bw, device
+        self.ours_impl = {"cpu": "cpu", "cuda": "triton"}[device]
 
-    def speedup(op, baseline, at_least, variant=None):
-        o, b = get(op, "ours", ours_impl, variant), get(op, "baseline", baseline, variant)
+    def get(self, op, role, impl, variant=None):
+        return find(self.rows, op=op, device=self.device, case=self.case, density=self.density, role=role,
+                    impl=impl, variant=variant)
+
+    def speedup(self, op, baseline, at_least, variant=None):
+        o, b = self.get(op, "ours", self.ours_impl, variant), self.get(op, "baseline", baseline, variant)
         if not (o and b):
             return "not measured", None
         ratio = b["median"] / o["median"]
         return ("met" if ratio >= at_least else "MISSED"), f"{ratio:.1f}x"
 
-    def bandwidth(op, at_least_pct, per_pass=False):
-        o = get(op, "ours", ours_impl)
+    def bandwidth(self, op, at_least_pct, per_pass=False):
+        o = self.get(op, "ours", self.ours_impl)
         if not o:
             return "not measured", None
-        share = 100 * o["bytes"] / o["median"] / copy_bw
+        share = 100 * o["bytes"] / o["median"] / self.copy_bw
         if per_pass:
             if not o.get("passes"):
                 return "unknown", f"{share:.0f} % of the 1-pass floor; the backend states no pass count"
             share *= o["passes"]
         return ("met" if share >= at_least_pct else "MISSED"), f"{share:.0f} % of copy BW"
 
-    def floor_ratio(op, at_most, variant=None):
-        o = get(op, "ours", ours_impl, variant)
+    def floor_ratio(self, op, at_most, variant=None):
+        o = self.get(op, "ours", self.ours_impl, variant)
         if not o:
             return "not measured", None
-        ratio = o["median"] / (o["bytes"] / copy_bw)
+        ratio = o["median"] / (o["bytes"] / self.copy_bw)
         return ("met" if ratio <= at_most else "MISSED"), f"{ratio:.1f}x its byte floor"
+
+
+def targets(rows, copy_bw, device) -> list[str]:
+    """The stated targets at the medium size, density 1e-3, and whether each is met."""
+    t = _Targets(rows, copy_bw, device)
+    case, density, ours_impl = t.case, t.density, t.ours_impl
+    speedup, bandwidth, floor_ratio = t.speedup, t.bandwidth, t.floor_ratio
 
     if device == "cpu":
         checks = []

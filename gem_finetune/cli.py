@@ -282,6 +282,24 @@ def _model_sha256(model_dir: Path) -> str:
     return digest.hexdigest()
 
 
+def _budgets(model_dir: Path, num_labels: int, methods: list, fractions: list) -> tuple[int, dict, dict]:
+    """The model's parameter count, each budget fraction's entry count and each sparse method's
+    target weights' count; each budget checked to fit in the weights its method trains."""
+    probe = load_model(model_dir, num_labels, 0)
+    total_params = sum(p.numel() for p in probe.parameters())
+    sizes = dict(probe.named_parameters())
+    target_params = {m: sum(sizes[n].numel() for n in target_weight_names(probe, m))
+                     for m in methods if m in SPARSE_METHODS}
+    budgets = {f: int(f * total_params) for f in fractions}
+    for method, target in target_params.items():
+        where = "linear-layer" if method in ALL_LINEAR_METHODS else "query/value"
+        for fraction, budget in budgets.items():
+            if not 0 < budget <= target:
+                raise TaskDataError(f"--budget-fraction {fraction:g} gives {method} a budget of {budget} entries; "
+                                    f"the {where} weights it trains hold {target}")
+    return total_params, budgets, target_params
+
+
 def _run(args, lr_plan: dict[str, list[float]], device: torch.device, argv: list[str]) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     task = read_task(args.task_dir, args.text_columns, args.label_column)
@@ -308,19 +326,8 @@ def _run(args, lr_plan: dict[str, list[float]], device: torch.device, argv: list
                 "lower one of them")
     dev_split = take(task.dev, args.eval_examples, args.data_seed)
 
-    probe = load_model(model_dir, len(task.label_names), 0)
-    total_params = sum(p.numel() for p in probe.parameters())
-    sizes = dict(probe.named_parameters())
-    target_params = {m: sum(sizes[n].numel() for n in target_weight_names(probe, m))
-                     for m in args.method if m in SPARSE_METHODS}
-    del probe, sizes
-    budgets = {f: int(f * total_params) for f in args.budget_fraction}
-    for method, target in target_params.items():
-        where = "linear-layer" if method in ALL_LINEAR_METHODS else "query/value"
-        for fraction, budget in budgets.items():
-            if not 0 < budget <= target:
-                raise TaskDataError(f"--budget-fraction {fraction:g} gives {method} a budget of {budget} entries; "
-                                    f"the {where} weights it trains hold {target}")
+    total_params, budgets, target_params = _budgets(model_dir, len(task.label_names), args.method,
+                                                    args.budget_fraction)
 
     # What the numbers of a run depend on: a results file written with other values is refused.
     settings = {"task": task.name, "task_files_sha256": task.sha256, "text_columns": list(task.text_columns),

@@ -186,18 +186,7 @@ def _replace(model: torch.nn.Module, name: str, new: torch.nn.Module) -> None:
     setattr(model.get_submodule(parent_name), child, new)
 
 
-def sparsify_(model: torch.nn.Module, optimizer) -> list:
-    """Turns every ``nn.Linear`` of ``model`` whose weight has entries selected by ``optimizer``
-    (a ``SparseAdamW`` past its selection) into a ``SparseDeltaLinear`` over the same weight and
-    bias tensors, and hands the optimizer each layer's ``values`` in place of its weight, with
-    the moments and step count it had (``SparseAdamW.replace_trained_params``). Returns the
-    converted modules' names.
-
-    Other sparse params (embeddings, transformers' ``Conv1D``, weights with no entry) stay as
-    they are and keep training on the drop-in path. Raises, changing nothing, for an optimizer
-    that has not selected, ID3 (its unmasking adds entries every step: it stays on the drop-in
-    path), FSDP2 params, a weight shared by several modules, or no Linear to convert.
-    """
+def _check_sparsify_args(model, optimizer) -> None:
     from .optim import SparseAdamW
 
     if not isinstance(model, torch.nn.Module):
@@ -211,27 +200,49 @@ def sparsify_(model: torch.nn.Module, optimizer) -> list:
     if optimizer.phase != "training":
         raise ValueError(f"sparsify_ needs the optimizer's selection; its phase is {optimizer.phase!r} "
                          "(run opt.calibrate(...) or its calibration steps first)")
-    entries = {p: found for p, found in optimizer.selected_entries().items() if found[0].numel()}
-    if any(type(p) not in (Tensor, torch.nn.Parameter) for p in entries):
-        raise TypeError("sparsify_ does not take FSDP2 (DTensor) params: their modules compute on "
-                        "unsharded copies; train them with SparseAdamW alone")
+
+
+def _selected_linears(model, entries: dict) -> list:
+    """``[(name, module)]`` of the plain ``nn.Linear`` submodules whose weight has selected entries;
+    raises for such a weight used by several modules, or for the model itself."""
     users = {}
     for name, module in model.named_modules():
         weight = getattr(module, "weight", None)
         if isinstance(weight, Tensor) and weight in entries:
             users.setdefault(weight, []).append((name, module))
-    layers = {}
-    for weight, found in users.items():
-        names = [name or "<the model itself>" for name, _ in found]
-        if len(found) > 1:
-            raise ValueError(f"the weight of {names} is shared by {len(found)} modules; sparsify_ "
+    found = []
+    for held_by in users.values():
+        names = [name or "<the model itself>" for name, _ in held_by]
+        if len(held_by) > 1:
+            raise ValueError(f"the weight of {names} is shared by {len(held_by)} modules; sparsify_ "
                              "converts a weight used by one module only")
-        name, module = found[0]
+        name, module = held_by[0]
+        if _plain_linear(module) and not name:
+            raise ValueError("model itself is the Linear to convert; sparsify_ replaces submodules "
+                             "(wrap it, e.g. in nn.Sequential)")
         if _plain_linear(module):
-            if not name:
-                raise ValueError("model itself is the Linear to convert; sparsify_ replaces submodules "
-                                 "(wrap it, e.g. in nn.Sequential)")
-            layers[name] = (module, *entries[weight])
+            found.append((name, module))
+    return found
+
+
+def sparsify_(model: torch.nn.Module, optimizer) -> list:
+    """Turns every ``nn.Linear`` of ``model`` whose weight has entries selected by ``optimizer``
+    (a ``SparseAdamW`` past its selection) into a ``SparseDeltaLinear`` over the same weight and
+    bias tensors, and hands the optimizer each layer's ``values`` in place of its weight, with
+    the moments and step count it had (``SparseAdamW.replace_trained_params``). Returns the
+    converted modules' names.
+
+    Other sparse params (embeddings, transformers' ``Conv1D``, weights with no entry) stay as
+    they are and keep training on the drop-in path. Raises, changing nothing, for an optimizer
+    that has not selected, ID3 (its unmasking adds entries every step: it stays on the drop-in
+    path), FSDP2 params, a weight shared by several modules, or no Linear to convert.
+    """
+    _check_sparsify_args(model, optimizer)
+    entries = {p: found for p, found in optimizer.selected_entries().items() if found[0].numel()}
+    if any(type(p) not in (Tensor, torch.nn.Parameter) for p in entries):
+        raise TypeError("sparsify_ does not take FSDP2 (DTensor) params: their modules compute on "
+                        "unsharded copies; train them with SparseAdamW alone")
+    layers = {name: (module, *entries[module.weight]) for name, module in _selected_linears(model, entries)}
     if not layers:
         raise ValueError("no nn.Linear of model has a weight with entries selected by optimizer; "
                          "pass the model the optimizer trains")

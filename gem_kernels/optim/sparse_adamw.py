@@ -61,6 +61,20 @@ Tensor = torch.Tensor
 DEFAULT_CALIBRATION_STEPS = 8
 
 
+def _calibration_steps(steps, selector) -> int:
+    """The number of calibration steps: ``steps``, checked, or the selector's default."""
+    incremental = isinstance(selector, IncrementalSelector)
+    if steps is None:
+        return DEFAULT_CALIBRATION_STEPS if not incremental and selector.needs_gradients else 0
+    if isinstance(steps, bool) or not isinstance(steps, int):
+        raise TypeError(f"calibration_steps must be an int, got {type(steps).__name__}")
+    if steps < 0:
+        raise ValueError(f"calibration_steps must be >= 0, got {steps}")
+    if incremental and steps:
+        raise ValueError("ID3 has no calibration: leave calibration_steps unset (or 0)")
+    return steps
+
+
 class SparseAdamW(torch.optim.Optimizer):
     """AdamW on a selected ~0.1% of the entries of the sparse groups; see the module doc."""
 
@@ -80,14 +94,7 @@ class SparseAdamW(torch.optim.Optimizer):
                             f"GradMagnitude, Random), got {type(selector).__name__}")
         check_budget_args(density, budget)
         incremental = isinstance(selector, IncrementalSelector)
-        if calibration_steps is None:
-            calibration_steps = DEFAULT_CALIBRATION_STEPS if not incremental and selector.needs_gradients else 0
-        if isinstance(calibration_steps, bool) or not isinstance(calibration_steps, int):
-            raise TypeError(f"calibration_steps must be an int, got {type(calibration_steps).__name__}")
-        if calibration_steps < 0:
-            raise ValueError(f"calibration_steps must be >= 0, got {calibration_steps}")
-        if incremental and calibration_steps:
-            raise ValueError("ID3 has no calibration: leave calibration_steps unset (or 0)")
+        calibration_steps = _calibration_steps(calibration_steps, selector)
 
         self._selector = selector
         self._budget_args = (density, budget)
