@@ -260,46 +260,65 @@ def load_delta(path) -> dict:
 def _load(path):
     blob = _check_path(path).read_bytes()
     metadata = _read_metadata(blob, path)
+    _check_format(metadata, path)
+    tensors = _read_payload(blob, metadata, path)
+    table = _read_table(metadata, path)
+    _check_keys(tensors, table, path)
+    entries = {name: _read_entry(name, info, tensors) for name, info in table.items()}
+    return entries, metadata
+
+
+def _check_format(metadata: dict, path) -> None:
+    """The file is a gem_kernels delta, of the format version this code reads."""
     if metadata.get("format") != FORMAT:
         raise ValueError(f"{path} is not a gem_kernels delta (format {metadata.get('format')!r})")
     if metadata.get("format_version") != FORMAT_VERSION:
         raise ValueError(f"delta file {path} has format_version {metadata.get('format_version')!r}; "
                          f"this gem_kernels reads {FORMAT_VERSION!r}")
+
+
+def _read_payload(blob: bytes, metadata: dict, path) -> dict:
+    """The file's tensors, once they match the checksum its metadata records."""
     try:
         tensors = _safetensors_load(blob)
     except SafetensorError as error:
         raise ValueError(f"delta file {path} is truncated or corrupt ({error})") from None
     if metadata.get("payload_sha256") != _payload_sha256(tensors, metadata):
         raise ValueError(f"delta file {path} fails its checksum: the file was modified or damaged")
-    table = _read_table(metadata, path)
+    return tensors
+
+
+def _check_keys(tensors: dict, table: dict, path) -> None:
+    """The file holds exactly the three tensors of each table entry."""
     expected_keys = {f"{name}{_KEY_SEP}{part}" for name in table for part in _PARTS}
     if set(tensors) != expected_keys:
         extra, missing = sorted(set(tensors) - expected_keys), sorted(expected_keys - set(tensors))
         raise ValueError(f"delta file {path} tensors do not match its table: extra {extra[:3]}, "
                          f"missing {missing[:3]}")
-    entries = {}
-    for name, info in table.items():
-        indices, new, original = (tensors[f"{name}{_KEY_SEP}{part}"] for part in _PARTS)
-        dtype = SUPPORTED_DTYPES[info["dtype"]]
-        numel = math.prod(info["shape"])
-        if indices.dtype != torch.int64 or indices.dim() != 1:
-            raise ValueError(f"delta tensor {name!r}: indices must be 1-D int64, got "
-                             f"{_dtype_name(indices.dtype)}{tuple(indices.shape)}")
-        for part, values in (("new", new), ("original", original)):
-            if values.dtype != dtype or values.shape != indices.shape:
-                raise ValueError(f"delta tensor {name!r}: {part} values are "
-                                 f"{_dtype_name(values.dtype)}{tuple(values.shape)}, expected "
-                                 f"{info['dtype']}{tuple(indices.shape)}")
-        if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= numel):
-            raise ValueError(f"delta tensor {name!r}: indices out of range [0, {numel}) "
-                             f"(min {int(indices.min())}, max {int(indices.max())})")
-        if indices.numel() > 1 and not bool((indices[1:] > indices[:-1]).all()):
-            raise ValueError(f"delta tensor {name!r}: indices are not strictly ascending")
-        if info["base_sha256"] != _sha256(original):
-            raise ValueError(f"delta tensor {name!r}: original values do not match base_sha256")
-        entries[name] = dict(info, shape=tuple(info["shape"]), dtype=dtype, indices=indices,
-                             new=new, original=original)
-    return entries, metadata
+
+
+def _read_entry(name: str, info: dict, tensors: dict) -> dict:
+    """One tensor's entry, checked: dtypes and lengths, the index range and order, the checksum
+    of the original values."""
+    indices, new, original = (tensors[f"{name}{_KEY_SEP}{part}"] for part in _PARTS)
+    dtype = SUPPORTED_DTYPES[info["dtype"]]
+    numel = math.prod(info["shape"])
+    if indices.dtype != torch.int64 or indices.dim() != 1:
+        raise ValueError(f"delta tensor {name!r}: indices must be 1-D int64, got "
+                         f"{_dtype_name(indices.dtype)}{tuple(indices.shape)}")
+    for part, values in (("new", new), ("original", original)):
+        if values.dtype != dtype or values.shape != indices.shape:
+            raise ValueError(f"delta tensor {name!r}: {part} values are "
+                             f"{_dtype_name(values.dtype)}{tuple(values.shape)}, expected "
+                             f"{info['dtype']}{tuple(indices.shape)}")
+    if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= numel):
+        raise ValueError(f"delta tensor {name!r}: indices out of range [0, {numel}) "
+                         f"(min {int(indices.min())}, max {int(indices.max())})")
+    if indices.numel() > 1 and not bool((indices[1:] > indices[:-1]).all()):
+        raise ValueError(f"delta tensor {name!r}: indices are not strictly ascending")
+    if info["base_sha256"] != _sha256(original):
+        raise ValueError(f"delta tensor {name!r}: original values do not match base_sha256")
+    return dict(info, shape=tuple(info["shape"]), dtype=dtype, indices=indices, new=new, original=original)
 
 
 def _check_against_model(model, path, expect: str):

@@ -1,5 +1,9 @@
 """The selection over sharded (FSDP2-style, ``Shard(0)``) tensors: the single-process answer
-on the full tensors, cut to each rank's shard (see the package doc and docs/distributed.md)."""
+on the full tensors, cut to each rank's shard (docs/distributed.md, "How it works").
+
+It sits with ``selection`` (``ShardedOps`` is the sharded counterpart of ``selection.LocalOps``),
+below ``optim``, whose FSDP2 path (``optim/fsdp.py``) selects through it;
+``gem_kernels.distributed`` re-exports its public names."""
 from __future__ import annotations
 
 from typing import Sequence
@@ -7,9 +11,9 @@ from typing import Sequence
 import torch
 import torch.distributed as dist
 
-from .. import ops
-from ..reference import ratio_score
-from ..selection import IncrementalSelector, Selection
+from . import ops
+from .reference import ratio_score
+from .selection import IncrementalSelector, Selection
 
 Tensor = torch.Tensor
 

@@ -28,10 +28,11 @@ Sharded selection (FSDP2)
 versions of ``layer_stats``, ``ratio_topk`` and a selector's choice when each rank holds one
 row-block (``Shard(0)``) of every tensor: their answer is the single-process answer on the full
 tensors, cut to each rank's shard. ``SparseAdamW`` uses them for FSDP2 (``fully_shard``) params
-(``gem_kernels/optim/fsdp.py``, ``docs/distributed.md``).
+(``gem_kernels/optim/fsdp.py``, ``docs/distributed.md``). They live in ``gem_kernels/sharded.py``,
+below the optimizer (which imports nothing from this package), and are re-exported here.
 """
+from ..sharded import ShardedOps, local_shards, shard_offsets, sharded_layer_stats, sharded_ratio_topk, sharded_select
 from .ddp import CommStats, SelectedAllReduce, attach
-from .sharded import ShardedOps, local_shards, shard_offsets, sharded_layer_stats, sharded_ratio_topk, sharded_select
 
 __all__ = ["attach", "CommStats", "SelectedAllReduce", "sharded_layer_stats", "sharded_ratio_topk",
            "sharded_select", "shard_offsets", "local_shards", "ShardedOps"]

@@ -2,6 +2,7 @@
 package doc and docs/distributed.md)."""
 from __future__ import annotations
 
+import functools
 import weakref
 from dataclasses import dataclass, field
 from typing import Optional
@@ -96,46 +97,41 @@ class SelectedAllReduce:
                             "nn.Embedding(sparse=True)?); the SparseAdamW comm hook reduces dense "
                             "buckets only")
         phase = self._phase()
-        plan = None
         if phase == "training":
-            if self._sparse is None or bucket.index() == 0:  # DDP launches bucket 0 first
-                opt = self.optimizer
-                if not self._verified:
-                    self._verify_selection(opt)
-                    self._verified = True
-                self._sparse = {id(p) for _, p in opt.sparse_params()}
+            self._refresh_sparse(bucket)
             plan = self._plan(bucket)
             payload = torch.cat([flat if idx is None else flat[idx] for flat, idx in plan])
         else:
             self._verified = False  # a selection that starts later is checked again
-            payload = buffer
+            plan, payload = None, buffer
         last = bucket.is_last()
         if last:
             self._sparse = None
         self.stats._add(payload.numel() * payload.element_size(),
                         buffer.numel() * buffer.element_size(), phase, last)
         payload.div_(self.world_size)  # before the sum, as DDP's allreduce_hook (fp16 range)
+        future = self._all_reduce(payload)
+        if plan is None:
+            return future.then(lambda fut: fut.value()[0])
+        return future.then(functools.partial(_scatter, plan, buffer))
+
+    def _refresh_sparse(self, bucket) -> None:
+        """At the first bucket of a backward: the ids of the optimizer's sparse params, whose
+        selection is checked once, when training starts, to be the same on every rank."""
+        if self._sparse is None or bucket.index() == 0:  # DDP launches bucket 0 first
+            opt = self.optimizer
+            if not self._verified:
+                self._verify_selection(opt)
+                self._verified = True
+            self._sparse = {id(p) for _, p in opt.sparse_params()}
+
+    def _all_reduce(self, payload: Tensor) -> torch.futures.Future:
+        """The asynchronous sum of ``payload`` over the ranks (in place), as a future of ``[payload]``."""
         if payload.numel() == 0:  # only sparse params with no entry: nothing to send
             future = torch.futures.Future()
             future.set_result([payload])
-        else:
-            future = dist.all_reduce(payload, group=self.process_group, async_op=True).get_future()
-        if plan is None:
-            return future.then(lambda fut: fut.value()[0])
-
-        def scatter(fut):
-            reduced = fut.value()[0]
-            start = 0
-            for flat, idx in plan:
-                if idx is None:
-                    flat.copy_(reduced[start:start + flat.numel()])
-                    start += flat.numel()
-                else:
-                    flat.zero_()
-                    flat.index_copy_(0, idx, reduced[start:start + idx.numel()])
-                    start += idx.numel()
-            return buffer
-        return future.then(scatter)
+            return future
+        return dist.all_reduce(payload, group=self.process_group, async_op=True).get_future()
 
     def _plan(self, bucket) -> list:
         """``[(flat gradient view in the bucket, selected indices or None for all)]``."""
@@ -168,6 +164,22 @@ class SelectedAllReduce:
                     "or the same counts at other places). The selection must see the same averaged "
                     "gradients on every rank: call attach() before the first backward and, with "
                     "opt.calibrate(), pass it the DDP model, not the module inside it")
+
+
+def _scatter(plan: list, buffer: Tensor, fut) -> Tensor:
+    """Writes the reduced values back into the bucket ``buffer`` by ``plan`` (see ``_plan``): whole
+    gradients as they are, a sparse param's selected entries at their indices and 0 elsewhere."""
+    reduced = fut.value()[0]
+    start = 0
+    for flat, idx in plan:
+        if idx is None:
+            flat.copy_(reduced[start:start + flat.numel()])
+            start += flat.numel()
+        else:
+            flat.zero_()
+            flat.index_copy_(0, idx, reduced[start:start + idx.numel()])
+            start += idx.numel()
+    return buffer
 
 
 # DDP model -> the state of the comm hook attach() registered on it (weak: a collected model frees it)

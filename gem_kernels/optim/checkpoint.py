@@ -38,6 +38,19 @@ def meta(selection: SelectionState, config: dict, param_groups: list, shard) -> 
 
 
 def _check_meta(entry, saved_groups, *, config, shard, param_groups, describe) -> SelectionState:
+    _check_entry(entry, config, shard)
+    selection = SelectionState.from_dict(entry)
+    if len(param_groups) != len(saved_groups):
+        raise ValueError(f"the checkpoint has {len(saved_groups)} param groups, this optimizer "
+                         f"has {len(param_groups)}")
+    for gi, (group, saved) in enumerate(zip(param_groups, saved_groups)):
+        _check_group(gi, group, saved, entry["shapes"], describe)
+    return selection
+
+
+def _check_entry(entry, config: dict, shard) -> None:
+    """The ``sparse_adamw`` entry has every key, and was written by an optimizer of this
+    configuration on this FSDP2 shard (or none)."""
     if not isinstance(entry, dict) or any(key not in entry for key in _META_KEYS):
         missing = [k for k in _META_KEYS if not isinstance(entry, dict) or k not in entry]
         raise bad_checkpoint(f"its 'sparse_adamw' entry lacks {missing}")
@@ -47,28 +60,26 @@ def _check_meta(entry, saved_groups, *, config, shard, param_groups, describe) -
         raise ValueError(f"the checkpoint holds the optimizer state of FSDP2 shard {entry.get('shard')}, "
                          f"this optimizer's is {shard}: under FSDP2 each rank loads the "
                          "state_dict() it saved itself, on the same world size")
-    selection = SelectionState.from_dict(entry)
-    if len(param_groups) != len(saved_groups):
-        raise ValueError(f"the checkpoint has {len(saved_groups)} param groups, this optimizer "
-                         f"has {len(param_groups)}")
-    shapes = entry["shapes"]
-    for gi, (group, saved) in enumerate(zip(param_groups, saved_groups)):
-        if len(group["params"]) != len(saved["params"]) or len(shapes[gi]) != len(group["params"]):
-            raise ValueError(f"param group {gi} has {len(group['params'])} params, the "
-                             f"checkpoint's has {len(saved['params'])}")
-        if bool(saved.get("sparse")) != group["sparse"]:
-            raise ValueError(f"param group {gi} is sparse={group['sparse']} here but "
-                             f"sparse={saved.get('sparse')} in the checkpoint")
-        for i, (p, shape) in enumerate(zip(group["params"], shapes[gi])):
-            if tuple(p.shape) != tuple(shape):
-                raise ValueError(f"{describe(gi, i)} does not match the checkpoint's shape "
-                                 f"{tuple(shape)}: the checkpoint is from another model")
-        try:
-            ops.check_adamw_hyper(saved.get("lr"), saved.get("betas"), saved.get("eps"),
-                                  saved.get("weight_decay"))
-        except ValueError as error:
-            raise bad_checkpoint(f"param group {gi}: {error}") from None
-    return selection
+
+
+def _check_group(gi: int, group: dict, saved: dict, shapes: list, describe) -> None:
+    """Param group ``gi`` matches the checkpoint's ``saved`` group: its params (count, shapes
+    as recorded in ``shapes[gi]``), sparse flag and hyper-parameters."""
+    if len(group["params"]) != len(saved["params"]) or len(shapes[gi]) != len(group["params"]):
+        raise ValueError(f"param group {gi} has {len(group['params'])} params, the "
+                         f"checkpoint's has {len(saved['params'])}")
+    if bool(saved.get("sparse")) != group["sparse"]:
+        raise ValueError(f"param group {gi} is sparse={group['sparse']} here but "
+                         f"sparse={saved.get('sparse')} in the checkpoint")
+    for i, (p, shape) in enumerate(zip(group["params"], shapes[gi])):
+        if tuple(p.shape) != tuple(shape):
+            raise ValueError(f"{describe(gi, i)} does not match the checkpoint's shape "
+                             f"{tuple(shape)}: the checkpoint is from another model")
+    try:
+        ops.check_adamw_hyper(saved.get("lr"), saved.get("betas"), saved.get("eps"),
+                              saved.get("weight_decay"))
+    except ValueError as error:
+        raise bad_checkpoint(f"param group {gi}: {error}") from None
 
 
 def _check_step(where: str, step) -> None:

@@ -9,7 +9,7 @@ DTensor whose local block is the averaged gradient of the rank's rows. So:
 * the kernels only ever see ``local(p)`` and ``local(p.grad)``, plain tensors (DTensors are
   still refused by every op: their ``data_ptr()`` is not their data);
 * the selection is the single-process one on the full tensors, cut to each rank's rows
-  (``gem_kernels.distributed.sharded_select``: the layer statistics all-reduced, the budget
+  (``gem_kernels.sharded``, as ``sharded_select``: the layer statistics all-reduced, the budget
   counted over the full tensors, an exact global top-k); each rank keeps local indices and
   O(k_rank) state;
 * collectives where one rank's view is not enough: the finite-gradient check (all ranks raise
@@ -24,9 +24,9 @@ import sys
 import torch
 import torch.distributed as dist
 
-from ..distributed.sharded import ShardedOps, shard_offsets
 from ..library import check_strided
 from ..selection import LOCAL
+from ..sharded import ShardedOps, shard_offsets
 
 try:
     from torch.distributed.tensor import DTensor, Shard
