@@ -79,14 +79,16 @@ def _check_path(path) -> Path:
     return Path(path)
 
 
-def _named_parameters(model) -> dict:
+def _named_parameters(model, layer_bases=()) -> dict:
+    """The model's params by name, refusing tensor subclasses, except the ``layer_bases`` (ids of the
+    4-bit bases of SparseDeltaLinear layers, whose entries are read through the layer)."""
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     params = dict(model.named_parameters())
     for name, p in params.items():
         # A sharded (FSDP2/DTensor) param holds only its rank's rows: flat indices of the full
         # tensor would address the wrong entries.
-        if type(p) not in (torch.Tensor, torch.nn.Parameter):
+        if type(p) not in (torch.Tensor, torch.nn.Parameter) and id(p) not in layer_bases:
             raise TypeError(f"parameter {name!r} is a {type(p).__name__}; deltas read and write whole "
                             "tensors (for FSDP2, gather the full model state dict into a plain model first)")
     return params
@@ -119,12 +121,12 @@ def selected_rows(model, optimizer=None):
     """
     from .nn import delta_values, trained_entries
 
-    params = _named_parameters(model)
+    found = trained_entries(model)
+    params = _named_parameters(model, layer_bases={id(weight) for weight in found})
     if optimizer is not None and not hasattr(optimizer, "selected_entries"):
         raise TypeError(f"optimizer must be a SparseAdamW (with selected_entries()), got "
                         f"{type(optimizer).__name__}")
     layer_values = delta_values(model)
-    found = trained_entries(model)
     selected = optimizer.selected_entries() if optimizer is not None else {}
     name_of = {id(p): name for name, p in params.items()}
     unknown = [tuple(p.shape) for p in selected if id(p) not in name_of]
@@ -324,7 +326,13 @@ def _read_entry(name: str, info: dict, tensors: dict) -> dict:
 def _check_against_model(model, path, expect: str):
     """Validates the whole delta against ``model`` and returns the (param, indices, values to
     write) list; ``expect`` is "original" (apply) or "new" (remove). Writes nothing."""
+    from .nn import SparseDeltaLinear
+
     params = _named_parameters(model)
+    layers = [name for name, m in model.named_modules() if isinstance(m, SparseDeltaLinear)]
+    if layers:  # a write into a layer's base would add to its trained values, not replace them
+        raise ValueError(f"model has SparseDeltaLinear layers ({layers[:3]}); a delta applies to a model of "
+                         "plain modules: gem_kernels.merge_(model) first, or apply it to the base model")
     entries, _ = _load(path)
     writes = []
     for name, entry in entries.items():

@@ -46,9 +46,26 @@ Tensor = torch.Tensor
 
 
 def effective_weight(weight: Tensor, values: Tensor, original: Tensor, indices: Tensor) -> Tensor:
-    """The dense weight a ``SparseDeltaLinear`` computes with (a new tensor; see the module doc)."""
+    """The dense weight a ``SparseDeltaLinear`` computes with (a new tensor; see the module doc).
+    A 4-bit base is dequantized first (one layer's copy), and its selected entries are the values
+    themselves: ``original`` holds the full-precision values there, which the base no longer does."""
+    if is_nf4(weight):
+        flat = weight.get_original_weight().reshape(-1)
+        return flat.index_put_((indices,), values.to(flat.dtype)).view(weight.shape)
     flat = weight.reshape(-1)
     return flat.index_put((indices,), values + (flat[indices] - original)).view_as(weight)
+
+
+def is_nf4(weight) -> bool:
+    """Whether ``weight`` is torchao's ``NF4Tensor`` (found by name: torchao is imported only when a
+    user asks for a 4-bit base)."""
+    return type(weight).__name__ == "NF4Tensor" and type(weight).__module__.startswith("torchao.")
+
+
+def quantized_by(weight):
+    """The library a weight was quantized by ("torchao", "bitsandbytes"), or None for a plain tensor."""
+    module = type(weight).__module__.split(".")[0]
+    return module if module in ("torchao", "bitsandbytes") else None
 
 
 class SparseDeltaLinearFunction(torch.autograd.Function):
@@ -64,7 +81,8 @@ class SparseDeltaLinearFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(input, weight, values, original, indices, bias):
-        return F.linear(input, effective_weight(weight, values, original, indices), bias)
+        # .to: a 4-bit base dequantizes to the dtype it was quantized from, which autocast may not use.
+        return F.linear(input, effective_weight(weight, values, original, indices).to(input.dtype), bias)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -79,7 +97,7 @@ class SparseDeltaLinearFunction(torch.autograd.Function):
         x = input.reshape(-1, weight.shape[1]).contiguous()
         grad_input = grad_weight = grad_values = grad_bias = None
         if ctx.needs_input_grad[0]:
-            grad_input = (dy @ effective_weight(weight, values, original, indices)).reshape(input.shape)
+            grad_input = (dy @ effective_weight(weight, values, original, indices).to(dy.dtype)).reshape(input.shape)
         if ctx.needs_input_grad[1]:  # the base was unfrozen: its dense gradient, as nn.Linear's
             grad_weight = dy.t() @ x
         if ctx.needs_input_grad[2]:
@@ -89,6 +107,34 @@ class SparseDeltaLinearFunction(torch.autograd.Function):
         if ctx.needs_input_grad[5]:
             grad_bias = dy.sum(0)
         return grad_input, grad_weight, grad_values, None, None, grad_bias
+
+
+# ---------------------------------------------------------------------------------------
+# A 4-bit base
+
+NF4_BLOCK_SIZE = 64          # entries per absmax block, as QLoRA's
+NF4_SCALER_BLOCK_SIZE = 256  # absmax values per block of their own 8-bit quantization (double quantization)
+NF4_DTYPES = (torch.float32, torch.bfloat16)
+
+
+def check_nf4_base(where: str, weight) -> None:
+    """Raises naming ``where`` unless ``weight`` can be stored as an NF4 base: torchao installed, a
+    plain float32 or bfloat16 tensor not quantized already, whose size the blocks divide."""
+    quantizer = quantized_by(weight)
+    if quantizer is not None:
+        raise ValueError(f"{where}: its weight is already quantized by {quantizer} ({type(weight).__name__}); "
+                         "quantize_base takes a model in float32 or bfloat16")
+    if weight.dtype not in NF4_DTYPES:
+        raise ValueError(f"{where}: its weight is {weight.dtype}; an NF4 base is made from float32 or bfloat16")
+    whole = NF4_BLOCK_SIZE * NF4_SCALER_BLOCK_SIZE
+    if weight.numel() % whole:
+        raise ValueError(f"{where}: its weight has {weight.numel()} entries, not a multiple of {whole} "
+                         f"(NF4 blocks of {NF4_BLOCK_SIZE} whose scales are quantized in blocks of "
+                         f"{NF4_SCALER_BLOCK_SIZE})")
+    try:
+        import torchao.quantization  # noqa: F401
+    except ImportError:
+        raise ImportError("quantize_base='nf4' needs torchao: pip install 'gem_kernels[quant]'") from None
 
 
 # ---------------------------------------------------------------------------------------
@@ -137,19 +183,31 @@ class SparseDeltaLinear(torch.nn.Linear):
     def forward(self, input: Tensor) -> Tensor:
         weight, values, original, bias = self.weight, self.values, self.original, self.bias
         device = input.device.type
-        if torch.is_autocast_enabled(device):  # what autocast casts for F.linear
+        if torch.is_autocast_enabled(device):  # what autocast casts for F.linear (a 4-bit base: after dequantizing)
             dtype = torch.get_autocast_dtype(device)
-            input, weight, values, original = (t.to(dtype) for t in (input, weight, values, original))
+            input, values, original = (t.to(dtype) for t in (input, values, original))
+            weight = weight if is_nf4(weight) else weight.to(dtype)
             bias = None if bias is None else bias.to(dtype)
         return SparseDeltaLinearFunction.apply(input, weight, values, original, self.indices, bias)
 
     @torch.no_grad()
     def merged_weight(self) -> Tensor:
-        """The dense weight the layer computes with (a new tensor, the base's dtype)."""
+        """The dense weight the layer computes with (a new tensor, the base's dtype: for a 4-bit
+        base, the dtype it was quantized from)."""
         return effective_weight(self.weight, self.values.to(self.weight.dtype), self.original, self.indices)
 
+    def quantize_base_(self) -> None:
+        """Stores the base in NF4 (torchao's ``NF4Tensor``, blocks of 64 as QLoRA's, scales
+        double-quantized in blocks of 256): the trained values and ``original`` stay as they are.
+        Raises, changing nothing, where the base cannot be (see ``check_nf4_base``)."""
+        check_nf4_base("this SparseDeltaLinear", self.weight)
+        from torchao.quantization import NF4Tensor
+        nf4 = NF4Tensor.from_tensor(self.weight.detach(), NF4_BLOCK_SIZE, NF4_SCALER_BLOCK_SIZE)
+        self.weight = torch.nn.Parameter(nf4, requires_grad=False)
+
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, trained_entries={self.indices.numel()}"
+        base = ", base=nf4" if is_nf4(self.weight) else ""
+        return f"{super().extra_repr()}, trained_entries={self.indices.numel()}{base}"
 
     def _check_indices(self, indices: Tensor, weight: Optional[Tensor] = None) -> None:
         weight = self.weight if weight is None else weight
@@ -202,9 +260,10 @@ def _check_sparsify_args(model, optimizer) -> None:
                          "(run opt.calibrate(...) or its calibration steps first)")
 
 
-def _selected_linears(model, entries: dict) -> list:
-    """``[(name, module)]`` of the plain ``nn.Linear`` submodules whose weight has selected entries;
-    raises for such a weight used by several modules, or for the model itself."""
+def _selected_linears(model, entries: dict, quantize_base) -> list:
+    """``[(name, module)]`` of the plain ``nn.Linear`` submodules whose weight is a sparse param of
+    the optimizer (``entries``); raises for such a weight used by several modules, or for the model
+    itself, and with ``quantize_base`` for a module that is no Linear or whose weight cannot be NF4."""
     users = {}
     for name, module in model.named_modules():
         weight = getattr(module, "weight", None)
@@ -221,28 +280,44 @@ def _selected_linears(model, entries: dict) -> list:
             raise ValueError("model itself is the Linear to convert; sparsify_ replaces submodules "
                              "(wrap it, e.g. in nn.Sequential)")
         if _plain_linear(module):
+            if quantize_base:
+                check_nf4_base(f"module {name!r}", module.weight)
             found.append((name, module))
+        elif quantize_base and entries[module.weight][0].numel():
+            raise ValueError(f"module {names[0]!r} ({type(module).__name__}) has selected entries but is not an "
+                             "nn.Linear: quantize_base stores Linear bases only; leave it out of the optimizer's "
+                             "sparse params or do not quantize")
     return found
 
 
-def sparsify_(model: torch.nn.Module, optimizer) -> list:
+def sparsify_(model: torch.nn.Module, optimizer, quantize_base=None) -> list:
     """Turns every ``nn.Linear`` of ``model`` whose weight has entries selected by ``optimizer``
     (a ``SparseAdamW`` past its selection) into a ``SparseDeltaLinear`` over the same weight and
     bias tensors, and hands the optimizer each layer's ``values`` in place of its weight, with
     the moments and step count it had (``SparseAdamW.replace_trained_params``). Returns the
-    converted modules' names.
+    converted modules' names. A Linear weight of the optimizer that got no entry becomes a layer of
+    0 values: frozen, with no weight gradient computed for it.
 
-    Other sparse params (embeddings, transformers' ``Conv1D``, weights with no entry) stay as
-    they are and keep training on the drop-in path. Raises, changing nothing, for an optimizer
-    that has not selected, ID3 (its unmasking adds entries every step: it stays on the drop-in
-    path), FSDP2 params, a weight shared by several modules, or no Linear to convert.
+    ``quantize_base="nf4"`` stores each converted layer's base in NF4 (``quantize_base_``; torchao,
+    ``pip install 'gem_kernels[quant]'``), QLoRA's 4-bit format, after the selection: GEM chose the
+    entries by the full-precision weights, and the layers' ``original`` values stay full precision.
+
+    Other sparse params (embeddings, transformers' ``Conv1D``) stay as they are and keep training on
+    the drop-in path. Raises, changing nothing, for an optimizer that has not selected, ID3 (its
+    unmasking adds entries every step: it stays on the drop-in path), FSDP2 params, a weight shared
+    by several modules, no Linear to convert, and with ``quantize_base`` for a selected module that
+    is no Linear, a weight neither float32 nor bfloat16 or not a multiple of NF4's blocks, or a model
+    quantized already.
     """
     _check_sparsify_args(model, optimizer)
-    entries = {p: found for p, found in optimizer.selected_entries().items() if found[0].numel()}
+    if quantize_base not in (None, "nf4"):
+        raise ValueError(f"quantize_base must be None or 'nf4', got {quantize_base!r}")
+    entries = optimizer.selected_entries()
     if any(type(p) not in (Tensor, torch.nn.Parameter) for p in entries):
         raise TypeError("sparsify_ does not take FSDP2 (DTensor) params: their modules compute on "
                         "unsharded copies; train them with SparseAdamW alone")
-    layers = {name: (module, *entries[module.weight]) for name, module in _selected_linears(model, entries)}
+    layers = {name: (module, *entries[module.weight])
+              for name, module in _selected_linears(model, entries, quantize_base)}
     if not layers:
         raise ValueError("no nn.Linear of model has a weight with entries selected by optimizer; "
                          "pass the model the optimizer trains")
@@ -251,32 +326,54 @@ def sparsify_(model: torch.nn.Module, optimizer) -> list:
         converted[name] = (module.weight, SparseDeltaLinear.from_linear(module, indices, original))
     optimizer.replace_trained_params({weight: layer.values for weight, layer in converted.values()})
     for name, (_, layer) in converted.items():
+        if quantize_base:
+            layer.quantize_base_()
         _replace(model, name, layer)
     return list(converted)
 
 
 @torch.no_grad()
-def merge_(model: torch.nn.Module) -> list:
-    """Turns every ``SparseDeltaLinear`` of ``model`` back into an ``nn.Linear`` whose weight (the
-    layer's base tensor, written in place) holds the effective weight, in the base's dtype:
-    bit for bit the trained values while the base was untouched. The weight requires grad again,
-    as a fresh ``nn.Linear``'s. Returns the merged modules' names. An optimizer still holding a
-    layer's ``values`` no longer changes the model."""
+def merge_(model: torch.nn.Module, dtype=None) -> list:
+    """Turns every ``SparseDeltaLinear`` of ``model`` back into an ``nn.Linear`` whose weight holds
+    the effective weight that requires grad again, as a fresh ``nn.Linear``'s. In the base's dtype
+    (for a 4-bit base, the one it was quantized from: the dequantized base plus the delta), or in
+    ``dtype``. A full-precision base is written in place (bit for bit the trained values while the
+    base was untouched); a 4-bit one is replaced. Returns the merged modules' names. An optimizer
+    still holding a layer's ``values`` no longer changes the model. Raises, changing nothing, where
+    ``dtype`` would round a trained entry back to its base value (the delta lost)."""
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     layers = [(name, m) for name, m in model.named_modules() if isinstance(m, SparseDeltaLinear)]
     if any(not name for name, _ in layers):
         raise ValueError("model itself is a SparseDeltaLinear; merge_ replaces submodules (use merged_weight())")
+    merged = {name: _merged_in(name, layer, dtype) for name, layer in layers}  # every check first
     for name, layer in layers:
-        merged = layer.merged_weight()
         weight = layer.weight
-        weight.copy_(merged)
+        if is_nf4(weight) or merged[name].dtype != weight.dtype:
+            weight = torch.nn.Parameter(merged[name])
+        else:
+            weight.copy_(merged[name])
         linear = torch.nn.Linear(layer.in_features, layer.out_features, bias=False, device="meta")
         linear.weight = weight
         linear.bias = layer.bias
         weight.requires_grad_(True)
         _replace(model, name, linear)
     return [name for name, _ in layers]
+
+
+def _merged_in(name: str, layer: SparseDeltaLinear, dtype) -> Tensor:
+    """The layer's effective weight in ``dtype`` (default: the base's), checked to keep every change
+    the values made to their original values (which rounding to ``dtype`` may undo)."""
+    merged = layer.merged_weight()
+    if dtype is None or dtype == merged.dtype:
+        return merged
+    trained, before = merged.reshape(-1)[layer.indices], layer.original.to(merged.dtype)
+    cast = merged.to(dtype)
+    lost = (trained != before) & (trained.to(dtype) == before.to(dtype))
+    if bool(lost.any()):
+        raise ValueError(f"merge_ into {dtype} would lose the delta of module {name!r}: {int(lost.sum())} trained "
+                         f"entries round back to their base value; merge into {merged.dtype}")
+    return cast
 
 
 def trained_entries(model: torch.nn.Module) -> dict:

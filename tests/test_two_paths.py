@@ -459,6 +459,8 @@ def test_save_delta_is_the_same_from_either_path(tmp_path):
                 assert torch.equal(a[name][part], b[name][part])
     base = _model()
     gem_kernels.apply_delta(base, tmp_path / "c.safetensors")
+    with pytest.raises(ValueError, match="SparseDeltaLinear layers"):  # it would add to the trained values
+        gem_kernels.apply_delta(layered, tmp_path / "c.safetensors")
     merge_(layered)
     assert torch.equal(base[0].weight, layered[0].weight) and torch.equal(base[2].weight, layered[2].weight)
 
