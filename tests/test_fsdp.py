@@ -293,18 +293,80 @@ def _checkpoint_worker(rank, tmpdir, cases):
         assert torch.equal(_full(resumed), _full(full)), f"{method}: resumed after {cut} steps ({saved_phase}) differs"
         assert resumed_opt.phase == full_opt.phase == "training"
 
-    # Another rank's state is refused, and the refusal changes nothing; so is DCP's optimizer
-    # state-dict helper (it would save rank 0's local indices for every rank).
-    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+    # Another rank's state is refused, and the refusal changes nothing.
     model, opt = _run("gem", rank, range(4))
-    with pytest.raises(NotImplementedError, match="opt.state_dict\\(\\) with torch.save"):
-        get_optimizer_state_dict(model, opt)
     other = torch.load(os.path.join(tmpdir, f"gem-4-opt{1 - rank}.pt"), weights_only=False)
     before = {p: {k: v.clone() for k, v in opt.state[p].items()} for _, p in opt.sparse_params()}
     with pytest.raises(ValueError, match="FSDP2 shard"):
         opt.load_state_dict(other)
     for p, state in before.items():
         assert all(torch.equal(v, opt.state[p][k]) for k, v in state.items())
+
+
+def _snapshot(model, opt):
+    return (_full(model).clone(), opt.phase, opt.selection.calibration_done, opt.selection.unmask_done,
+            {p: {k: v.clone() for k, v in s.items()} for p, s in opt.state.items()})
+
+
+def _same(a, b) -> bool:
+    weights_a, *counters_a, state_a = a
+    weights_b, *counters_b, state_b = b
+    return (torch.equal(weights_a, weights_b) and counters_a == counters_b and state_a.keys() == state_b.keys()
+            and all(torch.equal(v, state_b[p][k]) for p, s in state_a.items() for k, v in s.items()))
+
+
+def _dcp_worker(rank, tmpdir):
+    """torch.distributed.checkpoint's optimizer helpers on SparseAdamW under FSDP2, as
+    docs/distributed.md states: their first step on an optimizer with no state is refused (the
+    step pre-hook), the state dicts they make are refused by every load, the optimizer's state
+    is left as it was; a real first step with lr 0, and torch's AdamW, are not refused."""
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+
+    # No state yet (GEM in calibration, ID3 before its first unmasking): DCP's first step raises.
+    for method in ("gem", "id3"):
+        for helper in (lambda m, o: get_optimizer_state_dict(m, o),
+                       lambda m, o: set_optimizer_state_dict(m, o, {"state": {}, "param_groups": []})):
+            model = _sharded_model()
+            opt = _optimizer(model, method)
+            before = _snapshot(model, opt)
+            with pytest.raises(NotImplementedError, match="opt.state_dict\\(\\) with torch.save"):
+                helper(model, opt)
+            assert _same(_snapshot(model, opt), before), method
+            assert not opt.state
+            assert all(g["lr"] == 0 for g in opt.param_groups)  # what DCP did before the step (docs)
+
+    # With state: get_optimizer_state_dict is not told from opt.state_dict() (not refused), and what
+    # it returns has no "sparse_adamw" entry; set_optimizer_state_dict and load_state_dict refuse it.
+    model, opt = _run("gem", rank, range(4))
+    got = get_optimizer_state_dict(model, opt)
+    assert "sparse_adamw" not in got and got["state"]
+    before = _snapshot(model, opt)
+    with pytest.raises(ValueError, match="no 'sparse_adamw' entry"):
+        set_optimizer_state_dict(model, opt, got)
+    with pytest.raises(ValueError, match="no 'sparse_adamw' entry"):
+        opt.load_state_dict(got)
+    assert _same(_snapshot(model, opt), before)
+
+    # What the pre-hook must let through: a first step with lr 0 on real gradients, a first step
+    # on zero gradients with lr > 0, and DCP's helpers on torch's AdamW of an FSDP2 model.
+    for lr in (0.0, 1e-2):
+        model = _sharded_model()
+        opt = _optimizer(model, "gem")
+        for group in opt.param_groups:
+            group["lr"] = lr
+        _backward(model, 0, rank)
+        if lr:
+            for p in model.parameters():
+                p.grad.zero_()
+        opt.step()
+        assert opt.selection.calibration_done == 1
+    model = _sharded_model()
+    adamw = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    assert get_optimizer_state_dict(model, adamw)["state"]  # made by DCP's first step
+
+
+def test_fsdp_dcp_optimizer_helpers():
+    spawn(_dcp_worker)
 
 
 def test_fsdp_checkpoint_resumes_bit_identically():

@@ -143,7 +143,9 @@ def split(state_dict: dict, *, config: dict, shard, param_groups: list, describe
         raise bad_checkpoint("it is not an optimizer state dict (no 'state' and 'param_groups')")
     entry = state_dict.get(STATE_KEY)
     if entry is None:
-        raise ValueError("state_dict was not written by SparseAdamW (no 'sparse_adamw' entry)")
+        raise ValueError("state_dict was not written by SparseAdamW (no 'sparse_adamw' entry; "
+                         "torch.distributed.checkpoint's optimizer helpers leave it out: save and load "
+                         "opt.state_dict() itself); nothing was changed")
     saved_groups = state_dict["param_groups"]
     selection = _check_meta(entry, saved_groups, config=config, shard=shard, param_groups=param_groups,
                             describe=describe)

@@ -13,16 +13,16 @@ DTensor whose local block is the averaged gradient of the rank's rows. So:
   counted over the full tensors, an exact global top-k); each rank keeps local indices and
   O(k_rank) state;
 * collectives where one rank's view is not enough: the finite-gradient check (all ranks raise
-  or go on together), the count of entries selected so far (ID3).
+  or go on together), the count of entries selected so far (ID3), and whether a first step is
+  the one torch.distributed.checkpoint's optimizer helpers run (``refuse_dcp_init_step``).
 
 Every sparse param of an optimizer is an FSDP2 param on the same mesh, or none is.
 """
 from __future__ import annotations
 
-import sys
-
 import torch
 import torch.distributed as dist
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from ..library import check_strided
 from ..selection import LOCAL
@@ -105,6 +105,7 @@ def sharding_of(sparse_params: list, selector):
     if not selector.shardable:
         raise NotImplementedError(f"{type(selector).__name__} cannot select over FSDP2 params (their full "
                                   "tensors lie on no rank); use GEM, GradMagnitude or ID3")
+    _guard_dcp_init_step()
     return Sharding(mesh, sparse_params[0].to_local().device)
 
 
@@ -125,24 +126,77 @@ def agree_finite(sharding, ok: bool) -> bool:
     return int(flag) == 0
 
 
-def refuse_dcp(sharding) -> None:
-    """Raises when ``torch.distributed.checkpoint``'s ``get/set_optimizer_state_dict`` drives an
-    FSDP2 optimizer. They treat a state tensor that is not a DTensor as replicated (saved from
-    one rank), drop the ``sparse_adamw`` entry, and first run ``step()`` on zero gradients to
-    create the state, which would count a calibration step. Each rank's state is its own
-    (local indices, its k_rank entries): it goes through ``opt.state_dict()`` per rank."""
-    if sharding is None:
+# torch.distributed.checkpoint's optimizer helpers (get/set_optimizer_state_dict, get/set_state_dict)
+# treat a state tensor that is not a DTensor as replicated (saved from one rank) and keep only
+# "state" and "param_groups" of a state dict, dropping the "sparse_adamw" entry: they cannot carry
+# a rank's own sparse state (local indices, its k_rank entries), which goes through
+# opt.state_dict() per rank. What they do to an optimizer, and what refuses each part:
+#
+# * on an optimizer with no state and no gradients, they first set every group's lr to 0 and
+#   every trainable param's grad to zeros and call step(), to create the state. That step would
+#   count as a calibration step (ID3: unmask entries chosen from zeros). ``refuse_dcp_init_step``,
+#   a step pre-hook, recognises it by exactly these public signs and raises before the step runs;
+# * set_optimizer_state_dict then hands load_state_dict a dict without the "sparse_adamw" entry:
+#   the load pre-hook refuses it (checkpoint.split) before anything changes;
+# * get_optimizer_state_dict on an optimizer that has state only calls opt.state_dict(), as a
+#   user does: nothing public tells the two apart, so it is not refused; what it returns has no
+#   "sparse_adamw" entry, which no load accepts.
+
+_DCP_GUARD = None  # the handle of refuse_dcp_init_step once registered (for every optimizer)
+
+
+def _guard_dcp_init_step() -> None:
+    """Registers ``refuse_dcp_init_step`` as a step pre-hook of every optimizer
+    (``torch.optim.optimizer.register_optimizer_step_pre_hook``), once per process, when the
+    first FSDP2 SparseAdamW is built; it acts on FSDP2 SparseAdamW optimizers only."""
+    global _DCP_GUARD
+    if _DCP_GUARD is None:
+        _DCP_GUARD = register_optimizer_step_pre_hook(refuse_dcp_init_step)
+
+
+def _is_zero_lr(lr) -> bool:
+    try:
+        return bool(lr == 0)
+    except (TypeError, ValueError, RuntimeError):  # not a number: the step's own checks refuse it
+        return False
+
+
+def _is_zero_grad(grad) -> bool:
+    if grad is None:
+        return False
+    block = local(grad)
+    return block.layout == torch.strided and not bool(block.any())
+
+
+def refuse_dcp_init_step(optimizer, args, kwargs) -> None:
+    """A step pre-hook: raises, before the step runs, for the step DCP's optimizer helpers run
+    on an FSDP2 SparseAdamW that has no state yet: ``optimizer.state`` empty, every group's lr
+    0, every trainable param's gradient all zeros on every rank. A step with any of these
+    otherwise passes (the check costs nothing once the optimizer has state, or while an lr is
+    not 0)."""
+    sharding = getattr(optimizer, "_sharding", None)
+    if not isinstance(sharding, Sharding) or optimizer.state:
         return
-    # No public API says who is calling; DCP's helpers give no sign of themselves but their
-    # module in the call stack. Only under FSDP2, a few frames: the cost of a dict lookup each.
-    frame = sys._getframe(1)
-    while frame is not None:
-        if frame.f_globals.get("__name__", "") == "torch.distributed.checkpoint.state_dict":
-            raise NotImplementedError(
-                "torch.distributed.checkpoint's get_optimizer_state_dict/set_optimizer_state_dict do "
-                "not support SparseAdamW on FSDP2 params (each rank's sparse state is its own, not a "
-                "DTensor); the optimizer's state was not changed (but on an optimizer with no state "
-                "yet, DCP has already set every group's lr to 0 and the grads to zeros). Save each "
-                "rank's opt.state_dict() with torch.save and load it on the same rank and world size; "
-                "the model's state can go through torch.distributed.checkpoint (docs/distributed.md)")
-        frame = frame.f_back
+    if not all(_is_zero_lr(group["lr"]) for group in optimizer.param_groups):
+        return
+    trainable = [p for group in optimizer.param_groups for p in group["params"] if p.requires_grad]
+    zero = bool(trainable) and all(_is_zero_grad(p.grad) for p in trainable)
+    # Every rank gets here in the same step (the same empty state, the same lrs): agree, so that
+    # all raise or none does.
+    if sharding.total(0 if zero else 1):
+        return
+    raise NotImplementedError(
+        "torch.distributed.checkpoint's get_optimizer_state_dict/set_optimizer_state_dict do not "
+        "support SparseAdamW on FSDP2 params (each rank's sparse state is its own, not a DTensor). "
+        "On an optimizer with no state yet they first run step() with every lr set to 0 and every "
+        "gradient set to zeros (this step), which would count as a selection step: refused, and the "
+        "optimizer's state was not changed (but DCP has already set every group's lr to 0 and the "
+        "grads to zeros: build the optimizer again). Save each rank's opt.state_dict() with "
+        "torch.save and load it on the same rank and world size; the model's state can go through "
+        "torch.distributed.checkpoint (docs/distributed.md)")
+
+
+def refuse_dcp(sharding) -> None:
+    """Nothing left to do here: DCP's helpers are refused by ``refuse_dcp_init_step`` (their
+    first step) and by the load pre-hook (their state dicts lack the ``sparse_adamw`` entry),
+    see the comment above. Kept for its callers in ``sparse_adamw.py``, which can drop it."""
