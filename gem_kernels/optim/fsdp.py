@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from ..library import check_strided
 from ..selection import LOCAL
@@ -105,7 +104,6 @@ def sharding_of(sparse_params: list, selector):
     if not selector.shardable:
         raise NotImplementedError(f"{type(selector).__name__} cannot select over FSDP2 params (their full "
                                   "tensors lie on no rank); use GEM, GradMagnitude or ID3")
-    _guard_dcp_init_step()
     return Sharding(mesh, sparse_params[0].to_local().device)
 
 
@@ -142,18 +140,6 @@ def agree_finite(sharding, ok: bool) -> bool:
 #   user does: nothing public tells the two apart, so it is not refused; what it returns has no
 #   "sparse_adamw" entry, which no load accepts.
 
-_DCP_GUARD = None  # the handle of refuse_dcp_init_step once registered (for every optimizer)
-
-
-def _guard_dcp_init_step() -> None:
-    """Registers ``refuse_dcp_init_step`` as a step pre-hook of every optimizer
-    (``torch.optim.optimizer.register_optimizer_step_pre_hook``), once per process, when the
-    first FSDP2 SparseAdamW is built; it acts on FSDP2 SparseAdamW optimizers only."""
-    global _DCP_GUARD
-    if _DCP_GUARD is None:
-        _DCP_GUARD = register_optimizer_step_pre_hook(refuse_dcp_init_step)
-
-
 def _is_zero_lr(lr) -> bool:
     try:
         return bool(lr == 0)
@@ -169,11 +155,11 @@ def _is_zero_grad(grad) -> bool:
 
 
 def refuse_dcp_init_step(optimizer, args, kwargs) -> None:
-    """A step pre-hook: raises, before the step runs, for the step DCP's optimizer helpers run
-    on an FSDP2 SparseAdamW that has no state yet: ``optimizer.state`` empty, every group's lr
-    0, every trainable param's gradient all zeros on every rank. A step with any of these
-    otherwise passes (the check costs nothing once the optimizer has state, or while an lr is
-    not 0)."""
+    """A step pre-hook of every SparseAdamW (``register_step_pre_hook``): raises, before the step
+    runs, for the step DCP's optimizer helpers run on an FSDP2 SparseAdamW that has no state yet:
+    ``optimizer.state`` empty, every group's lr 0, every trainable param's gradient all zeros on
+    every rank. A step with any of these otherwise passes (the check costs nothing once the
+    optimizer has state, or while an lr is not 0)."""
     sharding = getattr(optimizer, "_sharding", None)
     if not isinstance(sharding, Sharding) or optimizer.state:
         return
@@ -195,8 +181,3 @@ def refuse_dcp_init_step(optimizer, args, kwargs) -> None:
         "torch.save and load it on the same rank and world size; the model's state can go through "
         "torch.distributed.checkpoint (docs/distributed.md)")
 
-
-def refuse_dcp(sharding) -> None:
-    """Nothing left to do here: DCP's helpers are refused by ``refuse_dcp_init_step`` (their
-    first step) and by the load pre-hook (their state dicts lack the ``sparse_adamw`` entry),
-    see the comment above. Kept for its callers in ``sparse_adamw.py``, which can drop it."""

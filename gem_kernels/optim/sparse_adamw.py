@@ -116,6 +116,7 @@ class SparseAdamW(torch.optim.Optimizer):
         resolve_budget([p for _, p in self.sparse_params()], density, budget)  # bad budgets fail now
         if self.phase == "calibration" and calibration_steps == 0 and not selector.needs_gradients:
             phases.choose_entries(self._context(), self.selection, selector, self._budget_args, {})
+        self.register_step_pre_hook(fsdp.refuse_dcp_init_step)  # DCP's first step on FSDP2 params (fsdp.py)
         self.register_state_dict_post_hook(SparseAdamW._add_checkpoint_entry)
         self.register_load_state_dict_pre_hook(SparseAdamW._check_checkpoint)
         self.register_load_state_dict_post_hook(SparseAdamW._restore_checkpoint)
@@ -258,7 +259,6 @@ class SparseAdamW(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure=None):
         """One optimizer step (calibration, unmasking or training, by phase); returns the closure's loss."""
-        fsdp.refuse_dcp(self._sharding)  # DCP's state-dict helpers run a step on zero grads: refuse first
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -291,7 +291,6 @@ class SparseAdamW(torch.optim.Optimizer):
     # The checkpoint hooks (see ``checkpoint``).
 
     def _add_checkpoint_entry(self, state_dict: dict) -> dict:
-        fsdp.refuse_dcp(self._sharding)
         state_dict[checkpoint.STATE_KEY] = checkpoint.meta(self.selection, self._config(), self.param_groups,
                                                            self._shard())
         return state_dict
@@ -299,7 +298,6 @@ class SparseAdamW(torch.optim.Optimizer):
     def _check_checkpoint(self, state_dict: dict) -> dict:
         """Checks the whole checkpoint, then hands torch the dense part only: torch would cast the
         sparse states to the param's dtype (int64 indices of a bf16 param into bf16)."""
-        fsdp.refuse_dcp(self._sharding)
         dense, sparse_states, selection = checkpoint.split(
             state_dict, config=self._config(), shard=self._shard(), param_groups=self.param_groups,
             describe=self._describe, incremental=self.incremental)
