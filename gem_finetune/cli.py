@@ -105,7 +105,16 @@ from pathlib import Path
 import torch
 
 from .data import TaskDataError, batches, encode, read_task, take
-from .methods import ALL_LINEAR_METHODS, DEFAULT_LR, METHODS, SPARSE_METHODS, RunConfig, run_once, target_weight_names
+from .methods import (
+    ALL_LINEAR_METHODS,
+    DEFAULT_LR,
+    METHODS,
+    QUANTIZABLE_METHODS,
+    SPARSE_METHODS,
+    RunConfig,
+    run_once,
+    target_weight_names,
+)
 from .models import default_model_dir, load_model
 from .report import PEAK_MEMORY, lr_selection, table, write_plots
 from .results import ResultsFile, ResultsFileError, assemble, decide, work_of
@@ -227,6 +236,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="auto (default): CUDA where torch.cuda.is_available(), else the CPU")
     p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
                    help="bf16: forward and loss under torch.autocast over fp32 weights (default fp32)")
+    p.add_argument("--quantize-base", choices=("nf4",),
+                   help="nf4: the sparse methods train on a 4-bit base (sparsify_(..., quantize_base='nf4'); "
+                        "needs pip install 'gem_kernels[quant]'); not for id3 and the dense methods")
     p.add_argument("--out", default="gem-finetune-out",
                    help="output directory: results-TASK.jsonl (one line a finished run) and the plots")
     return p
@@ -256,6 +268,10 @@ def main(argv: list[str] | None = None) -> int:
                            ("--budget-fraction", args.budget_fraction)):
         if len(set(values)) != len(values):  # would run twice and count twice in a mean
             parser.error(f"{option} {' '.join(map(str, values))}: a value is listed twice")
+    unquantizable = [m for m in args.method if m not in QUANTIZABLE_METHODS]
+    if args.quantize_base and unquantizable:
+        parser.error(f"--quantize-base {args.quantize_base}: not for {', '.join(unquantizable)} (it takes "
+                     f"{', '.join(QUANTIZABLE_METHODS)}; qlora always trains on an NF4 base)")
     if Path(args.out).exists() and not Path(args.out).is_dir():
         parser.error(f"--out {args.out}: is a file, not a directory")
     try:
@@ -337,6 +353,8 @@ def _run(args, lr_plan: dict[str, list[float]], device: torch.device, argv: list
                 "eval_examples": len(dev_split.labels), "data_seed": args.data_seed, "epochs": args.epochs,
                 "batch_size": args.batch_size, "max_length": args.max_length, "weight_decay": args.weight_decay,
                 "calibration_batches": args.calibration_batches, "precision": args.precision,
+                # only when set, so that files written before the option existed still resume
+                **({"quantize_base": args.quantize_base} if args.quantize_base else {}),
                 "seeds": args.seeds, "grid_seeds": args.seeds[:args.grid_seeds], "select_metric": args.select_metric}
     header = {"settings": settings, "lr_plan": lr_plan, "methods": args.method,
               "budget_fractions": args.budget_fraction, "budgets": list(budgets.values()),
@@ -367,7 +385,7 @@ def _run(args, lr_plan: dict[str, list[float]], device: torch.device, argv: list
     heldout_batches = (batches(encode(tokenizer, heldout_split, args.max_length), 128, pad_id, None)
                        if heldout_split else None)
     config = RunConfig(model_dir, len(task.label_names), args.epochs, args.batch_size, args.weight_decay,
-                       0, args.calibration_batches, pad_id, None, device, args.precision)
+                       0, args.calibration_batches, pad_id, None, device, args.precision, args.quantize_base)
 
     kinds = {m in ALL_LINEAR_METHODS: n for m, n in target_params.items()}  # query/value, all linear layers
     targets = " and ".join(f"{n:,} {'linear-layer weights (-all methods)' if every else 'query/value weights'}"

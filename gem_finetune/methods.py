@@ -19,23 +19,25 @@ import torch
 from gem_kernels.integrations.transformers import matching_parameters, param_groups
 
 from .data import Encoded, batches
-from .models import autocast, classification_loss, load_model, to_device
+from .models import autocast, classification_loss, load_model, quantize_linear_bases_, to_device
 from .report import evaluate, peak_memory_mib, per_tensor_budget, reset_peak_memory, rss_mib
 
 METHODS = ("gem", "gem-uniform", "gem-all", "gem-all-uniform", "id3", "grad-magnitude", "random",
-           "full", "bitfit", "lora", "lora-all")
+           "full", "bitfit", "lora", "lora-all", "qlora")
 SPARSE_METHODS = ("gem", "gem-uniform", "gem-all", "gem-all-uniform", "id3", "grad-magnitude", "random")
 # methods whose runs depend on --budget-fraction: the sparse ones, and LoRA sized to the budget
 BUDGETED_METHODS = (*SPARSE_METHODS, "lora-all")
 # methods that train every linear layer of the encoder but its pooler; the others query and value
 ALL_LINEAR_METHODS = ("gem-all", "gem-all-uniform", "lora-all")
+# sparse methods that can train on a 4-bit base (--quantize-base): the explicit layer's; not ID3
+QUANTIZABLE_METHODS = tuple(m for m in SPARSE_METHODS if m != "id3")
 # selectors that score a calibration gradient
 CALIBRATED_METHODS = ("gem", "gem-uniform", "gem-all", "gem-all-uniform", "grad-magnitude")
 # The defaults are still those of the 1-epoch reduced reproduction; scripts/reproduce.sh's
 # tuned protocol lists the lrs its held-out grid chooses, to replace these once it has run.
 DEFAULT_LR = {"gem": 1e-3, "gem-uniform": 1e-3, "gem-all": 1e-3, "gem-all-uniform": 1e-3, "id3": 1e-3,
               "grad-magnitude": 1e-3, "random": 1e-3, "full": 5e-5, "bitfit": 1e-3, "lora": 5e-4,
-              "lora-all": 5e-4}
+              "lora-all": 5e-4, "qlora": 5e-4}
 SPARSE_TARGETS = ("query", "value")  # the GEM paper's target modules; LoRA's too
 LORA_RANK, LORA_ALPHA = 8, 16  # lora-all keeps the same alpha / rank = 2
 
@@ -98,9 +100,11 @@ def set_up(method: str, model, lr: float, weight_decay: float, budget: int, tota
     if method == "bitfit":
         params = _freeze_all_but(model, lambda n, p: n.startswith("head.") or n.endswith(".bias"))
         return Setup(model, torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay), numel(params))
-    if method in ("lora", "lora-all"):
+    if method in ("lora", "lora-all", "qlora"):
         from peft import LoraConfig, get_peft_model
-        if method == "lora":
+        if method == "qlora":  # QLoRA: every linear layer of the encoder (but the pooler) in NF4, LoRA on q/v
+            quantize_linear_bases_(model, target_modules(model, "lora-all"))
+        if method in ("lora", "qlora"):
             rank, targets = LORA_RANK, list(SPARSE_TARGETS)
         else:  # names inside the encoder, which is what peft wraps
             rank = lora_all_rank(model, budget)
@@ -166,6 +170,7 @@ class RunConfig:
     budget_fraction: float | None = None  # the --budget-fraction that gave ``budget``
     device: torch.device = torch.device("cpu")
     precision: str = "fp32"  # or "bf16": see models.autocast
+    quantize_base: str | None = None  # "nf4": the sparse methods train on a 4-bit base
 
 
 def _clock(device: torch.device) -> float:
@@ -210,11 +215,11 @@ def run_once(method: str, lr: float, seed: int, config: RunConfig, train: Encode
         calibration_seconds = _clock(device) - start
     # The explicit layer where it measured faster: on CPU its sparse weight gradient takes a
     # fifth off a step (benchmarks/results/step_cost.md); on CUDA dense dW through cuBLAS wins so
-    # far. ID3 adds entries at every step, so it stays on the drop-in path.
-    layer = method in SPARSE_METHODS and method != "id3" and device.type == "cpu"
+    # far. A 4-bit base needs it everywhere. ID3 adds entries at every step: the drop-in path.
+    layer = method in QUANTIZABLE_METHODS and (device.type == "cpu" or config.quantize_base is not None)
     if layer:
         from gem_kernels import sparsify_
-        sparsify_(model, optimizer)
+        sparsify_(model, optimizer, quantize_base=config.quantize_base)
 
     losses, step_seconds, dev_curve = [], [], []
     bar = tqdm(total=total_steps, desc=f"{method} lr={lr:g} seed={seed}", unit="step", leave=False)
@@ -239,6 +244,7 @@ def run_once(method: str, lr: float, seed: int, config: RunConfig, train: Encode
               "budget_fraction": config.budget_fraction if method in BUDGETED_METHODS else None,
               **{k: dev_curve[-1][k] for k in ("accuracy", "mcc")}, "heldout": heldout,
               "device": device.type, "precision": precision, "sparse_delta_layer": layer,
+              "quantize_base": "nf4" if method == "qlora" else (config.quantize_base if layer else None),
               "trainable_entries": setup.trainable_entries,
               "optimizer_state_bytes": optimizer_state_bytes(optimizer),
               "peak_memory_mib": peak_memory_mib(device) if peak_known else None,

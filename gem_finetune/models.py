@@ -56,6 +56,19 @@ def to_device(batch: dict, device: torch.device) -> dict:
     return {name: tensor.to(device) for name, tensor in batch.items()}
 
 
+def quantize_linear_bases_(model, module_names) -> None:
+    """Stores the weight of each named ``nn.Linear`` in NF4 (torchao; frozen), as QLoRA's base."""
+    from gem_kernels.nn import NF4_BLOCK_SIZE, NF4_SCALER_BLOCK_SIZE, check_nf4_base
+    for name in module_names:
+        module = model.get_submodule(name)
+        check_nf4_base(f"module {name!r}", module.weight)
+    from torchao.quantization import NF4Tensor
+    for name in module_names:
+        module = model.get_submodule(name)
+        nf4 = NF4Tensor.from_tensor(module.weight.detach(), NF4_BLOCK_SIZE, NF4_SCALER_BLOCK_SIZE)
+        module.weight = torch.nn.Parameter(nf4, requires_grad=False)
+
+
 def load_model(model_dir: Path, num_labels: int, seed: int) -> SentenceClassifier:
     from transformers import AutoModel
     # dtype: fp32 master weights whatever the checkpoint's dtype (transformers 5 would otherwise

@@ -33,6 +33,21 @@ def tiny_model(tmp_path_factory):
     return directory
 
 
+@pytest.fixture(scope="module")
+def nf4_model(tmp_path_factory):
+    """A 1-layer BERT whose linear layers NF4 can store (multiples of 64 x 256 entries)."""
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+    directory = tmp_path_factory.mktemp("nf4-bert")
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", '"', *WORDS]
+    BertTokenizerFast(vocab={token: i for i, token in enumerate(vocab)}).save_pretrained(directory)
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=len(vocab), hidden_size=128, num_hidden_layers=1, num_attention_heads=2,
+                        intermediate_size=512, max_position_embeddings=64, hidden_dropout_prob=0.0,
+                        attention_probs_dropout_prob=0.0)
+    BertModel(config).save_pretrained(directory)
+    return directory
+
+
 def sentence(rng, label):
     return " ".join([rng.choice(POSITIVE if label else NEGATIVE), *rng.sample(WORDS[6:], 3)])
 
@@ -157,9 +172,12 @@ def test_bad_model_dir_and_bad_lr(tmp_path, tiny_model, capsys):
 # End to end
 
 
+FULL_PRECISION_METHODS = [m for m in methods.METHODS if m != "qlora"]  # qlora: test_the_4bit_base_runs
+
+
 def test_every_method_runs_end_to_end(tmp_path, tiny_model, capsys):
     task = make_task(tmp_path / "single", "single")
-    code = run_main(tiny_model, task, tmp_path / "out", "--method", *methods.METHODS,
+    code = run_main(tiny_model, task, tmp_path / "out", "--method", *FULL_PRECISION_METHODS,
                     "--calibration-batches", "2")
     assert code == 0
     printed = capsys.readouterr().out
@@ -167,7 +185,7 @@ def test_every_method_runs_end_to_end(tmp_path, tiny_model, capsys):
     assert (tmp_path / "out" / "curves-single.png").stat().st_size > 10_000
     budget = int(0.01 * results["settings"]["total_parameters"])
     head = 32 * 2 + 2
-    for method in methods.METHODS:
+    for method in FULL_PRECISION_METHODS:
         assert f"| {method} |" in printed
         (run,) = [r for r in results["runs"] if r["method"] == method]
         assert len(run["losses"]) == 6 and len(run["dev_curve"]) == 1
@@ -276,3 +294,21 @@ def test_module_runs_as_a_script():
     done = subprocess.run([sys.executable, "-m", "gem_finetune", "--help"],
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and "--calibration-batches" in done.stdout
+
+
+def test_the_4bit_base_runs(tmp_path, nf4_model):
+    """qlora (LoRA r=8 on q/v over an NF4 encoder) and GEM with --quantize-base nf4, end to end;
+    --quantize-base is refused for what cannot train on a 4-bit base."""
+    pytest.importorskip("torchao.quantization")
+    task = make_task(tmp_path / "single", "single")
+    assert run_main(nf4_model, task, tmp_path / "q", "--method", "qlora", "--calibration-batches", "2") == 0
+    assert run_main(nf4_model, task, tmp_path / "g", "--method", "gem-all", "--quantize-base", "nf4",
+                    "--calibration-batches", "2") == 0
+    (qlora,) = load_results(tmp_path / "q" / "results-single.jsonl")["runs"]
+    gem = load_results(tmp_path / "g" / "results-single.jsonl")
+    assert gem["settings"]["quantize_base"] == "nf4"
+    (gem,) = gem["runs"]
+    assert qlora["quantize_base"] == gem["quantize_base"] == "nf4" and gem["sparse_delta_layer"]
+    assert qlora["lora_rank"] == 8 and len(qlora["losses"]) == len(gem["losses"]) == 6
+    with pytest.raises(SystemExit):
+        run_main(nf4_model, task, tmp_path / "x", "--method", "id3", "--quantize-base", "nf4")
