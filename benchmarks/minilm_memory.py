@@ -95,9 +95,19 @@ def resident_bytes(model, optimizer, batch) -> int:
     tensors += [p.grad for p in model.parameters() if p.grad is not None]
     tensors += list(optimizer_state_tensors(optimizer))
     for t in tensors:
-        storage = t.untyped_storage()
-        storages[storage.data_ptr()] = storage.nbytes()
+        for leaf in _plain_tensors(t):
+            storage = leaf.untyped_storage()
+            storages[storage.data_ptr()] = storage.nbytes()
     return sum(storages.values())
+
+
+def _plain_tensors(t) -> list:
+    """``t`` itself, or for a tensor subclass that holds other tensors (torchao's NF4Tensor) the
+    plain tensors inside it, whose storages are the bytes it takes."""
+    if type(t) in (torch.Tensor, torch.nn.Parameter) or not hasattr(type(t), "__tensor_flatten__"):
+        return [t]
+    names, _ = t.__tensor_flatten__()
+    return [leaf for name in names for leaf in _plain_tensors(getattr(t, name))]
 
 
 def _train_step(model, optimizer, batch) -> None:

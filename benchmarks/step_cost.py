@@ -25,7 +25,14 @@ GEM at density 1e-3 of the targeted weights, one calibration batch; dense ``dW``
 and ``gem-layer`` (the same selection, then ``gem_kernels.sparsify_``: the targeted Linear modules
 become ``SparseDeltaLinear``, whose backward computes only the selected entries of ``dW``; the
 same SparseAdamW trains their values). On CUDA both torch AdamWs are ``fused=True``. Step:
-forward, backward, ``step()``, ``zero_grad``.
+forward, backward, ``step()``, ``zero_grad``. These four are the default.
+
+The 4-bit comparison (``--methods full-bf16 qlora gem-nf4``): the model cast to bf16 (weights,
+gradients and AdamW's state in bf16, as QLoRA computes in bf16), then ``full-bf16`` (torch AdamW
+on every parameter), ``qlora`` (the targeted Linear weights stored in NF4 by torchao, LoRA r=8 on
+them) and ``gem-nf4`` (GEM's selection on the bf16 weights, then ``sparsify_(...,
+quantize_base="nf4")``: the same NF4 bases, the selected values trained by SparseAdamW). Their
+ratios are to ``qlora``. ``llama-953m-cpu`` is the 953M Llama at batch 1 x 256, for a CPU.
 
 Devices. ``cpu`` (default): fp32; the median wall time of ``--steps`` steps after ``--warmup``
 (default 1) warm-up steps, and the peak tensor memory of one step
@@ -63,8 +70,10 @@ from gem_kernels import SparseAdamW, sparsify_  # noqa: E402
 from gem_kernels.integrations.transformers import matching_parameters, param_groups  # noqa: E402
 from gem_kernels.selection import GEM  # noqa: E402
 
-METHODS = ("full", "lora", "gem", "gem-layer")
-MODELS = ("minilm-qv", "minilm-all", "llama-all", "llama-953m", "llama-tiny")
+METHODS = ("full", "lora", "gem", "gem-layer", "full-bf16", "qlora", "gem-nf4")
+# The 4-bit comparison: the model in bf16 (QLoRA computes in bf16), the targeted Linear bases in NF4.
+BF16_METHODS = ("full-bf16", "qlora", "gem-nf4")
+MODELS = ("minilm-qv", "minilm-all", "llama-all", "llama-953m", "llama-953m-cpu", "llama-tiny")
 MINILM_QV = ["query", "value"]
 LLAMA_ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 DENSITY = 1e-3
@@ -75,6 +84,8 @@ LLAMAS = {
                        num_key_value_heads=8, max_position_embeddings=512), 4, 256, True),
     "llama-953m": (dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=16, num_attention_heads=16,
                         num_key_value_heads=16, max_position_embeddings=512), 8, 512, False),
+    "llama-953m-cpu": (dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=16, num_attention_heads=16,
+                            num_key_value_heads=16, max_position_embeddings=512), 1, 256, False),
     "llama-tiny": (dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                         num_key_value_heads=4, max_position_embeddings=64), 2, 32, False),
 }
@@ -137,19 +148,24 @@ def model_case(name: str, device: str = "cpu"):
 def set_up(method: str, model, patterns, dense, batch, loss_fn, device: str = "cpu"):
     """The optimizer (and the model, which LoRA wraps) of one method."""
     fused = {"fused": True} if device == "cuda" else {}
-    if method == "full":
+    if method in BF16_METHODS:
+        model.to(torch.bfloat16)
+    if method in ("full", "full-bf16"):
         return model, torch.optim.AdamW(model.parameters(), lr=LR, **fused)
-    if method == "lora":
+    if method in ("lora", "qlora"):
         from peft import LoraConfig, get_peft_model
         targets = sorted({n.rsplit(".", 1)[0] for n in matching_parameters(model, patterns) if n.endswith(".weight")})
+        if method == "qlora":
+            from gem_finetune.models import quantize_linear_bases_
+            quantize_linear_bases_(model, targets)
         model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=targets,
                                                  modules_to_save=dense or None))
         return model, torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR, **fused)
     groups = param_groups(model, sparse=patterns, dense=dense)
     opt = SparseAdamW(groups, lr=LR, density=DENSITY, selector=GEM(), calibration_steps=0)
     opt.calibrate(model, [batch], loss_fn)
-    if method == "gem-layer":
-        sparsify_(model, opt)
+    if method in ("gem-layer", "gem-nf4"):
+        sparsify_(model, opt, quantize_base="nf4" if method == "gem-nf4" else None)
     return model, opt
 
 
@@ -241,12 +257,13 @@ def _ratio(value, base) -> str:
 
 
 def table(rows) -> str:
-    lines = [f"{'model':<11} {'method':<9} {'step s':>8} {'x LoRA':>7} {'peak MiB':>9} {'x LoRA':>7} {'trained':>11}",
-             "-" * 67]
+    lines = [f"{'model':<14} {'method':<9} {'step s':>8} {'x LoRA':>7} {'peak MiB':>9} {'x LoRA':>7} {'trained':>11}",
+             "-" * 70, "(x LoRA: to lora, or for full-bf16, qlora and gem-nf4 to qlora)"]
     for r in rows:
-        lora = next((x for x in rows if x["model"] == r["model"] and x["method"] == "lora"
+        baseline = "qlora" if r["method"] in BF16_METHODS else "lora"
+        lora = next((x for x in rows if x["model"] == r["model"] and x["method"] == baseline
                      and x.get("compiled") == r.get("compiled")), None)
-        lines.append(f"{r['model']:<11} {r['method']:<9} {r['median_step_s']:>8.4f} "
+        lines.append(f"{r['model']:<14} {r['method']:<9} {r['median_step_s']:>8.4f} "
                      f"{_ratio(r['median_step_s'], lora and lora['median_step_s'])} "
                      f"{r['peak_step_bytes'] / 2**20:>9.1f} "
                      f"{_ratio(r['peak_step_bytes'], lora and lora['peak_step_bytes'])} {r['trained_entries']:>11,}")
@@ -256,7 +273,7 @@ def table(rows) -> str:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--models", nargs="+", default=["minilm-qv", "minilm-all", "llama-all"], choices=MODELS)
-    parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    parser.add_argument("--methods", nargs="+", choices=METHODS, default=[m for m in METHODS if m not in BF16_METHODS])
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--compile", action="store_true", help="wrap the model in torch.compile")
     parser.add_argument("--steps", type=int, default=3)

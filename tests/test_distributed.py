@@ -97,6 +97,26 @@ def _plain_ddp_bytes(model):
 # DDP training, GEM and ID3
 
 
+def _check_ddp_grads(grads, single, single_opt, phase, attach, step) -> bool:
+    """Each rank's averaged gradient against the single process's: under attach, in training, a
+    sparse param's is that gradient at the selected entries and 0 elsewhere; under plain DDP the
+    whole gradient. Returns whether a non-zero gradient outside the selection was seen."""
+    selected = single_opt.selected_entries() if phase == "training" else {}
+    seen = False
+    for g, q in zip(grads, single.parameters()):
+        expected = q.grad
+        if q in selected:
+            outside = torch.ones(q.numel(), dtype=torch.bool)
+            outside[selected[q][0]] = False
+            if attach:
+                expected = expected.clone()
+                expected.view(-1)[outside] = 0.0
+            else:
+                seen |= bool((g.reshape(-1)[outside] != 0).any())
+        torch.testing.assert_close(g, expected, rtol=1e-5, atol=1e-7, msg=lambda m: f"step {step} ({phase}): {m}")
+    return seen
+
+
 def _ddp_worker(rank, tmpdir, method, bucket_view, steps, attach=True):
     """DDP against one process on the concatenated batch, in lockstep. With ``attach`` the comm
     hook all-reduces the selected values only (and zeroes the rest of a sparse param's
@@ -125,19 +145,7 @@ def _ddp_worker(rank, tmpdir, method, bucket_view, steps, attach=True):
         grads = [p.grad for p in model.parameters()]
         assert all(g is not None and g.layout == torch.strided for g in grads)
         _same_on_all_ranks(torch.cat([g.reshape(-1) for g in grads]), f"gradients at step {step}")
-        selected = single_opt.selected_entries() if opt.phase == "training" else {}
-        for g, q in zip(grads, single.parameters()):
-            expected = q.grad
-            if q in selected:
-                outside = torch.ones(q.numel(), dtype=torch.bool)
-                outside[selected[q][0]] = False
-                if attach:
-                    expected = expected.clone()
-                    expected.view(-1)[outside] = 0.0
-                else:
-                    unselected_grad_seen |= bool((g.reshape(-1)[outside] != 0).any())
-            torch.testing.assert_close(g, expected, rtol=1e-5, atol=1e-7,
-                                       msg=lambda m: f"step {step} ({opt.phase}): {m}")
+        unselected_grad_seen |= _check_ddp_grads(grads, single, single_opt, opt.phase, attach, step)
         opt.step()
         single_opt.step()
         opt.zero_grad()

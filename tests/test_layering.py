@@ -73,6 +73,29 @@ def is_module(name: str) -> bool:
             or any(path.parent.glob(path.name + ".*.so")) or any(path.parent.glob(path.name + ".*.pyd")))
 
 
+def _from_source(node: ast.ImportFrom, package: str) -> str:
+    """The absolute module a ``from ... import`` statement imports from."""
+    if not node.level:
+        return node.module or ""
+    base = package.split(".")
+    base = base[:len(base) - (node.level - 1)]
+    return ".".join(base + ([node.module] if node.module else []))
+
+
+def _from_imports(node: ast.ImportFrom, package: str) -> list:
+    source = _from_source(node, package)
+    if not (source == "gem_kernels" or source.startswith("gem_kernels.")):
+        return []
+    text = f"from {'.' * node.level}{node.module or ''} import {', '.join(a.name for a in node.names)}"
+    out = []
+    for alias in node.names:
+        if is_module(f"{source}.{alias.name}"):
+            out.append((node.lineno, f"{source}.{alias.name}", text))
+        elif not (source == "gem_kernels" and alias.name in ROOT_CONSTANTS):
+            out.append((node.lineno, source, text))
+    return out
+
+
 def imported_modules(path: Path) -> list:
     """``[(line, module, what)]``: each gem_kernels module ``path`` imports, with the import's
     text for the message. ``from package import name`` imports ``package.name`` when that is a
@@ -82,24 +105,10 @@ def imported_modules(path: Path) -> list:
     out = []
     for node in ast.walk(ast.parse(path.read_text(), str(path))):
         if isinstance(node, ast.Import):
-            for alias in node.names:
-                if alias.name == "gem_kernels" or alias.name.startswith("gem_kernels."):
-                    out.append((node.lineno, alias.name, f"import {alias.name}"))
+            out += [(node.lineno, alias.name, f"import {alias.name}") for alias in node.names
+                    if alias.name == "gem_kernels" or alias.name.startswith("gem_kernels.")]
         elif isinstance(node, ast.ImportFrom):
-            if node.level:
-                base = package.split(".")
-                base = base[:len(base) - (node.level - 1)]
-                source = ".".join(base + ([node.module] if node.module else []))
-            else:
-                source = node.module or ""
-            if not (source == "gem_kernels" or source.startswith("gem_kernels.")):
-                continue
-            text = f"from {'.' * node.level}{node.module or ''} import {', '.join(a.name for a in node.names)}"
-            for alias in node.names:
-                if is_module(f"{source}.{alias.name}"):
-                    out.append((node.lineno, f"{source}.{alias.name}", text))
-                elif not (source == "gem_kernels" and alias.name in ROOT_CONSTANTS):
-                    out.append((node.lineno, source, text))
+            out += _from_imports(node, package)
     return list(dict.fromkeys(out))  # one entry per module an import statement names
 
 
