@@ -1,6 +1,7 @@
 """sparse_weight_grad in every backend: the reference against dense-then-gather, the C++ kernel and
-the Triton kernel (under TRITON_INTERPRET=1, in a subprocess) against the reference, a real
-transformers Conv1D and nn.Linear, and the Triton kernel's compilation for sm_80 / sm_90.
+the Triton kernel (under TRITON_INTERPRET=1, in a subprocess, every configuration) against the
+reference, a real transformers Conv1D and nn.Linear. The Triton kernel's compilation for sm_80 /
+sm_90: tests/test_triton_compile.py.
 
 Tolerance: inputs of any dtype are widened exactly and every backend sums in fp32, so one bound
 serves all dtypes. A sum of T products, in any order, is within (T + 1) * 2^-24 * sum|dY * X| of
@@ -14,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import subprocess
 import sys
 from pathlib import Path
@@ -303,25 +303,61 @@ def test_cpu_bad_dtype_code_is_a_value_error():
 
 # ---------------------------------------------------------------------------------------------
 # The Triton kernel: numerics under the interpreter (a fresh process: Triton picks interpreter or
-# compiler when a kernel is decorated), and compilation for the real chips.
+# compiler when a kernel is decorated), every configuration of CONFIGS. Its compilation for sm_80 /
+# sm_90, every configuration, without spills: tests/test_triton_compile.py.
+
+# The configuration the op uses runs every case and both layer kinds; the others every case but the
+# slow many_spans (T = 5000; the others reach several chunks too); the op's configuration runs two
+# cases with forced T slices (several partial rows added by the host, and one slice).
+SPLIT_CASES = {"many_spans_7_splits": ("many_spans", 7), "mixed_dtypes_1_split": ("mixed_dtypes", 1)}
+# CONFIGS' names, the op's own first (no kernel import here: Triton must not be imported before
+# TRITON_INTERPRET is set; interpreter_cases checks that these are CONFIGS).
+CONFIG_NAMES = ("xt", "xt_e32_t64", "xt_e128_w8", "both", "gather")
+
+
+def _triton_module():
+    import gem_kernels.backends.triton  # noqa: F401  (the package registers the op's kernel)
+    return sys.modules["gem_kernels.backends.triton.sparse_weight_grad"]
+
+
+def interpreter_case_names() -> list:
+    """"config/case" for every configuration and case the interpreter run checks."""
+    names = [f"{c}/{case}" for c in CONFIG_NAMES for case in CASES if c == CONFIG_NAMES[0] or case != "many_spans"]
+    return names + [f"{CONFIG_NAMES[0]}/{case}" for case in ("conv1d", "linear", *SPLIT_CASES)]
+
+
+class _Config:
+    """A backend object whose sparse_weight_grad is one configuration with fixed T slices."""
+
+    def __init__(self, module, config, splits=None):
+        self.module, self.config, self.splits = module, config, splits
+
+    def sparse_weight_grad(self, *args):
+        return self.module.sparse_weight_grad_with(self.config, *args, splits=self.splits)
+
+
+def _interpreter_case(module, config, case):
+    if case in SPLIT_CASES:
+        name, splits = SPLIT_CASES[case]
+        return run_case(_Config(module, config, splits), name)
+    if case in CASES:
+        return run_case(_Config(module, config), case)
+    inputs, grad_outputs, idx, off, autograd = _layer_case(case, torch.float32)
+    got = module.sparse_weight_grad(inputs, grad_outputs, idx, off)  # the op's own entry point
+    return compare(got, autograd, tolerance(inputs, grad_outputs, idx, off), f"{case} triton")
 
 
 def interpreter_cases() -> dict:
-    """Runs every case (and both layer kinds) on the Triton backend; {name: {ok, summary}}."""
-    import gem_kernels.backends.triton as backend
+    """Runs every interpreter case on the Triton backend; {"config/case": {ok, summary}}."""
     from gem_kernels.backends.triton import _common
+    module = _triton_module()
+    assert (tuple(module.CONFIGS), module.DEFAULT_CONFIG) == (CONFIG_NAMES, CONFIG_NAMES[0]), "update CONFIG_NAMES"
     _common.poison_outputs = True  # an entry the kernel forgets to write stays NaN
     results = {}
-    names = list(CASES) + ["conv1d", "linear"]
-    for name in names:
+    for name in interpreter_case_names():
+        config, case = name.split("/")
         try:
-            if name in CASES:
-                summary = run_case(backend, name)
-            else:
-                inputs, grad_outputs, idx, off, autograd = _layer_case(name, torch.float32)
-                got = backend.sparse_weight_grad(inputs, grad_outputs, idx, off)
-                summary = compare(got, autograd, tolerance(inputs, grad_outputs, idx, off), f"{name} triton")
-            results[name] = {"ok": True, "summary": summary}
+            results[name] = {"ok": True, "summary": _interpreter_case(module, config, case)}
         except Exception as error:  # reported per case by the test
             results[name] = {"ok": False, "summary": f"{type(error).__name__}: {error}"}
     return results
@@ -340,44 +376,26 @@ def interpreter_results(tmp_path_factory):
     return json.loads(out.read_text())
 
 
-@pytest.mark.parametrize("case", list(CASES) + ["conv1d", "linear"])
+@pytest.mark.parametrize("case", interpreter_case_names())
 def test_triton_matches_reference_under_interpreter(interpreter_results, case):
     result = interpreter_results[case]
     print(result["summary"])
     assert result["ok"], result["summary"]
 
 
-def _compile_configs():
+def test_triton_slices_and_defaults():
+    """The host's choice of T slices: enough programs for the SMs, slices of whole chunks, bounded."""
+    triton = pytest.importorskip("triton")  # noqa: F841
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
-        return []
-    try:
-        from gem_kernels.backends.triton import sparse_weight_grad as module  # noqa: F401
-    except ImportError:
-        return []
-    module = sys.modules["gem_kernels.backends.triton.sparse_weight_grad"]
-    return [pytest.param(k, sig, cx, opts, id=",".join(f"{a}={b}" for a, b in cx.items()))
-            for k, sig, cx, opts in module.compile_configs()]
-
-
-@pytest.mark.parametrize("arch", [80, 90], ids=lambda a: f"sm{a}")
-@pytest.mark.parametrize("kernel, signature, constexprs, options", _compile_configs())
-def test_triton_compiles_without_spills(kernel, signature, constexprs, options, arch, tmp_path):
-    triton = pytest.importorskip("triton")
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-    compiled = triton.compile(ASTSource(kernel, signature, constexprs), target=GPUTarget("cuda", arch, 32),
-                              options=options)
-    cubin = compiled.asm["cubin"]
-    assert cubin[:4] == b"\x7fELF", "no cubin produced"
-    path = tmp_path / "kernel.cubin"
-    path.write_bytes(cubin)
-    cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
-    text = subprocess.run([str(cuobjdump), "--dump-resource-usage", str(path)], capture_output=True,
-                          text=True, check=True).stdout
-    usage = {k: int(v) for k, v in re.findall(r"\b(REG|STACK|SHARED|LOCAL):(\d+)", text)}
-    print(f"sm{arch} {constexprs} {options}: {usage}")
-    assert {"REG", "STACK", "LOCAL"} <= usage.keys(), f"unexpected cuobjdump output:\n{text}"
-    assert usage["STACK"] == 0 and usage["LOCAL"] == 0, f"spills on sm{arch}: {usage}"
+        pytest.skip("checked in the normal run")
+    module = _triton_module()
+    xt = module.CONFIGS["xt"]
+    assert module.choose_splits(xt, 11534, 4096, 132) == 3  # 181 blocks of 64 -> 3 slices fill 528 programs
+    assert module.choose_splits(xt, 4194, 4096, 132) == 8  # 66 blocks
+    assert module.choose_splits(xt, 115343, 4096, 132) == 1  # enough blocks already
+    assert module.choose_splits(xt, 1, 4096, 132) == module.MAX_SPLITS
+    assert module.choose_splits(xt, 1, 37, 132) == 1  # too few tokens for two slices
+    assert module.DEFAULT_CONFIG in module.CONFIGS
 
 
 if __name__ == "__main__":

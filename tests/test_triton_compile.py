@@ -17,16 +17,19 @@ import gem_kernels.backends.triton  # noqa: E402,F401
 
 CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
 TARGETS = [GPUTarget("cuda", 80, 32), GPUTarget("cuda", 90, 32)]
-MODULES = ["layer_stats", "ratio_topk", "sparse_adamw"]
+MODULES = ["layer_stats", "ratio_topk", "sparse_adamw", "sparse_weight_grad"]
 
 
 def _configs():
+    """Each module's compile_configs(): (kernel, signature, constexprs, options[, attrs]); attrs are
+    ASTSource's, the launcher's specialisations (e.g. tt.divisibility) the launch would have."""
     for name in MODULES:
         module = sys.modules[f"gem_kernels.backends.triton.{name}"]  # the attribute of the same name is the op
-        for kernel, signature, constexprs, options in module.compile_configs():
+        for kernel, signature, constexprs, options, *attrs in module.compile_configs():
             label = f"{name}.{kernel.__name__}[{','.join(f'{k}={v}' for k, v in constexprs.items())},"
-            label += f"{','.join(v for v in signature.values() if v.startswith('*'))},w{options['num_warps']}]"
-            yield pytest.param(kernel, signature, constexprs, options, id=label)
+            label += f"{','.join(v for v in signature.values() if v.startswith('*'))},w{options['num_warps']}"
+            label += ",aligned]" if attrs else "]"
+            yield pytest.param(kernel, signature, constexprs, options, attrs[0] if attrs else None, id=label)
 
 
 def resource_usage(cubin: bytes, tmp_path) -> dict:
@@ -42,10 +45,10 @@ def resource_usage(cubin: bytes, tmp_path) -> dict:
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET", "0") == "1",
                     reason="kernels decorated under the interpreter cannot be compiled")
 @pytest.mark.parametrize("target", TARGETS, ids=lambda t: f"sm{t.arch}")
-@pytest.mark.parametrize("kernel, signature, constexprs, options", list(_configs()))
-def test_compiles_without_spills(kernel, signature, constexprs, options, target, tmp_path):
+@pytest.mark.parametrize("kernel, signature, constexprs, options, attrs", list(_configs()))
+def test_compiles_without_spills(kernel, signature, constexprs, options, attrs, target, tmp_path):
     # The options the host function launches with (num_warps, and fp fusion where it is set).
-    compiled = triton.compile(ASTSource(kernel, signature, constexprs), target=target, options=options)
+    compiled = triton.compile(ASTSource(kernel, signature, constexprs, attrs), target=target, options=options)
     cubin = compiled.asm["cubin"]
     assert cubin[:4] == b"\x7fELF", "no cubin produced"
     usage = resource_usage(cubin, tmp_path)

@@ -1,14 +1,39 @@
-"""sparse_weight_grad: the selected entries of each segment's dW = dYᵀ X, one launch for all.
+"""sparse_weight_grad: the selected entries of each segment's dW = dYᵀ X, as fp32, for CUDA tensors.
 
-Each program takes BLOCK_E consecutive selected entries of one segment and walks T in chunks of
-BLOCK_T: a [BLOCK_E, BLOCK_T] tile of X[t, i] and one of dY[t, o] are loaded, widened to fp32
-(exact), multiplied and summed over t into one fp32 accumulator per entry; nothing is narrowed.
-The programs of segment l start at block_start[l], computed on the device from ``offsets``, so
-the host never reads the per-segment counts (that would wait on the GPU); the program finds its
-segment by a binary search of block_start. With one segment per program, its sizes, addresses
-and dtypes are scalars: each tile load takes one dtype path and needs one address per element.
+Why the layout decides the speed (docs/gpu.md, "sparse_weight_grad: the design and its byte
+model"). Entry (o, i) is a dot product over T of the column dY[:, o] and the column X[:, i]. X
+and dY are token-major ([T, in], [T, out]), so a column is T values one row apart: read as it
+lies, each 2-byte value costs a 32-byte DRAM sector, which is why the first kernel (the
+``gather`` configuration below) lost to cuBLAS's dense dW. Two facts fix it:
+
+* indices come sorted row-major, so a block of consecutive entries covers a narrow band of rows
+  ``o``: at one token, its dY values sit in one or two sectors, which the warp's lanes (laid
+  along the entries) share: dY read in place is coalesced;
+* the columns ``i`` of a block are scattered over all of ``in``, so X is copied once, T-major
+  (``Xᵀ``, ``[in, Tp]``, Tp = T rounded up to 64, in X's dtype) by a tiled transpose; then each
+  entry reads its own contiguous run of ``Xᵀ[i, t0:t0+BLOCK_T]`` (whole sectors, vector loads).
+
+So the default configuration ``xt`` moves X three times (read, write, read back) and dY once:
+about ``T·(3·in + out)·bytes`` from DRAM, against ``2·T·out·in`` flops for the dense product.
+
+The kernel: each program takes BLOCK_E consecutive entries of one segment and one of
+``num_splits`` slices of T, walks its slice in chunks of BLOCK_T, multiplies a [BLOCK_T, BLOCK_E]
+tile of X values by one of dY values (both widened to fp32, exact) and adds it into an fp32
+[BLOCK_T, BLOCK_E] accumulator, reduced over its BLOCK_T rows once at the end. With one slice it
+writes the entries; with several it writes one partial row per slice, and the host adds the rows
+in slice order (torch.sum over dim 0: a fixed order, no float atomics). Slices exist to fill the
+GPU when k is small (4194 entries at density 1e-3 of a 2048 x 2048 layer are 66 blocks of 64).
+The programs of segment l start at block_start[l], computed on the device from ``offsets``, so the
+host never reads the per-segment counts; a program finds its segment by a binary search.
+
+Configurations (``CONFIGS``): the layout (which operands are copied T-major), BLOCK_E, BLOCK_T and
+warps. The op uses ``DEFAULT_CONFIG``; ``sparse_weight_grad_with(name, ...)`` runs any of them (the
+GPU suite times each, benchmarks/gpu_suite.py). Every one compiles for sm_80 and sm_90 without
+spills (``compile_configs()``, tests/test_triton_compile.py).
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -16,28 +41,83 @@ import triton.language as tl
 
 from ._common import dtype_code, find_segment, int_table, load_f32, new_output
 
-# Launch settings. The loads are gathers (one element per lane and t: a program's entries sit in
-# scattered columns), so what matters is how many are in flight per SM. A 32 x 32 tile at 4 warps
-# is 8 elements of X and 8 of dY per thread; ptxas then needs 128 registers and no stack on sm_80
-# and sm_90 (64 x 32 needed 254, 16 per thread). 32 entries per program also keeps a few
-# programs per segment at density 1e-3 (a 384 x 384 layer has 147 entries). Entries of one row o
-# read the same dY element, which the L1 serves. Chosen from register counts; not yet timed on a GPU.
-BLOCK_E = 32
-BLOCK_T = 32
-NUM_WARPS = 4
-# Multiply-adds may fuse into FMAs (stated, as the default is changing in Triton 3.10): the sums are
-# only promised to fp32 rounding, and a fused step rounds once instead of twice.
-OPTIONS = {"num_warps": NUM_WARPS, "enable_fp_fusion": True}
+TABLE_COLS = tl.constexpr(9)  # X address, dY address, X code, dY code, T, in, out, X stride, dY stride
+T_PAD = 64  # the T-major copies' row length is T rounded up to this: 128-byte aligned rows in bf16
 
-TABLE_COLS = tl.constexpr(7)  # X address, dY address, X dtype code, dY dtype code, T, in, out
+
+@dataclass(frozen=True)
+class Config:
+    """One launch configuration. ``x_t`` / ``dy_t``: read that operand from a T-major copy (else in
+    place, token-major). The byte model of each: docs/gpu.md."""
+    x_t: bool
+    dy_t: bool
+    block_e: int
+    block_t: int
+    num_warps: int
+
+    def options(self) -> dict:
+        # Multiply-adds may fuse into FMAs (stated, as the default is changing in Triton 3.10): the
+        # sums are only promised to fp32 rounding, and a fused step rounds once instead of twice.
+        return {"num_warps": self.num_warps, "enable_fp_fusion": True}
+
+
+# The layouts and why each is here (docs/gpu.md gives the bytes each moves at the 953M shapes):
+# * xt: X copied T-major, dY read in place along the entries' row band. The fewest DRAM bytes at
+#   every 953M shape and density: the default. Three tile shapes: 64 entries x 32 tokens (each
+#   entry's run is 64 bytes of bf16: two sectors), 32 x 64 (a whole 128-byte line per entry and
+#   chunk; fewer dY rows per program), and 128 x 32 on 8 warps (twice the bytes in flight per
+#   program, for when few programs fit).
+# * both: X and dY copied T-major: every load a contiguous run, dY's copy costing two more passes
+#   over dY. A hedge on the in-place dY loads (if their sectors do not merge as the model assumes).
+# * gather: nothing copied, both read in place: today's kernel's layout (one sector per X value),
+#   kept as the measured baseline of the layouts and for very small k, where copying X costs more
+#   than reading k·T scattered sectors.
+CONFIGS = {
+    "xt": Config(x_t=True, dy_t=False, block_e=64, block_t=32, num_warps=4),
+    "xt_e32_t64": Config(x_t=True, dy_t=False, block_e=32, block_t=64, num_warps=4),
+    "xt_e128_w8": Config(x_t=True, dy_t=False, block_e=128, block_t=32, num_warps=8),
+    "both": Config(x_t=True, dy_t=True, block_e=64, block_t=32, num_warps=4),
+    "gather": Config(x_t=False, dy_t=False, block_e=32, block_t=32, num_warps=4),
+}
+DEFAULT_CONFIG = "xt"  # the byte model's choice; the GPU suite times them all (benchmarks/gpu_suite.py)
+
+# Slices of T: enough programs for PROGRAMS_PER_SM per SM, each slice at least MIN_SLICE_CHUNKS
+# chunks long, at most MAX_SPLITS slices. Without CUDA (the interpreter) an H100's 132 SMs stand in.
+PROGRAMS_PER_SM = 4
+MIN_SLICE_CHUNKS = 4
+MAX_SPLITS = 16
+FALLBACK_SMS = 132
+
+TRANSPOSE_BLOCK = 64
+TRANSPOSE_WARPS = 4
 
 
 @triton.jit
-def _sparse_weight_grad_kernel(table, offsets, block_start, num_segments, indices, out,
-                               BLOCK_E: tl.constexpr, BLOCK_T: tl.constexpr):
-    # Programs are cut per segment (block_start[l] = programs before segment l), so a program's
-    # sizes, addresses and dtypes are scalars and each tile load takes one path.
+def _load(base, offs, mask, code, CODE: tl.constexpr, ALIGNED: tl.constexpr):
+    """``base[offs]`` (``base`` an int64 address) as fp32: dtype ``CODE`` (0 fp32, 1 bf16, 2 fp16), or
+    the segment's ``code`` when CODE is -1 (segments of several dtypes in one launch). ALIGNED: the
+    address is 16-byte aligned (a T-major copy), which lets runs along T load as vectors."""
+    if CODE == -1:
+        x = load_f32(base, offs, mask, code)
+    else:
+        if CODE == 0:
+            ptr = base.to(tl.pointer_type(tl.float32))
+        elif CODE == 1:
+            ptr = base.to(tl.pointer_type(tl.bfloat16))
+        else:
+            ptr = base.to(tl.pointer_type(tl.float16))
+        if ALIGNED:
+            ptr = tl.multiple_of(ptr, 16)
+        x = tl.load(ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    return x
+
+
+@triton.jit
+def _swg_kernel(table, offsets, block_start, num_segments, indices, parts, num_selected, num_splits,
+                X_T: tl.constexpr, DY_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_T: tl.constexpr,
+                CODE: tl.constexpr):
     pid = tl.program_id(0)
+    split = tl.program_id(1)
     seg = find_segment(block_start, num_segments, pid)
     first = tl.load(offsets + seg) + (pid - tl.load(block_start + seg)).to(tl.int64) * BLOCK_E
     end = tl.load(offsets + seg + 1)
@@ -50,46 +130,149 @@ def _sparse_weight_grad_kernel(table, offsets, block_start, num_segments, indice
     dy_code = tl.load(row + 3)
     tokens = tl.load(row + 4)
     n_in = tl.load(row + 5)
-    n_out = tl.load(row + 6)
+    x_stride = tl.load(row + 7)
+    dy_stride = tl.load(row + 8)
+    if X_T:
+        x_stride = tl.multiple_of(x_stride, 64)  # the copy's rows are T_PAD-aligned
+    if DY_T:
+        dy_stride = tl.multiple_of(dy_stride, 64)
+
+    # This program's slice of T: whole chunks, so that chunk starts stay BLOCK_T-aligned.
+    chunk = tl.cdiv(tl.cdiv(tokens, num_splits), BLOCK_T) * BLOCK_T
+    t_begin = split * chunk
+    t_end = tl.minimum(tokens, t_begin + chunk)
 
     entry = first + tl.arange(0, BLOCK_E)
     active = entry < end
     flat = tl.load(indices + entry, mask=active, other=0)
     o = flat // n_in
     i = flat - o * n_in
-    acc = tl.zeros([BLOCK_E], dtype=tl.float32)
-    for t0 in range(0, tokens, BLOCK_T):
-        t = t0 + tl.arange(0, BLOCK_T).to(tl.int64)
-        live = active[:, None] & (t[None, :] < tokens)
-        x = load_f32(x_base, t[None, :] * n_in + i[:, None], live, x_code)
-        dy = load_f32(dy_base, t[None, :] * n_out + o[:, None], live, dy_code)
-        acc += tl.sum(x * dy, axis=1)
-    tl.store(out + entry, acc, mask=active)
+    acc = tl.zeros([BLOCK_T, BLOCK_E], dtype=tl.float32)
+    for t0 in range(t_begin, t_end, BLOCK_T):
+        t = tl.multiple_of(t0, BLOCK_T) + tl.arange(0, BLOCK_T).to(tl.int64)
+        live = (t[:, None] < t_end) & active[None, :]
+        # A T-major copy is zero past T (its pad) and slices are whole chunks, so its loads need
+        # only the entry mask, which is constant along T: runs along T then load as vectors.
+        x_live = active[None, :] if X_T else live
+        dy_live = active[None, :] if DY_T else live
+        if X_T:  # Xᵀ[i, t]: each entry a contiguous run of BLOCK_T values
+            x_offs = i[None, :] * x_stride + t[:, None]
+        else:  # X[t, i]: one scattered value per entry and token
+            x_offs = t[:, None] * x_stride + i[None, :]
+        if DY_T:
+            dy_offs = o[None, :] * dy_stride + t[:, None]
+        else:  # dY[t, o]: the block's entries lie in a narrow band of rows o, so lanes share sectors
+            dy_offs = t[:, None] * dy_stride + o[None, :]
+        x = _load(x_base, x_offs, x_live, x_code, CODE, X_T)
+        dy = _load(dy_base, dy_offs, dy_live, dy_code, CODE, DY_T)
+        acc += x * dy
+    tl.store(parts + split.to(tl.int64) * num_selected + entry, tl.sum(acc, axis=0), mask=active)
 
 
-def sparse_weight_grad(inputs, grad_outputs, indices, offsets):
+@triton.jit
+def _transpose_kernel(src, dst, rows, cols, padded, BLOCK: tl.constexpr):
+    """dst[c, r] = src[r, c] for src [rows, cols] contiguous and dst [cols, padded], zero for
+    rows <= r < padded: a tile is read along its rows and written along its columns (Triton moves
+    it through shared memory between the two layouts)."""
+    r = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    c = tl.program_id(1).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    tile = tl.load(src + r[:, None] * cols + c[None, :], mask=(r[:, None] < rows) & (c[None, :] < cols), other=0)
+    tl.store(dst + c[None, :] * padded + r[:, None], tile, mask=(r[:, None] < padded) & (c[None, :] < cols))
+
+
+def t_major(x: torch.Tensor) -> torch.Tensor:
+    """``x`` [T, f] as a T-major copy [f, Tp], Tp = T rounded up to T_PAD, zero past T."""
+    tokens, features = x.shape
+    padded = triton.cdiv(max(tokens, 1), T_PAD) * T_PAD
+    out = torch.empty((features, padded), dtype=x.dtype, device=x.device)
+    if features:
+        grid = (triton.cdiv(padded, TRANSPOSE_BLOCK), triton.cdiv(features, TRANSPOSE_BLOCK))
+        _transpose_kernel[grid](x, out, tokens, features, padded, BLOCK=TRANSPOSE_BLOCK, num_warps=TRANSPOSE_WARPS)
+    return out
+
+
+def _sm_count(device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return FALLBACK_SMS
+
+
+def choose_splits(config: Config, num_selected: int, max_tokens: int, sms: int) -> int:
+    """Slices of T: enough programs to fill ``sms`` SMs, never a slice under MIN_SLICE_CHUNKS chunks."""
+    blocks = triton.cdiv(num_selected, config.block_e)
+    wanted = triton.cdiv(PROGRAMS_PER_SM * sms, max(blocks, 1))
+    longest = max(1, max_tokens // (MIN_SLICE_CHUNKS * config.block_t))
+    return max(1, min(wanted, longest, MAX_SPLITS))
+
+
+def _operand(x: torch.Tensor, transposed: bool):
+    """(tensor the kernel reads, its stride) for one operand."""
+    if transposed:
+        copy = t_major(x)
+        return copy, copy.shape[1]
+    return x, x.shape[1]
+
+
+def sparse_weight_grad_with(config, inputs, grad_outputs, indices, offsets, splits=None):
+    """The op with configuration ``config`` (a name of CONFIGS or a Config); ``splits`` forces the
+    number of T slices (default: ``choose_splits``)."""
+    config = CONFIGS[config] if isinstance(config, str) else config
     num_selected = indices.numel()
     device = indices.device
-    out = new_output((num_selected,), torch.float32, device)
     if num_selected == 0:
-        return out
-    rows = [[x.data_ptr(), dy.data_ptr(), dtype_code(x), dtype_code(dy), x.shape[0], x.shape[1], dy.shape[1]]
-            for x, dy in zip(inputs, grad_outputs)]
+        return new_output((0,), torch.float32, device)
+    rows, keep = [], []  # keep: the copies stay alive until the kernel has run
+    for x, dy in zip(inputs, grad_outputs):
+        xr, x_stride = _operand(x, config.x_t)
+        dyr, dy_stride = _operand(dy, config.dy_t)
+        keep += [xr, dyr]
+        rows.append([xr.data_ptr(), dyr.data_ptr(), dtype_code(x), dtype_code(dy), x.shape[0], x.shape[1],
+                     dy.shape[1], x_stride, dy_stride])
     table = int_table(rows, device)
+    codes = {dtype_code(x) for x in inputs} | {dtype_code(dy) for dy in grad_outputs}
+    code = codes.pop() if len(codes) == 1 else -1  # one dtype: its loads compiled for it alone
+    max_tokens = max(x.shape[0] for x in inputs)
+    splits = splits or choose_splits(config, num_selected, max_tokens, _sm_count(device))
+    parts = new_output((splits, num_selected), torch.float32, device)
     # Programs per segment from the device offsets, without reading them on the host: the grid
     # is sized for the worst case (every segment's last block partly filled) and spare
     # programs return at once.
     counts = offsets[1:] - offsets[:-1]
     block_start = torch.zeros(len(inputs) + 1, dtype=torch.int64, device=device)
-    block_start[1:] = torch.cumsum((counts + BLOCK_E - 1) // BLOCK_E, 0)
-    grid = (triton.cdiv(num_selected, BLOCK_E) + len(inputs),)
-    _sparse_weight_grad_kernel[grid](table, offsets, block_start, len(inputs), indices, out,
-                                     BLOCK_E=BLOCK_E, BLOCK_T=BLOCK_T, **OPTIONS)
-    return out
+    block_start[1:] = torch.cumsum((counts + config.block_e - 1) // config.block_e, 0)
+    grid = (triton.cdiv(num_selected, config.block_e) + len(inputs), splits)
+    _swg_kernel[grid](table, offsets, block_start, len(inputs), indices, parts, num_selected, splits,
+                      X_T=config.x_t, DY_T=config.dy_t, BLOCK_E=config.block_e, BLOCK_T=config.block_t,
+                      CODE=code, **config.options())
+    del keep
+    return parts[0] if splits == 1 else parts.sum(0)
+
+
+def sparse_weight_grad(inputs, grad_outputs, indices, offsets):
+    return sparse_weight_grad_with(DEFAULT_CONFIG, inputs, grad_outputs, indices, offsets)
+
+
+SIGNATURE = {"table": "*i64", "offsets": "*i64", "block_start": "*i64", "num_segments": "i32", "indices": "*i64",
+             "parts": "*fp32", "num_selected": "i32", "num_splits": "i32", "X_T": "constexpr", "DY_T": "constexpr",
+             "BLOCK_E": "constexpr", "BLOCK_T": "constexpr", "CODE": "constexpr"}
+TRANSPOSE_DTYPES = ("fp32", "bf16", "fp16")
+LAUNCH_CODES = (1, 0, 2, -1)  # bf16, fp32, fp16 alone; -1: segments of several dtypes
+# What Triton's launcher assumes of the copy at the 953M shapes (every argument a multiple of 16):
+# vector loads and stores on both sides, the tile moved through shared memory. The copy is
+# compiled with and without it (the fifth element, ASTSource's attrs).
+ALIGNED_ATTRS = {(i,): [["tt.divisibility", 16]] for i in range(5)}
 
 
 def compile_configs():
-    """Every (kernel, signature, constexprs, compile options) the host function can launch."""
-    signature = {"table": "*i64", "offsets": "*i64", "block_start": "*i64", "num_segments": "i32",
-                 "indices": "*i64", "out": "*fp32", "BLOCK_E": "constexpr", "BLOCK_T": "constexpr"}
-    return [(_sparse_weight_grad_kernel, signature, {"BLOCK_E": BLOCK_E, "BLOCK_T": BLOCK_T}, OPTIONS)]
+    """Every (kernel, signature, constexprs, compile options[, attrs]) the host function can launch:
+    each configuration's kernel for each dtype code, and the T-major copy for each dtype."""
+    out = [(_swg_kernel, SIGNATURE, {"X_T": c.x_t, "DY_T": c.dy_t, "BLOCK_E": c.block_e, "BLOCK_T": c.block_t,
+                                     "CODE": code}, c.options())
+           for c in CONFIGS.values() for code in LAUNCH_CODES]
+    for dt in TRANSPOSE_DTYPES:
+        signature = {"src": f"*{dt}", "dst": f"*{dt}", "rows": "i32", "cols": "i32", "padded": "i32",
+                     "BLOCK": "constexpr"}
+        for attrs in (None, ALIGNED_ATTRS):
+            out.append((_transpose_kernel, signature, {"BLOCK": TRANSPOSE_BLOCK}, {"num_warps": TRANSPOSE_WARPS})
+                       + ((attrs,) if attrs else ()))
+    return out
