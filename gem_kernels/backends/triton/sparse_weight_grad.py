@@ -23,8 +23,12 @@ tile of X values by one of dY values (both widened to fp32, exact) and adds it i
 writes the entries; with several it writes one partial row per slice, and the host adds the rows
 in slice order (torch.sum over dim 0: a fixed order, no float atomics). Slices exist to fill the
 GPU when k is small (4194 entries at density 1e-3 of a 2048 x 2048 layer are 66 blocks of 64).
-The programs of segment l start at block_start[l], computed on the device from ``offsets``, so the
-host never reads the per-segment counts; a program finds its segment by a binary search.
+One segment (what the layer's backward passes) goes by scalar arguments: a launch for the T-major
+copy, one for the kernel, and the sum when T is sliced; nothing is copied from the host, so a CUDA
+graph can hold the op. Several segments go in one launch through a table of their addresses,
+sizes and dtypes; the programs of segment l start at block_start[l], computed on the device from
+``offsets``, so the host never reads the per-segment counts, and a program finds its segment by a
+binary search.
 
 Configurations (``CONFIGS``): the layout (which operands are copied T-major), BLOCK_E, BLOCK_T and
 warps. The op uses ``DEFAULT_CONFIG``; ``sparse_weight_grad_with(name, ...)`` runs any of them (the
@@ -114,29 +118,52 @@ def _load(base, offs, mask, code, CODE: tl.constexpr, ALIGNED: tl.constexpr):
 
 @triton.jit
 def _swg_kernel(table, offsets, block_start, num_segments, indices, parts, num_selected, num_splits,
+                x_addr, dy_addr, tokens, n_in, x_stride, dy_stride,
                 X_T: tl.constexpr, DY_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_T: tl.constexpr,
                 CODE: tl.constexpr):
+    """CODE -1: several segments, each read from the table (its own dtype); else one segment of
+    dtype CODE, passed as scalars (no table: nothing is copied to the device before the launch)."""
     pid = tl.program_id(0)
-    split = tl.program_id(1)
-    seg = find_segment(block_start, num_segments, pid)
-    first = tl.load(offsets + seg) + (pid - tl.load(block_start + seg)).to(tl.int64) * BLOCK_E
-    end = tl.load(offsets + seg + 1)
-    if first >= end:  # the grid's spare programs (the host does not know the per-segment counts)
-        return
-    row = table + seg * TABLE_COLS
-    x_base = tl.load(row)
-    dy_base = tl.load(row + 1)
-    x_code = tl.load(row + 2)
-    dy_code = tl.load(row + 3)
-    tokens = tl.load(row + 4)
-    n_in = tl.load(row + 5)
-    x_stride = tl.load(row + 7)
-    dy_stride = tl.load(row + 8)
+    if CODE == -1:
+        seg = find_segment(block_start, num_segments, pid)
+        first = tl.load(offsets + seg) + (pid - tl.load(block_start + seg)).to(tl.int64) * BLOCK_E
+        end = tl.load(offsets + seg + 1)
+        row = table + seg * TABLE_COLS
+        xa = tl.load(row)
+        dya = tl.load(row + 1)
+        x_code = tl.load(row + 2)
+        dy_code = tl.load(row + 3)
+        t_all = tl.load(row + 4)
+        width = tl.load(row + 5)
+        xs = tl.load(row + 7)
+        dys = tl.load(row + 8)
+    else:
+        first = pid.to(tl.int64) * BLOCK_E
+        end = num_selected.to(tl.int64)
+        xa = x_addr.to(tl.int64)
+        dya = dy_addr.to(tl.int64)
+        x_code = CODE
+        dy_code = CODE
+        t_all = tokens.to(tl.int64)
+        width = n_in.to(tl.int64)
+        xs = x_stride.to(tl.int64)
+        dys = dy_stride.to(tl.int64)
+    # Hints here, where the values are made (in a called function they would annotate nothing).
     if X_T:
-        x_stride = tl.multiple_of(x_stride, 64)  # the copy's rows are T_PAD-aligned
+        xs = tl.multiple_of(xs, 64)  # the copy's rows are T_PAD-aligned
     if DY_T:
-        dy_stride = tl.multiple_of(dy_stride, 64)
+        dys = tl.multiple_of(dys, 64)
+    if first < end:  # else one of the grid's spare programs (the host does not know per-segment counts)
+        _entry_block(indices, parts, num_selected, num_splits, first, end, xa, dya, x_code, dy_code, t_all,
+                     width, xs, dys, X_T, DY_T, BLOCK_E, BLOCK_T, CODE)
 
+
+@triton.jit
+def _entry_block(indices, parts, num_selected, num_splits, first, end, x_base, dy_base, x_code, dy_code, tokens,
+                 n_in, x_stride, dy_stride, X_T: tl.constexpr, DY_T: tl.constexpr, BLOCK_E: tl.constexpr,
+                 BLOCK_T: tl.constexpr, CODE: tl.constexpr):
+    """Entries [first, min(first + BLOCK_E, end)) over this program's slice of T."""
+    split = tl.program_id(1)
     # This program's slice of T: whole chunks, so that chunk starts stay BLOCK_T-aligned.
     chunk = tl.cdiv(tl.cdiv(tokens, num_splits), BLOCK_T) * BLOCK_T
     t_begin = split * chunk
@@ -153,18 +180,14 @@ def _swg_kernel(table, offsets, block_start, num_segments, indices, parts, num_s
         live = (t[:, None] < t_end) & active[None, :]
         # A T-major copy is zero past T (its pad) and slices are whole chunks, so its loads need
         # only the entry mask, which is constant along T: runs along T then load as vectors.
-        x_live = active[None, :] if X_T else live
-        dy_live = active[None, :] if DY_T else live
         if X_T:  # Xᵀ[i, t]: each entry a contiguous run of BLOCK_T values
-            x_offs = i[None, :] * x_stride + t[:, None]
+            x = _load(x_base, i[None, :] * x_stride + t[:, None], active[None, :], x_code, CODE, True)
         else:  # X[t, i]: one scattered value per entry and token
-            x_offs = t[:, None] * x_stride + i[None, :]
+            x = _load(x_base, t[:, None] * x_stride + i[None, :], live, x_code, CODE, False)
         if DY_T:
-            dy_offs = o[None, :] * dy_stride + t[:, None]
+            dy = _load(dy_base, o[None, :] * dy_stride + t[:, None], active[None, :], dy_code, CODE, True)
         else:  # dY[t, o]: the block's entries lie in a narrow band of rows o, so lanes share sectors
-            dy_offs = t[:, None] * dy_stride + o[None, :]
-        x = _load(x_base, x_offs, x_live, x_code, CODE, X_T)
-        dy = _load(dy_base, dy_offs, dy_live, dy_code, CODE, DY_T)
+            dy = _load(dy_base, t[:, None] * dy_stride + o[None, :], live, dy_code, CODE, False)
         acc += x * dy
     tl.store(parts + split.to(tl.int64) * num_selected + entry, tl.sum(acc, axis=0), mask=active)
 
@@ -213,15 +236,22 @@ def _operand(x: torch.Tensor, transposed: bool):
     return x, x.shape[1]
 
 
-def sparse_weight_grad_with(config, inputs, grad_outputs, indices, offsets, splits=None):
-    """The op with configuration ``config`` (a name of CONFIGS or a Config); ``splits`` forces the
-    number of T slices (default: ``choose_splits``)."""
-    config = CONFIGS[config] if isinstance(config, str) else config
+def _launch_one(config, x, dy, indices, parts, splits):
+    """One segment: its addresses and sizes as scalars, nothing copied to the device first (so the
+    op is a few launches, and a CUDA graph can hold it)."""
+    xr, x_stride = _operand(x, config.x_t)
+    dyr, dy_stride = _operand(dy, config.dy_t)
     num_selected = indices.numel()
+    grid = (triton.cdiv(num_selected, config.block_e), splits)
+    _swg_kernel[grid](indices, indices, indices, 1, indices, parts, num_selected, splits, xr.data_ptr(),
+                      dyr.data_ptr(), x.shape[0], x.shape[1], x_stride, dy_stride, X_T=config.x_t, DY_T=config.dy_t,
+                      BLOCK_E=config.block_e, BLOCK_T=config.block_t, CODE=dtype_code(x), **config.options())
+
+
+def _launch_table(config, inputs, grad_outputs, indices, offsets, parts, splits):
+    """Several segments in one launch: a table of their addresses, sizes and dtypes."""
     device = indices.device
-    if num_selected == 0:
-        return new_output((0,), torch.float32, device)
-    rows, keep = [], []  # keep: the copies stay alive until the kernel has run
+    rows, keep = [], []  # keep: the copies stay alive until the kernel is queued
     for x, dy in zip(inputs, grad_outputs):
         xr, x_stride = _operand(x, config.x_t)
         dyr, dy_stride = _operand(dy, config.dy_t)
@@ -229,22 +259,34 @@ def sparse_weight_grad_with(config, inputs, grad_outputs, indices, offsets, spli
         rows.append([xr.data_ptr(), dyr.data_ptr(), dtype_code(x), dtype_code(dy), x.shape[0], x.shape[1],
                      dy.shape[1], x_stride, dy_stride])
     table = int_table(rows, device)
-    codes = {dtype_code(x) for x in inputs} | {dtype_code(dy) for dy in grad_outputs}
-    code = codes.pop() if len(codes) == 1 else -1  # one dtype: its loads compiled for it alone
-    max_tokens = max(x.shape[0] for x in inputs)
-    splits = splits or choose_splits(config, num_selected, max_tokens, _sm_count(device))
-    parts = new_output((splits, num_selected), torch.float32, device)
     # Programs per segment from the device offsets, without reading them on the host: the grid
     # is sized for the worst case (every segment's last block partly filled) and spare
     # programs return at once.
     counts = offsets[1:] - offsets[:-1]
     block_start = torch.zeros(len(inputs) + 1, dtype=torch.int64, device=device)
     block_start[1:] = torch.cumsum((counts + config.block_e - 1) // config.block_e, 0)
+    num_selected = indices.numel()
     grid = (triton.cdiv(num_selected, config.block_e) + len(inputs), splits)
-    _swg_kernel[grid](table, offsets, block_start, len(inputs), indices, parts, num_selected, splits,
-                      X_T=config.x_t, DY_T=config.dy_t, BLOCK_E=config.block_e, BLOCK_T=config.block_t,
-                      CODE=code, **config.options())
+    _swg_kernel[grid](table, offsets, block_start, len(inputs), indices, parts, num_selected, splits, 0, 0, 0, 0,
+                      0, 0, X_T=config.x_t, DY_T=config.dy_t, BLOCK_E=config.block_e, BLOCK_T=config.block_t,
+                      CODE=-1, **config.options())
     del keep
+
+
+def sparse_weight_grad_with(config, inputs, grad_outputs, indices, offsets, splits=None):
+    """The op with configuration ``config`` (a name of CONFIGS or a Config); ``splits`` forces the
+    number of T slices (default: ``choose_splits``)."""
+    config = CONFIGS[config] if isinstance(config, str) else config
+    num_selected = indices.numel()
+    if num_selected == 0:
+        return new_output((0,), torch.float32, indices.device)
+    max_tokens = max(x.shape[0] for x in inputs)
+    splits = splits or choose_splits(config, num_selected, max_tokens, _sm_count(indices.device))
+    parts = new_output((splits, num_selected), torch.float32, indices.device)
+    if len(inputs) == 1:
+        _launch_one(config, inputs[0], grad_outputs[0], indices, parts, splits)
+    else:
+        _launch_table(config, inputs, grad_outputs, indices, offsets, parts, splits)
     return parts[0] if splits == 1 else parts.sum(0)
 
 
@@ -253,10 +295,11 @@ def sparse_weight_grad(inputs, grad_outputs, indices, offsets):
 
 
 SIGNATURE = {"table": "*i64", "offsets": "*i64", "block_start": "*i64", "num_segments": "i32", "indices": "*i64",
-             "parts": "*fp32", "num_selected": "i32", "num_splits": "i32", "X_T": "constexpr", "DY_T": "constexpr",
-             "BLOCK_E": "constexpr", "BLOCK_T": "constexpr", "CODE": "constexpr"}
+             "parts": "*fp32", "num_selected": "i32", "num_splits": "i32", "x_addr": "i64", "dy_addr": "i64",
+             "tokens": "i32", "n_in": "i32", "x_stride": "i32", "dy_stride": "i32", "X_T": "constexpr",
+             "DY_T": "constexpr", "BLOCK_E": "constexpr", "BLOCK_T": "constexpr", "CODE": "constexpr"}
 TRANSPOSE_DTYPES = ("fp32", "bf16", "fp16")
-LAUNCH_CODES = (1, 0, 2, -1)  # bf16, fp32, fp16 alone; -1: segments of several dtypes
+LAUNCH_CODES = (1, 0, 2, -1)  # one segment of bf16, fp32, fp16; -1: several segments (the table)
 # What Triton's launcher assumes of the copy at the 953M shapes (every argument a multiple of 16):
 # vector loads and stores on both sides, the tile moved through shared memory. The copy is
 # compiled with and without it (the fifth element, ASTSource's attrs).
