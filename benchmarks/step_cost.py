@@ -68,11 +68,12 @@ import minilm_memory  # noqa: E402  (batches, the model, memory measurement)
 
 from gem_kernels import SparseAdamW, sparsify_  # noqa: E402
 from gem_kernels.integrations.transformers import matching_parameters, param_groups  # noqa: E402
-from gem_kernels.selection import GEM  # noqa: E402
+from gem_kernels.selectors import GEM  # noqa: E402
 
 METHODS = ("full", "lora", "gem", "gem-layer", "full-bf16", "qlora", "gem-nf4")
 # The 4-bit comparison: the model in bf16 (QLoRA computes in bf16), the targeted Linear bases in NF4.
 BF16_METHODS = ("full-bf16", "qlora", "gem-nf4")
+DEFAULT_METHODS = tuple(m for m in METHODS if m not in BF16_METHODS)
 MODELS = ("minilm-qv", "minilm-all", "llama-all", "llama-953m", "llama-953m-cpu", "llama-tiny")
 MINILM_QV = ["query", "value"]
 LLAMA_ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -273,7 +274,7 @@ def table(rows) -> str:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--models", nargs="+", default=["minilm-qv", "minilm-all", "llama-all"], choices=MODELS)
-    parser.add_argument("--methods", nargs="+", choices=METHODS, default=[m for m in METHODS if m not in BF16_METHODS])
+    parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(DEFAULT_METHODS))
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--compile", action="store_true", help="wrap the model in torch.compile")
     parser.add_argument("--steps", type=int, default=3)

@@ -32,7 +32,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, TrainingArguments, get_l
 
 from gem_kernels.integrations.transformers import SparseTrainer, param_groups
 from gem_kernels.optim import SparseAdamW
-from gem_kernels.selection import GEM
+from gem_kernels.selectors import GEM
 
 DATA = Path(__file__).resolve().parent / "data" / "instructions.jsonl"
 PROMPT = "Question: {question}\nAnswer: "

@@ -27,7 +27,7 @@ from gem_finetune.data import read_task, take
 from gem_finetune.models import default_model_dir
 from gem_kernels.integrations.transformers import SparseTrainer, param_groups
 from gem_kernels.optim import SparseAdamW
-from gem_kernels.selection import GEM
+from gem_kernels.selectors import GEM
 
 
 def encode_examples(tokenizer, task_dir: str, count: int, max_length: int) -> list[dict]:

@@ -116,7 +116,7 @@ def set_up(method: str, model, lr: float, weight_decay: float, budget: int, tota
         return Setup(model, torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay), numel(params), rank)
     if method in SPARSE_METHODS:
         from gem_kernels.optim import SparseAdamW
-        from gem_kernels.selection import GEM, ID3, GradMagnitude, Random
+        from gem_kernels.selectors import GEM, ID3, GradMagnitude, Random
         # (name, tensor) pairs, so that selection_report() rows carry the tensor names.
         groups = param_groups(model, sparse=target_modules(model, method), dense=["head"],
                               weight_decay=weight_decay)

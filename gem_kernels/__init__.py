@@ -16,7 +16,7 @@ from .nn import SparseDeltaLinear, merge_, sparsify_  # noqa: E402
 from .ops import layer_stats, live_backends, ratio_topk, sparse_adamw_, sparse_weight_grad  # noqa: E402
 from .optim import SparseAdamW  # noqa: E402
 from .peft_export import export_peft_shira, export_peft_supertuning  # noqa: E402  (imports peft only when called)
-from .selection import GEM, ID3, GradMagnitude, Random  # noqa: E402
+from .selectors import GEM, ID3, GradMagnitude, Random  # noqa: E402
 
 __all__ = ["__version__", "live_backends", "layer_stats", "ratio_topk", "sparse_adamw_", "sparse_weight_grad",
            "SparseAdamW", "GEM", "ID3", "GradMagnitude", "Random", "save_delta", "apply_delta", "remove_delta",

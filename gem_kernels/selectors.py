@@ -32,7 +32,7 @@ ROUNDINGS = ("largest_remainder", "floor")
 
 
 @dataclass
-class Selection:
+class Choice:
     """What a selector chose: an index set, plus per-tensor figures for the report (or None)."""
     indices: Tensor
     offsets: Tensor
@@ -117,7 +117,7 @@ class OneShotSelector(Selector):
     ``select`` reads the summed calibration gradients; Random does not)."""
     needs_gradients = True
 
-    def select(self, grads: Sequence[Tensor], weights: Sequence[Tensor], budget: int, on=LOCAL) -> Selection:
+    def select(self, grads: Sequence[Tensor], weights: Sequence[Tensor], budget: int, on=LOCAL) -> Choice:
         raise NotImplementedError
 
 
@@ -129,7 +129,7 @@ class IncrementalSelector(Selector):
         raise NotImplementedError
 
     def select_new(self, grads: Sequence[Tensor], weights: Sequence[Tensor], count: int,
-                   exclude, on=LOCAL) -> Selection:
+                   exclude, on=LOCAL) -> Choice:
         raise NotImplementedError
 
 
@@ -174,7 +174,7 @@ class GEM(OneShotSelector):
         stats = on.layer_stats(grads, weights, self.eps, 1.0)
         counts, entropy, score = self.allocate(stats, on.numels(weights), int(budget))
         indices, offsets = on.ratio_topk(grads, weights, counts, self.eps, 1.0)
-        return Selection(indices, offsets, entropy, score)
+        return Choice(indices, offsets, entropy, score)
 
 
 class GradMagnitude(OneShotSelector):
@@ -185,7 +185,7 @@ class GradMagnitude(OneShotSelector):
 
     def select(self, grads, weights, budget, on=LOCAL):
         indices, offsets = on.ratio_topk(grads, weights, int(budget), 0.0, 0.0)
-        return Selection(indices, offsets)
+        return Choice(indices, offsets)
 
 
 class Random(OneShotSelector):
@@ -208,7 +208,7 @@ class Random(OneShotSelector):
     def select(self, grads, weights, budget, on=LOCAL):
         keys = on.random_keys(weights, self.seed)
         indices, offsets = on.ratio_topk(keys, [w.detach() for w in weights], int(budget), 0.0, 0.0)
-        return Selection(indices, offsets)
+        return Choice(indices, offsets)
 
 
 class ID3(IncrementalSelector):
@@ -238,6 +238,6 @@ class ID3(IncrementalSelector):
             return 0
         return budget // self.total_steps + (1 if step <= budget % self.total_steps else 0)
 
-    def select_new(self, grads, weights, count: int, exclude, on=LOCAL) -> Selection:
+    def select_new(self, grads, weights, count: int, exclude, on=LOCAL) -> Choice:
         indices, offsets = on.ratio_topk(grads, weights, int(count), self.eps, self.exponent, exclude)
-        return Selection(indices, offsets)
+        return Choice(indices, offsets)

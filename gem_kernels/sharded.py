@@ -13,7 +13,7 @@ import torch.distributed as dist
 
 from . import ops
 from .reference import ratio_score
-from .selection import IncrementalSelector, Selection
+from .selectors import Choice, IncrementalSelector
 
 Tensor = torch.Tensor
 
@@ -144,7 +144,7 @@ def sharded_ratio_topk(local_grads: Sequence[Tensor], local_weights: Sequence[Te
 
 
 class ShardedOps:
-    """The ops a selector calls (see ``gem_kernels.selection.LocalOps``), over full tensors that
+    """The ops a selector calls (see ``gem_kernels.selectors.LocalOps``), over full tensors that
     each rank of ``group`` holds a contiguous flat slice of (``shard_offsets[l]``: where this
     rank's slice of tensor ``l`` starts; ``full_numels[l]``: the full tensor's size). Each call is
     a collective and answers with this rank's part of the single-process answer."""
@@ -170,7 +170,7 @@ class ShardedOps:
 
 def sharded_select(selector, local_grads: Sequence[Tensor], local_weights: Sequence[Tensor],
                    shard_offsets: Sequence[int], full_numels: Sequence[int], budget: int,
-                   exclude=None, group=None) -> Selection:
+                   exclude=None, group=None) -> Choice:
     """What ``selector`` would choose on the full tensors, cut to this rank's shards (local
     indices): one-shot selectors ``budget`` entries from the calibration sums (``grads``), an
     incremental one (ID3) ``budget`` new entries outside ``exclude``. A collective."""

@@ -12,7 +12,7 @@ import torch
 
 from gem_kernels import ops
 from gem_kernels.optim import SparseAdamW
-from gem_kernels.selection import GEM, ID3, Random
+from gem_kernels.selectors import GEM, ID3, Random
 
 CASES = 400
 

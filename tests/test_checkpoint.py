@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from gem_kernels.optim import SparseAdamW
-from gem_kernels.selection import GEM, ID3, GradMagnitude
+from gem_kernels.selectors import GEM, ID3, GradMagnitude
 
 
 def _mlp(seed, dtype=torch.bfloat16):

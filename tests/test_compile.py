@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from gem_kernels import SparseAdamW
-from gem_kernels.selection import GEM, ID3
+from gem_kernels.selectors import GEM, ID3
 
 STEPS = 5
 # inductor reorders fp32 sums inside the model's graph, so its weights differ from eager by

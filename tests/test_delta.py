@@ -8,7 +8,7 @@ import torch
 
 from gem_kernels import delta
 from gem_kernels.optim import SparseAdamW
-from gem_kernels.selection import GEM
+from gem_kernels.selectors import GEM
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 

@@ -304,7 +304,7 @@ def _checkpoint_worker(rank, tmpdir, cases):
 
 
 def _snapshot(model, opt):
-    return (_full(model).clone(), opt.phase, opt.selection.calibration_done, opt.selection.unmask_done,
+    return (_full(model).clone(), opt.phase, opt.selection_state.calibration_done, opt.selection_state.unmask_done,
             {p: {k: v.clone() for k, v in s.items()} for p, s in opt.state.items()})
 
 
@@ -359,7 +359,7 @@ def _dcp_worker(rank, tmpdir):
             for p in model.parameters():
                 p.grad.zero_()
         opt.step()
-        assert opt.selection.calibration_done == 1
+        assert opt.selection_state.calibration_done == 1
     model = _sharded_model()
     adamw = torch.optim.AdamW(model.parameters(), lr=1e-2)
     assert get_optimizer_state_dict(model, adamw)["state"]  # made by DCP's first step

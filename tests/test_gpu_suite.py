@@ -1,12 +1,15 @@
 """What of the GPU suite (benchmarks/gpu_suite.py, docs/gpu.md) can be checked without a GPU: the
 ulp helper and the AdamW step's GPU contract (tests/triton_cases.py), the suite's arguments, its
-stage time-boxing, its JSON-lines and markdown writing, the refusals without CUDA, and a CPU
-smoke run of benchmarks/step_cost.py."""
+stage budgets and time-boxing, its JSON-lines and markdown writing, the weight-gradient dispatch
+table (its rows, the rule, the committed placeholder, merging), the byte model, the refusals
+without CUDA, a CPU smoke run of benchmarks/step_cost.py, and the whole suite's dry run on CPU
+(every stage end to end, tiny shapes, Triton under its interpreter)."""
 from __future__ import annotations
 
 import json
 import math
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -263,9 +266,17 @@ def _fake_records(run="R1"):
         {"run": run, "kind": "item", "stage": "kernel_timings", "item": "sparse_adamw", "triton_ms": 0.058,
          "torch_ms": 0.86, "ideal_ms": 0.01, "fraction_of_ideal": 0.17, "torch_baseline": "fused AdamW"},
         {"run": run, "kind": "stage", "stage": "kernel_timings", "status": "ok", "seconds": 20.0, "budget_s": 45},
-        {"run": run, "kind": "item", "stage": "weight_grad_timings", "item": "5632x2048 bfloat16", "T": 4096,
-         "out": 5632, "in": 2048, "dtype": "bfloat16", "density": 1e-3, "k": 11534, "triton_ms": 2.03,
-         "dense_ms": 1.21, "ideal_ms": 0.015},
+        {"run": run, "kind": "item", "stage": "weight_grad_timings", "item": "5632x2048 0.001 dense", "T": 4096,
+         "out": 5632, "in": 2048, "dtype": "bfloat16", "density": 1e-3, "k": 11534, "impl": "dense", "ms": 0.121,
+         "graph_ms": 0.118, "model_ms": 0.135},
+        {"run": run, "kind": "item", "stage": "weight_grad_timings", "item": "5632x2048 0.001 xt_e128_t32_w8",
+         "T": 4096, "out": 5632, "in": 2048, "dtype": "bfloat16", "density": 1e-3, "k": 11534,
+         "impl": "xt_e128_t32_w8", "ms": 0.0605, "graph_ms": None, "model_ms": 0.064},
+        {"run": run, "kind": "item", "stage": "weight_grad_timings", "item": "dispatch (0, 0.001]",
+         "device": "NVIDIA Fake", "dtype": "bfloat16", "band": "(0, 0.001]", "density_low": 0.0,
+         "density_high": 1e-3, "T": 4096, "choice": "sparse", "config": "xt_e128_t32_w8", "sparse_ms": 0.0605,
+         "dense_ms": 0.121, "sparse_graph_ms": None, "dense_graph_ms": None, "basis": "eager", "shapes": {},
+         "run": run, "dry_run": False},
         {"run": run, "kind": "item", "stage": "step_eager", "item": "lora", **row, "method": "lora",
          "median_step_s": 0.1097},
         {"run": run, "kind": "item", "stage": "step_eager", "item": "full", **row, "method": "full",
@@ -303,7 +314,9 @@ def test_records_round_trip_and_markdown(tmp_path):
                      "| step_compiled | skipped |", "## Kernel cases: 1 of 2 passed",
                      "| adamw_steps_bf16_exact | FAIL | 2.00 | AssertionError: after step 3 of 5",
                      "4.30 TB/s", "| sparse_adamw | 0.058 | 0.860 | 14.83 |",
-                     "| 4096 | 5632 x 2048 | bfloat16 | 0.001 | 11,534 | 2.030 | 1.210 | 0.60 |",
+                     "| 5632 x 2048 | 0.001 | 11,534 | dense | 121.0 | 118.0 | 1.00 | 135.0 |",
+                     "| 5632 x 2048 | 0.001 | 11,534 | xt_e128_t32_w8 | 60.5 | n/a | 2.00 | 64.0 |",
+                     "| NVIDIA Fake | bfloat16 | (0, 0.001] | **sparse** | xt_e128_t32_w8 | 60.5 | 121.0 | n/a |",
                      "| gem | 79.0 | 0.72 | 0.89 | 13.6 | 1.00 | 805,306 | 4.0 |",
                      "| gem-layer | error: torch.OutOfMemoryError: CUDA out of memory",
                      "| gem | 0 | 85.0 | 41.0 | 400 | 12.0 |"):
@@ -326,7 +339,7 @@ def test_run_suite_time_boxes_and_writes_the_files(tmp_path, monkeypatch, capsys
         stage, jsonl, run = (cmd[cmd.index(flag) + 1] for flag in ("--stage", "--jsonl", "--run"))
         seen.append((stage, budget))
         gpu_suite.append_jsonl(Path(jsonl), {"run": run, "kind": "item", "stage": stage, "item": "x", "ok": True})
-        if stage == "kernel_timings":
+        if stage == "weight_grad_timings":
             fake_clock[0] += 310  # leaves 10 s of the 320: under MIN_START, so the next stages are skipped
             return {"status": "timed_out", "rc": -15, "seconds": 300.0}
         return {"status": "ok", "rc": 0, "seconds": 1.0}
@@ -334,15 +347,15 @@ def test_run_suite_time_boxes_and_writes_the_files(tmp_path, monkeypatch, capsys
     fake_clock = [1000.0]
     monkeypatch.setattr(gpu_suite, "run_stage", fake_run_stage)
     monkeypatch.setattr(gpu_suite.time, "monotonic", lambda: fake_clock[0])
-    monkeypatch.setattr(gpu_suite, "_environment", lambda: {"device": "NVIDIA Fake"})
+    monkeypatch.setattr(gpu_suite, "_environment", lambda dry_run=False: {"device": "NVIDIA Fake"})
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    rc = gpu_suite.main(["--results", str(tmp_path), "--only", "cases", "kernel_timings", "step_eager", "finetune",
-                         "--budget", "kernel_timings=300", "--total", "320"])
+    rc = gpu_suite.main(["--results", str(tmp_path), "--only", "cases", "weight_grad_timings", "step_eager",
+                         "finetune", "--budget", "weight_grad_timings=300", "--total", "320"])
     assert rc == 1
-    assert seen == [("cases", gpu_suite.STAGES["cases"]), ("kernel_timings", 300)]
+    assert seen == [("cases", gpu_suite.STAGES["cases"]), ("weight_grad_timings", 300)]
     report = json.loads((tmp_path / "gpu-NVIDIA-Fake.json").read_text())
     assert {k: v["status"] for k, v in report["stages"].items()} == {
-        "cases": "ok", "kernel_timings": "timed_out", "step_eager": "skipped", "finetune": "skipped"}
+        "cases": "ok", "weight_grad_timings": "timed_out", "step_eager": "skipped", "finetune": "skipped"}
     assert (tmp_path / "gpu-NVIDIA-Fake.md").read_text() in capsys.readouterr().out
     assert (tmp_path / "gpu-runs.jsonl").read_text().count('"kind": "stage"') == 4
 
@@ -397,7 +410,7 @@ def test_step_cost_cpu_smoke(tmp_path, capsys):
     assert step_cost.main(["--models", "llama-tiny", "--steps", "1", "--json", str(out)]) == 0
     data = json.loads(out.read_text())
     rows = data["rows"]
-    assert [r["method"] for r in rows] == list(step_cost.METHODS)
+    assert [r["method"] for r in rows] == list(step_cost.DEFAULT_METHODS)
     for r in rows:
         assert r["device"] == "cpu" and r["compiled"] is False and r["median_step_s"] > 0
         assert r["peak_step_bytes"] == r["resident_bytes"] + r["step_extra_peak_bytes"] > 0
@@ -407,16 +420,27 @@ def test_step_cost_cpu_smoke(tmp_path, capsys):
         assert by["gem-layer"]["trained_entries"] == by["gem"]["trained_entries"]
     assert by["full"]["trained_entries"] == sum(p.numel() for p in step_cost._llama_builder("llama-tiny", "cpu")()
                                                 .parameters())
-    assert "llama-tiny  lora" in capsys.readouterr().out
+    assert re.search(r"^llama-tiny +lora ", capsys.readouterr().out, re.MULTILINE)
 
 
 def test_step_stages_time_step_cost_methods():
-    """The suite's step stages name methods step_cost knows: SparseAdamW (``gem``) and the
-    baselines LoRA and full AdamW, eager and compiled."""
+    """The suite's step stages name methods step_cost knows, baselines first: full AdamW, then LoRA,
+    then ours, the drop-in SparseAdamW (``gem``) and the explicit layer (``gem-layer``); no method
+    twice (on CUDA ``default`` was ``gem`` again: a duplicate row)."""
     import step_cost
     for methods in (gpu_suite.STEP_EAGER_METHODS, gpu_suite.STEP_COMPILED_METHODS):
         assert set(methods) <= set(step_cost.METHODS), methods
-        assert methods[0] == "gem" and {"lora", "full"} <= set(methods)
+        assert tuple(methods) == ("full", "lora", "gem", "gem-layer")
+
+
+def test_stage_budgets_add_up_to_the_total_within_the_lend():
+    """One call of at most 7 minutes (timeout_s 480): the stages' budgets are the suite's total, which
+    leaves 20 s of the 420 for starting and the report; the lend's 15 minutes hold the machine's
+    start (minutes) and one such call (docs/gpu.md, "The 15-minute budget")."""
+    assert sum(gpu_suite.STAGES.values()) == gpu_suite.TOTAL
+    assert gpu_suite.TOTAL + 20 <= 7 * 60 < 480
+    assert list(gpu_suite.STAGES)[:2] == ["cases", "weight_grad_timings"]  # what matters most runs first
+    assert set(gpu_suite.STAGE_FUNCTIONS) == set(gpu_suite.STAGES)
 
 
 def test_llama_953m_config_has_953m_parameters():

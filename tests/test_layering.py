@@ -1,4 +1,4 @@
-"""Imports point one way: kernels <- ops <- selection <- optim <- the rest <- the package root.
+"""Imports point one way: kernels <- ops <- selectors <- optim <- the rest <- the package root.
 
 Every ``gem_kernels/**/*.py`` is parsed (nothing is imported), and every import of a gem_kernels
 module in it, absolute or relative, at module level or inside a function, must name a module of
@@ -15,7 +15,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "gem_kernels"
 
-LAYERS = ("kernels", "ops", "selection", "optim", "rest", "root")
+LAYERS = ("kernels", "ops", "selectors", "optim", "rest", "root")
 
 # Module -> layer. An entry also places every module under it, except the root's entry, which
 # places ``gem_kernels/__init__.py`` only.
@@ -24,11 +24,10 @@ LAYER_OF = {
     "gem_kernels.library": "kernels",         # the operators and register_kernel
     "gem_kernels.reference": "kernels",       # the specification
     "gem_kernels.backends": "kernels",        # every backend, each file registering its kernels
-    "gem_kernels.cpu": "kernels",             # until it moves into backends/
-    "gem_kernels.triton": "kernels",          # until it moves into backends/
     "gem_kernels.ops": "ops",
-    "gem_kernels.selection": "selection",
-    "gem_kernels.sharded": "selection",       # the selection's ops over row-sharded tensors
+    "gem_kernels.dtensor": "ops",             # generic DTensor helpers
+    "gem_kernels.selectors": "selectors",
+    "gem_kernels.sharded": "selectors",       # the selection's ops over row-sharded tensors
     "gem_kernels.optim": "optim",
     "gem_kernels.nn": "rest",
     "gem_kernels.delta": "rest",
@@ -177,8 +176,8 @@ def test_the_check_sees_each_kind_of_import(tmp_path, monkeypatch):
         "gem_kernels/__init__.py": "__version__ = '0'\nfrom . import ops\n",
         "gem_kernels/ops.py": "from . import library\nfrom .reference import x\n",
         "gem_kernels/library.py": "def f():\n    from .optim import SparseAdamW\n",
-        "gem_kernels/reference.py": "import gem_kernels.selection\nx = 1\n",
-        "gem_kernels/selection.py": "from gem_kernels import ops, __version__\n",
+        "gem_kernels/reference.py": "import gem_kernels.selectors\nx = 1\n",
+        "gem_kernels/selectors.py": "from gem_kernels import ops, __version__\n",
         "gem_kernels/optim/__init__.py": "",
         "gem_kernels/optim/fsdp.py": "from ..distributed.sharded import ShardedOps\nfrom .. import newmod\n",
         "gem_kernels/backends/mps.py": "from ..library import register_kernel\nfrom .. import nn\n",
@@ -190,11 +189,11 @@ def test_the_check_sees_each_kind_of_import(tmp_path, monkeypatch):
     problems = violations(paths)
     text = "\n".join(problems)
     assert "gem_kernels/library.py:2: `from .optim import SparseAdamW`" in text  # in a function
-    assert "gem_kernels/reference.py:1: `import gem_kernels.selection`" in text  # absolute
+    assert "gem_kernels/reference.py:1: `import gem_kernels.selectors`" in text  # absolute
     assert "gem_kernels/optim/fsdp.py:1: `from ..distributed.sharded import ShardedOps`" in text
     assert "imports gem_kernels.newmod, which has no layer" in text
     assert "module gem_kernels.newmod has no layer" in text
     assert "gem_kernels/backends/mps.py:2: `from .. import nn`: gem_kernels.backends.mps (kernels)" in text
     assert len(problems) == 6, text
-    assert not any(p.startswith(("gem_kernels/__init__", "gem_kernels/ops", "gem_kernels/selection",
+    assert not any(p.startswith(("gem_kernels/__init__", "gem_kernels/ops", "gem_kernels/selectors",
                                  "gem_kernels/distributed", "gem_kernels/nn")) for p in problems)

@@ -9,7 +9,7 @@ import torch
 
 import gem_kernels
 from gem_kernels import SparseAdamW
-from gem_kernels.selection import GEM, ID3, Random
+from gem_kernels.selectors import GEM, ID3, Random
 
 
 def _mlp(seed=0):

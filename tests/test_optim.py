@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from gem_kernels.optim import SparseAdamW
-from gem_kernels.selection import GEM, ID3, Random
+from gem_kernels.selectors import GEM, ID3, Random
 
 
 def _mlp(seed=0, dtype=torch.float32):

@@ -16,7 +16,7 @@ from transformers.pytorch_utils import Conv1D  # noqa: E402
 
 import gem_kernels  # noqa: E402
 from gem_kernels.integrations.transformers import param_groups  # noqa: E402
-from gem_kernels.selection import GEM  # noqa: E402
+from gem_kernels.selectors import GEM  # noqa: E402
 
 QV = [f"bert.encoder.layer.{i}.attention.self.{m}" for i in range(2) for m in ("query", "value")]
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from gem_kernels.optim import SparseAdamW
-from gem_kernels.selection import GEM, ID3, GradMagnitude, Random, split_budget
+from gem_kernels.selectors import GEM, ID3, GradMagnitude, Random, split_budget
 
 
 def _hand_made_case():

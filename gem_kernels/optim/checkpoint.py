@@ -21,7 +21,7 @@ from copy import deepcopy
 import torch
 
 from .. import ops
-from .fsdp import local
+from ..dtensor import local
 from .layout import AGE_KEY, MAX_KEY, flat_keys
 from .state import SelectionState, bad_checkpoint
 

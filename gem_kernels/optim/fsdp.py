@@ -23,25 +23,17 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from ..dtensor import is_dtensor, local
 from ..library import check_strided
-from ..selection import LOCAL
+from ..selectors import LOCAL
 from ..sharded import ShardedOps, shard_offsets
 
 try:
-    from torch.distributed.tensor import DTensor, Shard
+    from torch.distributed.tensor import Shard
 except ImportError:  # torch built without distributed
-    DTensor = Shard = None
+    Shard = None
 
 Tensor = torch.Tensor
-
-
-def is_dtensor(t) -> bool:
-    return DTensor is not None and isinstance(t, DTensor)
-
-
-def local(t):
-    """The plain local block of a DTensor (a view of it, not a copy), else ``t`` itself."""
-    return t.to_local() if is_dtensor(t) else t
 
 
 def check_param(name: str, p) -> None:
@@ -107,8 +99,8 @@ def sharding_of(sparse_params: list, selector):
     return Sharding(mesh, sparse_params[0].to_local().device)
 
 
-def selection_ops(sharding, params):
-    """The ops the selector computes through (``gem_kernels.selection``): over the tensors
+def selector_ops(sharding, params):
+    """The ops the selector computes through (``gem_kernels.selectors``): over the tensors
     themselves, or for FSDP2 over the full tensors from each rank's local blocks (collectives)."""
     if sharding is None:
         return LOCAL

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from .fsdp import agree_finite, local
+from ..dtensor import local
+from .fsdp import agree_finite
 
 Tensor = torch.Tensor
 

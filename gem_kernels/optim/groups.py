@@ -8,7 +8,8 @@ import math
 import torch
 
 from .. import ops
-from .fsdp import check_param, local
+from ..dtensor import local
+from .fsdp import check_param
 
 
 def _tensor_of(item):

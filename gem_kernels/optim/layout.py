@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from .fsdp import local
+from ..dtensor import local
 
 Tensor = torch.Tensor
 

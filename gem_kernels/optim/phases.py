@@ -20,7 +20,8 @@ import torch
 from torch.optim.adamw import adamw as torch_adamw
 
 from .. import ops
-from .fsdp import Sharding, local, selection_ops
+from ..dtensor import local
+from .fsdp import Sharding, selector_ops
 from .grads import check_finite, compact_grad
 from .groups import resolve_budget
 from .layout import MAX_KEY, GroupLayout, merged_state, new_state
@@ -110,7 +111,7 @@ def choose_entries(ctx: StepContext, selection: SelectionState, selector, budget
                          "with a calibration gradient); see selection_report()")
     weights = [local(named[i][1]).detach() for i in candidates]
     grads = [sums[named[i][1]] for i in candidates] if selector.needs_gradients else weights
-    chosen = selector.select(grads, weights, budget, on=selection_ops(ctx.sharding, [named[i][1] for i in candidates]))
+    chosen = selector.select(grads, weights, budget, on=selector_ops(ctx.sharding, [named[i][1] for i in candidates]))
     bounds = chosen.offsets.tolist()
     indices = {i: chosen.indices[bounds[j]:bounds[j + 1]].clone() for j, i in enumerate(candidates)}
     empty = torch.zeros(0, dtype=torch.int64)
@@ -321,7 +322,7 @@ class Unmasking:
             count = min(self.selector.unmask_count(step, budget), available)
             new = self.selector.select_new([local(p.grad).contiguous() for p in candidates],
                                            [local(p).detach() for p in candidates], count,
-                                           (torch.cat(current), offsets), on=selection_ops(ctx.sharding, candidates))
+                                           (torch.cat(current), offsets), on=selector_ops(ctx.sharding, candidates))
             bounds = new.offsets.tolist()
             for j, p in enumerate(candidates):
                 states[p] = merged_state(states[p], p, new.indices[bounds[j]:bounds[j + 1]])

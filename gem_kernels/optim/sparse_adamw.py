@@ -51,7 +51,7 @@ from __future__ import annotations
 import torch
 
 from .. import ops
-from ..selection import GEM, IncrementalSelector, Selector
+from ..selectors import GEM, IncrementalSelector, Selector
 from . import checkpoint, fsdp, phases
 from .groups import check_budget_args, resolve_budget, split_param_group
 from .state import SelectionState
@@ -90,7 +90,7 @@ class SparseAdamW(torch.optim.Optimizer):
         ops.check_adamw_hyper(lr, betas, eps, weight_decay)
         selector = GEM() if selector is None else selector
         if not isinstance(selector, Selector):
-            raise TypeError(f"selector must be a gem_kernels.selection selector (GEM, ID3, "
+            raise TypeError(f"selector must be a gem_kernels.selectors selector (GEM, ID3, "
                             f"GradMagnitude, Random), got {type(selector).__name__}")
         check_budget_args(density, budget)
         incremental = isinstance(selector, IncrementalSelector)
@@ -99,7 +99,7 @@ class SparseAdamW(torch.optim.Optimizer):
         self._selector = selector
         self._budget_args = (density, budget)
         self._calibration_steps = calibration_steps
-        self.selection = SelectionState(phase="unmasking" if incremental else "calibration")
+        self.selection_state = SelectionState(phase="unmasking" if incremental else "calibration")
         self._phases = {"calibration": phases.Calibrating(selector, calibration_steps, self._budget_args),
                         "unmasking": phases.Unmasking(selector, self._budget_args),
                         "training": phases.Training()}
@@ -115,7 +115,7 @@ class SparseAdamW(torch.optim.Optimizer):
                              "group with sparse=True (for dense training use torch.optim.AdamW)")
         resolve_budget([p for _, p in self.sparse_params()], density, budget)  # bad budgets fail now
         if self.phase == "calibration" and calibration_steps == 0 and not selector.needs_gradients:
-            phases.choose_entries(self._context(), self.selection, selector, self._budget_args, {})
+            phases.choose_entries(self._context(), self.selection_state, selector, self._budget_args, {})
         self.register_step_pre_hook(fsdp.refuse_dcp_init_step)  # DCP's first step on FSDP2 params (fsdp.py)
         self.register_state_dict_post_hook(SparseAdamW._add_checkpoint_entry)
         self.register_load_state_dict_pre_hook(SparseAdamW._check_checkpoint)
@@ -126,7 +126,7 @@ class SparseAdamW(torch.optim.Optimizer):
 
     @property
     def phase(self) -> str:
-        return self.selection.phase
+        return self.selection_state.phase
 
     @property
     def selector(self) -> Selector:
@@ -175,8 +175,8 @@ class SparseAdamW(torch.optim.Optimizer):
             row = {"name": name, "shape": tuple(p.shape), "numel": p.numel(),
                    "count": int(state["indices"].numel()) if "indices" in state else 0,
                    "entropy": None, "score": None, "note": None}
-            if i < len(self.selection.report):
-                row.update(self.selection.report[i])
+            if i < len(self.selection_state.report):
+                row.update(self.selection_state.report[i])
             rows.append(row)
         return rows
 
@@ -210,7 +210,7 @@ class SparseAdamW(torch.optim.Optimizer):
             self.zero_grad(set_to_none=True)
         if count == 0:
             raise ValueError("batches gave no batch to calibrate on")
-        phases.choose_entries(ctx, self.selection, self._selector, self._budget_args, sums)
+        phases.choose_entries(ctx, self.selection_state, self._selector, self._budget_args, sums)
 
     def replace_trained_params(self, replacements: dict) -> None:
         """Puts each ``replacements[weight]``, a tensor of the k values selected in ``weight`` (as
@@ -238,7 +238,7 @@ class SparseAdamW(torch.optim.Optimizer):
             state = self.state.pop(weight)
             state["indices"] = torch.arange(values.numel(), dtype=torch.int64, device=values.device)
             self.state[values] = state
-        self._context().repack(self.selection, incremental=False)
+        self._context().repack(self.selection_state, incremental=False)
 
     # -----------------------------------------------------------------------------------
     # torch.optim.Optimizer overrides
@@ -248,7 +248,7 @@ class SparseAdamW(torch.optim.Optimizer):
         Adds all of it or nothing."""
         count = len(self.param_groups)
         try:
-            for group in split_param_group(param_group, self.defaults, self.selection.selection_started):
+            for group in split_param_group(param_group, self.defaults, self.selection_state.selection_started):
                 super().add_param_group(group)
             self._sharding = fsdp.sharding_of([p for _, p in self.sparse_params()], self._selector)
         except BaseException:
@@ -263,7 +263,7 @@ class SparseAdamW(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        self._phases[self.phase].step(self._context(), self.selection)
+        self._phases[self.phase].step(self._context(), self.selection_state)
         return loss
 
     # -----------------------------------------------------------------------------------
@@ -291,7 +291,7 @@ class SparseAdamW(torch.optim.Optimizer):
     # The checkpoint hooks (see ``checkpoint``).
 
     def _add_checkpoint_entry(self, state_dict: dict) -> dict:
-        state_dict[checkpoint.STATE_KEY] = checkpoint.meta(self.selection, self._config(), self.param_groups,
+        state_dict[checkpoint.STATE_KEY] = checkpoint.meta(self.selection_state, self._config(), self.param_groups,
                                                            self._shard())
         return state_dict
 
@@ -308,6 +308,6 @@ class SparseAdamW(torch.optim.Optimizer):
         sparse_states, selection = self._pending_load
         self._pending_load = None
         checkpoint.restore_sparse_states(self.state, sparse_states)
-        self.selection = selection
+        self.selection_state = selection
         if selection.selection_started:
             self._context().repack(selection, self.incremental)
