@@ -9,7 +9,7 @@ PY := $(VENV)/bin/python
 SETUP_STAMP := $(VENV)/.gem_kernels_installed
 SOURCES := $(wildcard setup.py pyproject.toml CMakeLists.txt csrc/* csrc/*/* python/*)
 
-.PHONY: setup test demo bench clean asan gpu-check
+.PHONY: setup test demo bench clean asan gpu-check versions-check
 
 setup: $(SETUP_STAMP)
 
@@ -28,6 +28,7 @@ test: setup
 	$(PY) -m ruff check .
 	$(PY) -m pytest tests -q
 	$(PY) -m pytest benchmarks -q --benchmark-disable
+	$(MAKE) versions-check
 
 demo: setup
 	HF_HUB_OFFLINE=1 $(VENV)/bin/gem-finetune --task-dir ../shared/data/glue/SST-2 --method gem full \
@@ -69,13 +70,48 @@ asan: setup
 
 # `make gpu-check`: the GPU suite (benchmarks/gpu_suite.py, docs/gpu.md) on a CUDA machine, run
 # from this source checkout with that machine's own python3 (torch, triton, transformers, peft):
-# no venv, nothing built. Its stages are time-boxed to 330 s in all, to end within 6 minutes on one
-# H200 (not yet timed there). E.g. GPU_CHECK_ARGS="--results /tmp/out".
+# no venv, nothing built. Its stages are time-boxed to 400 s in all, so the call ends within 7
+# minutes. Results go to RESULTS: $OUT when it is set (the folder a lent machine sends back), else
+# benchmarks/results; the console goes to RESULTS/console.log as well. E.g. `make gpu-check
+# RESULTS=/tmp/out GPU_CHECK_ARGS="--only weight_grad_timings"`, or GPU_CHECK_ARGS=--dry-run on CPU.
 GPU_PYTHON ?= python3
 GPU_CHECK_ARGS ?=
+RESULTS ?= $(if $(OUT),$(OUT),benchmarks/results)
 
 gpu-check:
-	PYTHONPATH=$(CURDIR)$${PYTHONPATH:+:$$PYTHONPATH} PYTHONUNBUFFERED=1 $(GPU_PYTHON) benchmarks/gpu_check.py --all $(GPU_CHECK_ARGS)
+	mkdir -p "$(RESULTS)"
+	{ PYTHONPATH=$(CURDIR)$${PYTHONPATH:+:$$PYTHONPATH} PYTHONUNBUFFERED=1 $(GPU_PYTHON) benchmarks/gpu_check.py --all \
+		--results "$(RESULTS)" $(GPU_CHECK_ARGS) 2>&1; echo $$? > "$(RESULTS)/.gpu-check-rc"; } | tee "$(RESULTS)/console.log"; \
+		rc=$$(cat "$(RESULTS)/.gpu-check-rc"); rm -f "$(RESULTS)/.gpu-check-rc"; exit $$rc
+
+# `make versions-check`: what the lent GPU machine runs, checked here (docs/gpu.md, "Versions"):
+# triton 3.6 compiles every kernel configuration for sm_80 and sm_90 without spills
+# (tests/test_triton_compile.py with triton 3.6 first on the path), and the suite's dry run passes
+# with transformers 5.17. Both come from the registry into build/versions (thrown away and made anew
+# each time): triton with pip --target (it has no dependencies), transformers into a venv that sees
+# this venv's packages behind its own (a .pth line), so pip resolves its own huggingface-hub. torch
+# 2.11 (the lent machine's) is not installable here: this machine's index has the pinned CPU build
+# only. The dry run interprets the Triton kernels with this venv's triton: triton 3.6's interpreter
+# cannot run them with numpy 2 (docs/gpu.md).
+VERSIONS_DIR := build/versions
+VERSIONS_TRITON ?= triton==3.6.*
+VERSIONS_TRANSFORMERS ?= transformers==5.17.*
+VERSIONS_PY := $(VERSIONS_DIR)/venv/bin/python
+
+versions-check: setup
+	rm -rf $(VERSIONS_DIR)/triton $(VERSIONS_DIR)/venv $(VERSIONS_DIR)/dry-run
+	$(PY) -m pip install --quiet --no-deps --target $(VERSIONS_DIR)/triton "$(VERSIONS_TRITON)"
+	$(PY) -m venv $(VERSIONS_DIR)/venv
+	echo "import site; site.addsitedir('$$($(PY) -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")')" \
+		> "$$($(VERSIONS_PY) -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")/gem_kernels_main_venv.pth"
+	$(VERSIONS_PY) -m pip install --quiet --disable-pip-version-check "$(VERSIONS_TRANSFORMERS)"
+	PYTHONPATH=$(abspath $(VERSIONS_DIR)/triton) $(PY) -c "import triton; v = triton.__version__; \
+		assert v.startswith('3.6'), v; print('compiling with triton', v)"
+	PYTHONPATH=$(abspath $(VERSIONS_DIR)/triton) TRITON_CACHE_DIR=$(abspath $(VERSIONS_DIR)/triton-cache) \
+		$(PY) -m pytest tests/test_triton_compile.py -q -p no:cacheprovider
+	HF_HUB_OFFLINE=1 $(VERSIONS_PY) -c "import transformers, triton; v = transformers.__version__; \
+		assert v.startswith('5.17'), v; print('dry run with transformers', v, 'and triton', triton.__version__)"
+	HF_HUB_OFFLINE=1 $(VERSIONS_PY) benchmarks/gpu_check.py --all --dry-run --results $(VERSIONS_DIR)/dry-run
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info gem_kernels/_C*.so

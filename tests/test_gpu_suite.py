@@ -276,7 +276,7 @@ def _fake_records(run="R1"):
          "device": "NVIDIA Fake", "dtype": "bfloat16", "band": "(0, 0.001]", "density_low": 0.0,
          "density_high": 1e-3, "T": 4096, "choice": "sparse", "config": "xt_e128_t32_w8", "sparse_ms": 0.0605,
          "dense_ms": 0.121, "sparse_graph_ms": None, "dense_graph_ms": None, "basis": "eager", "shapes": {},
-         "run": run, "dry_run": False},
+         "dry_run": False},
         {"run": run, "kind": "item", "stage": "step_eager", "item": "lora", **row, "method": "lora",
          "median_step_s": 0.1097},
         {"run": run, "kind": "item", "stage": "step_eager", "item": "full", **row, "method": "full",
@@ -455,3 +455,158 @@ def test_llama_953m_config_has_953m_parameters():
 def step_cost_module():
     import step_cost
     return step_cost
+
+
+# ---------------------------------------------------------------------------------------
+# The weight-gradient dispatch table
+
+
+def _wg_item(shape, density, impl, ms, graph_ms=None):
+    n_out, n_in = shape
+    return {"T": 4096, "out": n_out, "in": n_in, "dtype": "bfloat16", "density": density, "k": 1, "impl": impl,
+            "ms": ms, "graph_ms": graph_ms}
+
+
+def _wg_items(sparse_ms, dense_ms, density=1e-3, config="xt_e128_t32_w8", graphs=None):
+    shapes = [(2048, 2048), (5632, 2048)]
+    graphs = graphs or [(None, None)] * len(shapes)
+    items = []
+    for shape, s_ms, d_ms, (s_g, d_g) in zip(shapes, sparse_ms, dense_ms, graphs):
+        items += [_wg_item(shape, density, "dense", d_ms, d_g), _wg_item(shape, density, config, s_ms, s_g),
+                  _wg_item(shape, density, "gather_e32_t32_w4", 10 * d_ms)]
+    return items
+
+
+def test_dispatch_rows_choose_sparse_only_where_it_wins_every_shape():
+    rows = gpu_suite.dispatch_rows(_wg_items([0.02, 0.06], [0.05, 0.13]), "NVIDIA Fake", "R1")
+    assert len(rows) == 1
+    row = rows[0]
+    assert (row["band"], row["choice"], row["config"], row["basis"]) == ("(0, 0.001]", "sparse", "xt_e128_t32_w8",
+                                                                         "eager")
+    assert row["sparse_ms"] == pytest.approx(0.08) and row["dense_ms"] == pytest.approx(0.18)
+    assert set(row["shapes"]) == {"2048x2048", "5632x2048"} and row["dry_run"] is False
+    # losing one shape, or the CUDA-graph comparison of one, makes the band dense
+    assert gpu_suite.dispatch_rows(_wg_items([0.06, 0.06], [0.05, 0.13]), "D", "R")[0]["choice"] == "dense"
+    graphs = [(0.03, 0.02), (0.05, 0.12)]
+    row = gpu_suite.dispatch_rows(_wg_items([0.02, 0.06], [0.05, 0.13], graphs=graphs), "D", "R")[0]
+    assert (row["choice"], row["basis"], row["sparse_graph_ms"]) == ("dense", "eager+graph", pytest.approx(0.08))
+    # a band is written only when dense and a configuration were measured at every shape
+    items = [i for i in _wg_items([0.02, 0.06], [0.05, 0.13]) if not (i["impl"] == "dense" and i["out"] == 5632)]
+    assert gpu_suite.dispatch_rows(items, "D", "R") == []
+    three = _wg_items([1, 1], [2, 2], 1e-3) + _wg_items([1, 1], [2, 2], 3e-3) + _wg_items([3, 3], [2, 2], 1e-2)
+    assert [(r["band"], r["choice"]) for r in gpu_suite.dispatch_rows(three, "D", "R")] == [
+        ("(0, 0.001]", "sparse"), ("(0.001, 0.003]", "sparse"), ("(0.003, 0.01]", "dense")]
+
+
+def test_dispatch_choice_unmeasured_is_dense():
+    rows = gpu_suite.dispatch_rows(_wg_items([1, 1], [2, 2], 1e-3) + _wg_items([3, 3], [2, 2], 1e-2), "H", "R")
+    table = {"rows": rows}
+    assert gpu_suite.dispatch_choice(table, "H", "bfloat16", 1e-3) == ("sparse", "xt_e128_t32_w8")
+    assert gpu_suite.dispatch_choice(table, "H", "bfloat16", 5e-4) == ("sparse", "xt_e128_t32_w8")
+    assert gpu_suite.dispatch_choice(table, "H", "bfloat16", 5e-3) == ("dense", None)  # measured: dense wins
+    assert gpu_suite.dispatch_choice(table, "H", "bfloat16", 2e-3) == ("dense", None)  # band not measured
+    assert gpu_suite.dispatch_choice(table, "H", "bfloat16", 0.05) == ("dense", None)  # above every band
+    assert gpu_suite.dispatch_choice(table, "H", "float16", 1e-3) == ("dense", None)
+    assert gpu_suite.dispatch_choice(table, "Other GPU", "bfloat16", 1e-3) == ("dense", None)
+
+
+def test_committed_dispatch_table_is_a_placeholder_that_says_dense():
+    table = json.loads(gpu_suite.DISPATCH_TABLE.read_text())
+    assert table["rows"] == [] and table["unmeasured"] == "dense" and "dense path" in table["rule"]
+    assert [(b["density_low"], b["density_high"]) for b in table["bands"]] == list(gpu_suite.DISPATCH_BANDS)
+    assert [b["band"] for b in table["bands"]] == [f"({lo:g}, {hi:g}]" for lo, hi in gpu_suite.DISPATCH_BANDS]
+    assert gpu_suite.dispatch_choice(table, "NVIDIA H100 80GB HBM3", "bfloat16", 1e-3) == ("dense", None)
+
+
+def test_merge_dispatch_folds_measured_rows_and_skips_dry_runs(tmp_path):
+    table = tmp_path / "table.json"
+    table.write_text(gpu_suite.DISPATCH_TABLE.read_text())
+    measured = gpu_suite.dispatch_rows(_wg_items([1, 1], [2, 2], 1e-3), "NVIDIA Fake", "R1")
+    later = gpu_suite.dispatch_rows(_wg_items([3, 3], [2, 2], 1e-3), "NVIDIA Fake", "R2")
+    dry = gpu_suite.dispatch_rows(_wg_items([1, 1], [2, 2], 3e-3), gpu_suite.DRY_DEVICE, "R3", dry_run=True)
+    jsonl = tmp_path / "weight_grad_dispatch.jsonl"
+    for row in measured + dry + later:
+        gpu_suite.append_jsonl(jsonl, row)
+    with open(jsonl, "a") as f:
+        f.write('{"device": "torn')
+    assert gpu_suite.main(["--merge-dispatch", str(jsonl), "--table", str(table)]) == 0
+    merged = json.loads(table.read_text())
+    assert [(r["device"], r["band"], r["choice"], r["run"]) for r in merged["rows"]] == [
+        ("NVIDIA Fake", "(0, 0.001]", "dense", "R2")]  # the later run's row replaced the earlier one
+    assert merged["unmeasured"] == "dense"
+
+
+# ---------------------------------------------------------------------------------------
+# The byte model of sparse_weight_grad's configurations
+
+
+def test_weight_grad_byte_model():
+    pytest.importorskip("triton")
+    import gpu_check
+    rows = gpu_check.weight_grad_predictions(bandwidth=4.3e12)
+    assert len(rows) == 9
+    by = {(r["shape"], r["density"]): r for r in rows}
+    gate = by[("5632x2048", 1e-3)]
+    # issue 16's H200 run of the first kernel (the gather layout): 0.68 ms a layer, which calibrates the L2 rate
+    assert gate["gather_e32_t32_w4"]["predicted_ms"] == pytest.approx(0.67, abs=0.01)
+    assert gate["dense_ms"] == pytest.approx(0.135, abs=0.001)
+    for r in rows:  # copying X T-major moves fewer bytes than copying both; every xt tile beats gather's sectors
+        assert r["xt_e64_t32_w4"]["dram_bytes"] < r["both_e64_t32_w4"]["dram_bytes"]
+        assert r["xt_e128_t32_w8"]["l2_bytes"] < r["gather_e32_t32_w4"]["l2_bytes"] / 5
+    # X read three times (read, write, read back) and dY once: ~97 MB for the gate projection
+    assert gate["xt_e128_t32_w8"]["dram_bytes"] == pytest.approx(4096 * (3 * 2048 + 5632) * 2, rel=0.02)
+    assert "| 5632 x 2048 | 0.001 | 11,534 |" in gpu_check.weight_grad_table()
+
+
+# ---------------------------------------------------------------------------------------
+# The dry run: every stage end to end on CPU
+
+
+def test_finetune_command_dry_run(tmp_path):
+    cmd = gpu_suite.finetune_command(Path("/d"), tmp_path, 2000, None, dry_run=True)
+    for flag, value in (("--device", "cpu"), ("--train-examples", "32"), ("--eval-examples", "32"),
+                        ("--max-length", "16")):
+        assert cmd[cmd.index(flag) + 1] == value
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is here: run the suite itself")
+def test_dry_run_runs_every_stage_and_writes_the_files(tmp_path):
+    """``gpu_check.py --all --dry-run``: each stage in its own process on CPU, as on the GPU, into the
+    same files; every stage ok, every case passed, no duplicate rows, dispatch rows marked dry_run."""
+    pytest.importorskip("triton")
+    import subprocess
+    results, data = tmp_path / "out", gpu_suite.tiny_sst2(tmp_path / "glue")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--all", "--dry-run",
+                           "--results", str(results), "--data", str(data)], cwd=ROOT, env=dict(env, HF_HUB_OFFLINE="1"),
+                          capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert sorted(p.name for p in results.iterdir()) == [
+        "gpu-CPU-dry-run.json", "gpu-CPU-dry-run.log", "gpu-CPU-dry-run.md", "gpu-runs.jsonl", DISPATCH_JSONL]
+    report = json.loads((results / "gpu-CPU-dry-run.json").read_text())
+    assert report["environment"]["dry_run"] is True
+    assert {name: s["status"] for name, s in report["stages"].items()} == {name: "ok" for name in gpu_suite.STAGES}
+    stages = report["stages"]
+    assert all(stages[name]["items"] for name in gpu_suite.STAGES), "a stage wrote no record"
+    assert [i["item"] for i in stages["cases"]["items"]] == [*gpu_suite.DRY_CASES, "weight_grad_configs_tiny"]
+    assert all(i["ok"] for i in stages["cases"]["items"])
+    for stage in ("step_eager", "step_compiled"):
+        assert [i["method"] for i in stages[stage]["items"]] == list(gpu_suite.STEP_METHODS)
+        assert all("median_step_s" in i for i in stages[stage]["items"]), stages[stage]["items"]
+    timed = [(i["out"], i["in"], i["density"], i["impl"])
+             for i in stages["weight_grad_timings"]["items"] if "impl" in i]
+    assert len(timed) == len(set(timed)) == 2 * 3 * (1 + len(_swg_config_names()))
+    dispatch = [json.loads(line) for line in (results / DISPATCH_JSONL).read_text().splitlines()]
+    assert [r["band"] for r in dispatch] == [f"({lo:g}, {hi:g}]" for lo, hi in gpu_suite.DISPATCH_BANDS]
+    assert all(r["dry_run"] and r["device"] == gpu_suite.DRY_DEVICE for r in dispatch)
+    assert [i["method"] for i in stages["finetune"]["items"] if i["item"] == "run"] == ["gem", "full"]
+    text = (results / "gpu-CPU-dry-run.md").read_text()
+    assert "## Weight-gradient dispatch" in text and "## Training step, llama-tiny, torch.compile" in text
+
+
+DISPATCH_JSONL = "weight_grad_dispatch.jsonl"
+
+
+def _swg_config_names():
+    import gem_kernels.backends.triton  # noqa: F401
+    return list(sys.modules["gem_kernels.backends.triton.sparse_weight_grad"].CONFIGS)

@@ -312,7 +312,7 @@ def test_cpu_bad_dtype_code_is_a_value_error():
 SPLIT_CASES = {"many_spans_7_splits": ("many_spans", 7), "mixed_dtypes_1_split": ("mixed_dtypes", 1)}
 # CONFIGS' names, the op's own first (no kernel import here: Triton must not be imported before
 # TRITON_INTERPRET is set; interpreter_cases checks that these are CONFIGS).
-CONFIG_NAMES = ("xt", "xt_e32_t64", "xt_e128_w8", "both", "gather")
+CONFIG_NAMES = ("xt_e128_t32_w8", "xt_e64_t32_w4", "xt_e32_t64_w4", "both_e64_t32_w4", "gather_e32_t32_w4")
 
 
 def _triton_module():
@@ -389,10 +389,11 @@ def test_triton_slices_and_defaults():
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         pytest.skip("checked in the normal run")
     module = _triton_module()
-    xt = module.CONFIGS["xt"]
+    xt = module.CONFIGS["xt_e64_t32_w4"]
     assert module.choose_splits(xt, 11534, 4096, 132) == 3  # 181 blocks of 64 -> 3 slices fill 528 programs
     assert module.choose_splits(xt, 4194, 4096, 132) == 8  # 66 blocks
     assert module.choose_splits(xt, 115343, 4096, 132) == 1  # enough blocks already
+    assert module.choose_splits(module.CONFIGS["xt_e128_t32_w8"], 11534, 4096, 132) == 6  # 91 blocks
     assert module.choose_splits(xt, 1, 4096, 132) == module.MAX_SPLITS
     assert module.choose_splits(xt, 1, 37, 132) == 1  # too few tokens for two slices
     assert module.DEFAULT_CONFIG in module.CONFIGS

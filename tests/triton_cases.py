@@ -506,6 +506,63 @@ CASES = {
 U = 2.0 ** -24  # fp32 unit roundoff
 
 
+def _weight_grad_inputs(device, shapes, dtypes, density, seed, integer):
+    """X [T, in] and dY [T, out] per segment (normal, never zero; or drawn from +-1, +-2, +-3) and
+    sorted random indices at ``density`` (at least one entry per segment)."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def draw(rows, cols):
+        if integer:
+            values = torch.tensor([-3.0, -2.0, -1.0, 1.0, 2.0, 3.0])
+            return values[torch.randint(0, 6, (rows, cols), generator=gen)]
+        return torch.randn(rows, cols, generator=gen)
+
+    xs, dys, parts = [], [], []
+    for (t, n_out, n_in), dtype in zip(shapes, dtypes):
+        xs.append(draw(t, n_in).to(dtype).to(device))
+        dys.append(draw(t, n_out).to(dtype).to(device))
+        k = max(1, round(density * n_out * n_in))
+        parts.append(torch.randperm(n_out * n_in, generator=gen)[:k].sort().values)
+    offsets = torch.tensor([0] + [p.numel() for p in parts], dtype=torch.int64).cumsum(0).to(device)
+    return xs, dys, torch.cat(parts).to(device), offsets
+
+
+def _weight_grad_reference(xs, dys, indices, offsets, chunk=8192):
+    """The float64 sums at the selected entries, and the bound (T + 1) u sum_t |dY X| of each: the
+    selected columns gathered (``chunk`` entries at a time), never the dense product."""
+    wants, tols = [], []
+    for seg, (x, dy) in enumerate(zip(xs, dys)):
+        idx = indices[int(offsets[seg]):int(offsets[seg + 1])]
+        x64, dy64 = x.double(), dy.double()
+        for part in idx.split(chunk):
+            o, i = part // x.shape[1], part % x.shape[1]
+            products = dy64[:, o] * x64[:, i]
+            wants.append(products.sum(0))
+            tols.append((x.shape[0] + 1) * U * products.abs().sum(0))
+    empty = torch.zeros(0, dtype=torch.float64)
+    return (torch.cat(wants).cpu() if wants else empty), (torch.cat(tols).cpu() if tols else empty)
+
+
+def _weight_grad_verdict(got, want, tol, integer) -> str:
+    """Every entry exact (integer inputs) or within its bound; a poisoned (unwritten) entry is NaN."""
+    got = got.cpu()
+    assert got.dtype == torch.float32 and got.shape == want.shape, f"got {got.dtype} {tuple(got.shape)}"
+    if integer:
+        if not torch.equal(got.double(), want):
+            bad = int((got.double() != want).nonzero()[0])
+            raise AssertionError(f"integer inputs: entry {bad} is {float(got[bad])!r}, the exact sum is "
+                                 f"{float(want[bad])!r}")
+        return f"integer inputs: all {got.numel()} entries exact"
+    err = (got.double() - want).abs().nan_to_num(float("inf"))
+    share = err / tol.clamp_min(1e-300)
+    worst = int(torch.argmax(share))
+    relative = float((got.double() - want).norm() / want.norm())
+    line = (f"{got.numel()} entries, relative error {relative:.3g}, worst err/bound {float(share[worst]):.3g} "
+            f"at entry {worst} (got {float(got[worst])!r}, float64 {float(want[worst])!r})")
+    assert bool((err <= tol).all()), line
+    return line
+
+
 def check_weight_grad(device, shapes, dtypes, density, seed, backend=None):
     """Random X [T, in] and dY [T, out] per segment (normal, never zero), sorted random indices at
     ``density``; the kernel's entries against the float64 sums. A sum of T fp32 products in any
@@ -516,45 +573,32 @@ def check_weight_grad(device, shapes, dtypes, density, seed, backend=None):
     backend = backend or _backend()
     summaries = []
     for integer in (False, True):
-        gen = torch.Generator().manual_seed(seed)
-        xs, dys, parts = [], [], []
-        for (t, n_out, n_in), dtype in zip(shapes, dtypes):
-            def draw(rows, cols):
-                if integer:
-                    values = torch.tensor([-3.0, -2.0, -1.0, 1.0, 2.0, 3.0])
-                    return values[torch.randint(0, 6, (rows, cols), generator=gen)]
-                return torch.randn(rows, cols, generator=gen)
-            xs.append(draw(t, n_in).to(dtype).to(device))
-            dys.append(draw(t, n_out).to(dtype).to(device))
-            k = max(1, round(density * n_out * n_in))
-            parts.append(torch.randperm(n_out * n_in, generator=gen)[:k].sort().values)
-        counts = [p.numel() for p in parts]
-        indices = torch.cat(parts).to(device)
-        offsets = torch.tensor([0] + counts, dtype=torch.int64).cumsum(0).to(device)
+        xs, dys, indices, offsets = _weight_grad_inputs(device, shapes, dtypes, density, seed, integer)
+        want, tol = _weight_grad_reference(xs, dys, indices, offsets)
         got = backend.sparse_weight_grad(xs, dys, indices, offsets)
-        wants, tols = [], []
-        for seg, (x, dy) in enumerate(zip(xs, dys)):
-            idx = indices[int(offsets[seg]):int(offsets[seg + 1])]
-            wants.append((dy.double().T @ x.double()).reshape(-1)[idx])
-            tols.append((x.shape[0] + 1) * U * (dy.double().abs().T @ x.double().abs()).reshape(-1)[idx])
-        want, tol = torch.cat(wants).cpu(), torch.cat(tols).cpu()
-        got = got.cpu()
-        assert got.dtype == torch.float32 and got.shape == want.shape, f"got {got.dtype} {tuple(got.shape)}"
-        err = (got.double() - want).abs().nan_to_num(float("inf"))  # a poisoned (unwritten) entry is NaN
-        if integer:
-            if not torch.equal(got.double(), want):
-                bad = int((got.double() != want).nonzero()[0])
-                raise AssertionError(f"integer inputs: entry {bad} is {float(got[bad])!r}, the exact sum is "
-                                     f"{float(want[bad])!r}")
-            summaries.append(f"integer inputs: all {got.numel()} entries exact")
-            continue
-        share = err / tol.clamp_min(1e-300)
-        worst = int(torch.argmax(share))
-        relative = float((got.double() - want).norm() / want.norm())
-        line = (f"{got.numel()} entries, relative error {relative:.3g}, worst err/bound {float(share[worst]):.3g} "
-                f"at entry {worst} (got {float(got[worst])!r}, float64 {float(want[worst])!r})")
-        assert bool((err <= tol).all()), line
-        summaries.append(line)
+        summaries.append(_weight_grad_verdict(got, want, tol, integer))
+    return "; ".join(summaries)
+
+
+def check_weight_grad_configs(device, shapes, dtypes, density, seed):
+    """check_weight_grad for every configuration of the Triton kernel (its CONFIGS), one segment at
+    a time (the layer's call) and all segments in one call (the table), the reference computed once."""
+    _backend()  # imports the kernels, poisons their outputs
+    module = sys.modules["gem_kernels.backends.triton.sparse_weight_grad"]
+    summaries = []
+    for integer in (False, True):
+        xs, dys, indices, offsets = _weight_grad_inputs(device, shapes, dtypes, density, seed, integer)
+        want, tol = _weight_grad_reference(xs, dys, indices, offsets)
+        bounds = offsets.tolist()
+        for name in module.CONFIGS:
+            for seg in range(len(xs)):
+                lo, hi = bounds[seg], bounds[seg + 1]
+                one = module.sparse_weight_grad_with(name, [xs[seg]], [dys[seg]], indices[lo:hi],
+                                                     offsets.new_tensor([0, hi - lo]))
+                _weight_grad_verdict(one, want[lo:hi], tol[lo:hi], integer)
+            line = _weight_grad_verdict(module.sparse_weight_grad_with(name, xs, dys, indices, offsets), want, tol,
+                                        integer)
+            summaries.append(f"{name}: {line}")
     return "; ".join(summaries)
 
 
@@ -571,6 +615,9 @@ GPU_CASES = {
                                                                    [torch.bfloat16] * 3, 1e-3, seed=22),
     "weight_grad_llama953m_fp32": lambda device: check_weight_grad(device, LLAMA_953M_LAYERS,
                                                                    [torch.float32] * 3, 1e-3, seed=23),
+    # every configuration the GPU suite times (the op's own is the cases above), at 3e-3
+    "weight_grad_configs_llama953m_bf16": lambda device: check_weight_grad_configs(
+        device, LLAMA_953M_LAYERS, [torch.bfloat16] * 3, 3e-3, seed=24),
 }
 
 

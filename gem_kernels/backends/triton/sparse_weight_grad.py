@@ -13,7 +13,7 @@ lies, each 2-byte value costs a 32-byte DRAM sector, which is why the first kern
   (``Xᵀ``, ``[in, Tp]``, Tp = T rounded up to 64, in X's dtype) by a tiled transpose; then each
   entry reads its own contiguous run of ``Xᵀ[i, t0:t0+BLOCK_T]`` (whole sectors, vector loads).
 
-So the default configuration ``xt`` moves X three times (read, write, read back) and dY once:
+So the ``xt`` configurations (the default among them) move X three times (read, write, read back) and dY once:
 about ``T·(3·in + out)·bytes`` from DRAM, against ``2·T·out·in`` flops for the dense product.
 
 The kernel: each program takes BLOCK_E consecutive entries of one segment and one of
@@ -66,24 +66,25 @@ class Config:
 
 
 # The layouts and why each is here (docs/gpu.md gives the bytes each moves at the 953M shapes):
-# * xt: X copied T-major, dY read in place along the entries' row band. The fewest DRAM bytes at
-#   every 953M shape and density: the default. Three tile shapes: 64 entries x 32 tokens (each
-#   entry's run is 64 bytes of bf16: two sectors), 32 x 64 (a whole 128-byte line per entry and
-#   chunk; fewer dY rows per program), and 128 x 32 on 8 warps (twice the bytes in flight per
-#   program, for when few programs fit).
+# * xt: X copied T-major, dY read in place along the entries' row band. The fewest bytes at every
+#   953M shape and density, in DRAM and from the L2. Three tile shapes: 128 entries x 32 tokens on
+#   8 warps (the default: a block's dY band sectors are shared by the most entries, so the least
+#   L2 traffic of the three), 64 x 32 on 4 warps (twice the programs, for when few fit), and
+#   32 x 64 (a whole 128-byte line of Xᵀ per entry and chunk).
 # * both: X and dY copied T-major: every load a contiguous run, dY's copy costing two more passes
 #   over dY. A hedge on the in-place dY loads (if their sectors do not merge as the model assumes).
-# * gather: nothing copied, both read in place: today's kernel's layout (one sector per X value),
+# * gather: nothing copied, both read in place: the first kernel's layout (one sector per X value),
 #   kept as the measured baseline of the layouts and for very small k, where copying X costs more
 #   than reading k·T scattered sectors.
+# Names: layout, entries per program (e), tokens per chunk (t), warps (w).
 CONFIGS = {
-    "xt": Config(x_t=True, dy_t=False, block_e=64, block_t=32, num_warps=4),
-    "xt_e32_t64": Config(x_t=True, dy_t=False, block_e=32, block_t=64, num_warps=4),
-    "xt_e128_w8": Config(x_t=True, dy_t=False, block_e=128, block_t=32, num_warps=8),
-    "both": Config(x_t=True, dy_t=True, block_e=64, block_t=32, num_warps=4),
-    "gather": Config(x_t=False, dy_t=False, block_e=32, block_t=32, num_warps=4),
+    "xt_e128_t32_w8": Config(x_t=True, dy_t=False, block_e=128, block_t=32, num_warps=8),
+    "xt_e64_t32_w4": Config(x_t=True, dy_t=False, block_e=64, block_t=32, num_warps=4),
+    "xt_e32_t64_w4": Config(x_t=True, dy_t=False, block_e=32, block_t=64, num_warps=4),
+    "both_e64_t32_w4": Config(x_t=True, dy_t=True, block_e=64, block_t=32, num_warps=4),
+    "gather_e32_t32_w4": Config(x_t=False, dy_t=False, block_e=32, block_t=32, num_warps=4),
 }
-DEFAULT_CONFIG = "xt"  # the byte model's choice; the GPU suite times them all (benchmarks/gpu_suite.py)
+DEFAULT_CONFIG = "xt_e128_t32_w8"  # the byte model's choice; the GPU suite times them all (benchmarks/gpu_suite.py)
 
 # Slices of T: enough programs for PROGRAMS_PER_SM per SM, each slice at least MIN_SLICE_CHUNKS
 # chunks long, at most MAX_SPLITS slices. Without CUDA (the interpreter) an H100's 132 SMs stand in.
