@@ -139,16 +139,17 @@ def _swg_kernel(table, offsets, block_start, num_segments, indices, parts, num_s
         xs = tl.load(row + 7)
         dys = tl.load(row + 8)
     else:
+        # tl.cast, not .to: Triton passes an integer argument equal to 1 as a constant (a Python int)
         first = pid.to(tl.int64) * BLOCK_E
-        end = num_selected.to(tl.int64)
-        xa = x_addr.to(tl.int64)
-        dya = dy_addr.to(tl.int64)
+        end = tl.cast(num_selected, tl.int64)
+        xa = tl.cast(x_addr, tl.int64)
+        dya = tl.cast(dy_addr, tl.int64)
         x_code = CODE
         dy_code = CODE
-        t_all = tokens.to(tl.int64)
-        width = n_in.to(tl.int64)
-        xs = x_stride.to(tl.int64)
-        dys = dy_stride.to(tl.int64)
+        t_all = tl.cast(tokens, tl.int64)
+        width = tl.cast(n_in, tl.int64)
+        xs = tl.cast(x_stride, tl.int64)
+        dys = tl.cast(dy_stride, tl.int64)
     # Hints here, where the values are made (in a called function they would annotate nothing).
     if X_T:
         xs = tl.multiple_of(xs, 64)  # the copy's rows are T_PAD-aligned
@@ -300,6 +301,7 @@ SIGNATURE = {"table": "*i64", "offsets": "*i64", "block_start": "*i64", "num_seg
              "tokens": "i32", "n_in": "i32", "x_stride": "i32", "dy_stride": "i32", "X_T": "constexpr",
              "DY_T": "constexpr", "BLOCK_E": "constexpr", "BLOCK_T": "constexpr", "CODE": "constexpr"}
 TRANSPOSE_DTYPES = ("fp32", "bf16", "fp16")
+ONES = ("num_selected", "num_splits", "tokens", "n_in", "dy_stride")
 LAUNCH_CODES = (1, 0, 2, -1)  # one segment of bf16, fp32, fp16; -1: several segments (the table)
 # What Triton's launcher assumes of the copy at the 953M shapes (every argument a multiple of 16):
 # vector loads and stores on both sides, the tile moved through shared memory. The copy is
@@ -313,6 +315,14 @@ def compile_configs():
     out = [(_swg_kernel, SIGNATURE, {"X_T": c.x_t, "DY_T": c.dy_t, "BLOCK_E": c.block_e, "BLOCK_T": c.block_t,
                                      "CODE": code}, c.options())
            for c in CONFIGS.values() for code in LAUNCH_CODES]
+    # Triton passes an integer argument equal to 1 as a constant: a one-token, one-entry layer of
+    # one input and one output (T = k = in = out = 1, one slice), with and without the T-major copy.
+    for name in (DEFAULT_CONFIG, "gather_e32_t32_w4"):
+        c = CONFIGS[name]
+        ones = {arg: 1 for arg in ONES + (() if c.x_t else ("x_stride",))}
+        out.append((_swg_kernel, dict(SIGNATURE, **dict.fromkeys(ones, "constexpr")),
+                    {"X_T": c.x_t, "DY_T": c.dy_t, "BLOCK_E": c.block_e, "BLOCK_T": c.block_t, "CODE": 1, **ones},
+                    c.options()))
     for dt in TRANSPOSE_DTYPES:
         signature = {"src": f"*{dt}", "dst": f"*{dt}", "rows": "i32", "cols": "i32", "padded": "i32",
                      "BLOCK": "constexpr"}
