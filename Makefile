@@ -73,7 +73,8 @@ asan: setup
 # no venv, nothing built. Its stages are time-boxed to 400 s in all, so the call ends within 7
 # minutes. Results go to RESULTS: $OUT when it is set (the folder a lent machine sends back), else
 # benchmarks/results; the console goes to RESULTS/console.log as well. E.g. `make gpu-check
-# RESULTS=/tmp/out GPU_CHECK_ARGS="--only weight_grad_timings"`, or GPU_CHECK_ARGS=--dry-run on CPU.
+# RESULTS=/tmp/out GPU_CHECK_ARGS="--only weight_grad_timings"`. On CPU: benchmarks/gpu_check.py
+# --all --dry-run (into build/gpu-dry-run).
 GPU_PYTHON ?= python3
 GPU_CHECK_ARGS ?=
 RESULTS ?= $(if $(OUT),$(OUT),benchmarks/results)
