@@ -91,7 +91,7 @@ DRY_WEIGHT_GRAD_SHAPES = [(96, 48), (48, 96)]
 # holds across the band. Above the last band nothing is measured: dense.
 DISPATCH_BANDS = ((0.0, 1e-3), (1e-3, 3e-3), (3e-3, 1e-2))
 DISPATCH_FILE = "weight_grad_dispatch.jsonl"
-DISPATCH_TABLE = Path(__file__).resolve().parent / "results" / "weight_grad_dispatch.json"
+DISPATCH_TABLE = ROOT / "gem_kernels" / "weight_grad_dispatch.json"  # what SparseDeltaLinear reads
 
 
 def default_data() -> Path:
@@ -313,7 +313,7 @@ def _dispatch_section(stages: dict) -> list[str]:
     rows = [i for i in stages.get("weight_grad_timings", {}).get("items", []) if "choice" in i]
     if not rows:
         return []
-    out = ["", "## Weight-gradient dispatch (benchmarks/results/weight_grad_dispatch.json)", "",
+    out = ["", "## Weight-gradient dispatch (gem_kernels/weight_grad_dispatch.json)", "",
            "| device | dtype | density band | choice | configuration | sparse µs | dense µs | sparse graph µs | "
            "dense graph µs | basis |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -685,12 +685,9 @@ def dispatch_rows(items, device, run, dry_run=False) -> list[dict]:
 
 
 def dispatch_choice(table: dict, device: str, dtype: str, density: float) -> tuple[str, str | None]:
-    """("sparse", configuration) where the table has a row for this device, dtype and a band that
-    holds ``density`` and that row says sparse; else ("dense", None): unmeasured means dense."""
-    for row in table.get("rows", []):
-        if (row["device"], row["dtype"]) == (device, dtype) and row["density_low"] < density <= row["density_high"]:
-            return (row["choice"], row["config"]) if row["choice"] == "sparse" else ("dense", None)
-    return "dense", None
+    """The layer's own lookup (gem_kernels.weight_grad_dispatch) on ``table``."""
+    from gem_kernels.weight_grad_dispatch import table_choice
+    return table_choice(table.get("rows", []), device, dtype, density)
 
 
 def merge_dispatch(table_path: Path, jsonl_path: Path) -> int:

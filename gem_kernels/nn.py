@@ -37,6 +37,7 @@ from torch.autograd.function import once_differentiable
 
 from . import library  # noqa: F401  (registers gem_kernels::sparse_weight_grad)
 from .ops import check_index_set
+from .weight_grad_dispatch import weight_grad_path
 
 Tensor = torch.Tensor
 
@@ -71,8 +72,10 @@ def quantized_by(weight):
 class SparseDeltaLinearFunction(torch.autograd.Function):
     """``F.linear(input, W, bias)`` with ``W`` the base ``weight`` plus the sparse delta (see the
     module doc). Backward: ``dX = dY W`` exactly, the values' gradient through the registered
-    operator ``gem_kernels::sparse_weight_grad`` (never the dense ``dW``), the bias's; the dense
-    ``dW`` only for a base the user unfroze. Written with ``setup_context`` and torch ops, so that
+    operator ``gem_kernels::sparse_weight_grad`` (never the dense ``dW``) or, on a GPU where the
+    committed measurements say the matmul library is faster (``weight_grad_dispatch``; unmeasured
+    GPUs too), the dense ``dYᵀX`` then a gather, the bias's; the dense ``dW`` of the base only for
+    a base the user unfroze. Written with ``setup_context`` and torch ops, so that
     ``torch.func`` (``grad``, ``vjp``, ``jacrev``, ``vmap``) and ``torch.compile(fullgraph=True)``
     take it. Forward mode (``jvp``) is refused by torch: a custom ``jvp`` would make Dynamo break
     the graph, and ``fullgraph`` compilation matters more to training."""
@@ -100,7 +103,10 @@ class SparseDeltaLinearFunction(torch.autograd.Function):
             grad_input = (dy @ effective_weight(weight, values, original, indices).to(dy.dtype)).reshape(input.shape)
         if ctx.needs_input_grad[1]:  # the base was unfrozen: its dense gradient, as nn.Linear's
             grad_weight = dy.t() @ x
-        if ctx.needs_input_grad[2]:
+        path = weight_grad_path(dy.device, dy.dtype, indices.shape[0] / max(1, weight.numel()))
+        if ctx.needs_input_grad[2] and path == "dense":  # where a GPU's matmul library measured faster
+            grad_values = (dy.t() @ x).reshape(-1)[indices]
+        elif ctx.needs_input_grad[2]:
             offsets = torch.tensor([0, indices.shape[0]], dtype=torch.int64, device=indices.device)
             # Rounded once to dY's dtype, as the dense product dYᵀX of nn.Linear's backward is.
             grad_values = torch.ops.gem_kernels.sparse_weight_grad([x], [dy], indices, offsets).to(dy.dtype)

@@ -24,6 +24,7 @@ LAYER_OF = {
     "gem_kernels.library": "kernels",         # the operators and register_kernel
     "gem_kernels.reference": "kernels",       # the specification
     "gem_kernels.backends": "kernels",        # every backend, each file registering its kernels
+    "gem_kernels.weight_grad_dispatch": "kernels",  # which weight gradient: a measured table
     "gem_kernels.ops": "ops",
     "gem_kernels.dtensor": "ops",             # generic DTensor helpers
     "gem_kernels.selectors": "selectors",

@@ -580,3 +580,22 @@ def _ddp_worker(rank, tmpdir):
 @pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()), reason="needs gloo")
 def test_plain_ddp_over_the_layer_reduces_only_the_values():
     spawn(_ddp_worker)
+
+
+def test_the_layer_takes_the_weight_gradient_path_the_table_gives(monkeypatch):
+    """CPU layers compute the selected entries with the sparse op; where the measured table says
+    dense (a GPU, or one nobody measured), the backward takes dYᵀX and gathers: the same values."""
+    from gem_kernels import nn as gnn
+    from gem_kernels.weight_grad_dispatch import table, weight_grad_path
+    assert weight_grad_path(torch.device("cpu"), torch.float32, 1e-3) == "sparse"
+    assert table()["unmeasured"] == "dense"
+    model, _ = _sparsified()
+    _loss(model).backward()
+    sparse = [model[i].values.grad.clone() for i in (0, 2)]
+    model.zero_grad()
+    paths = []
+    monkeypatch.setattr(gnn, "weight_grad_path", lambda device, dtype, density: paths.append(density) or "dense")
+    _loss(model).backward()
+    assert paths and all(0 < d < 1 for d in paths)
+    for i, want in zip((0, 2), sparse):
+        torch.testing.assert_close(model[i].values.grad, want, rtol=1e-5, atol=1e-7)
