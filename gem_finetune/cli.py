@@ -104,7 +104,7 @@ from pathlib import Path
 
 import torch
 
-from .data import TaskDataError, batches, encode, read_task, take
+from .data import Split, TaskDataError, encode, eval_batches, read_task, take
 from .methods import (
     ALL_LINEAR_METHODS,
     DEFAULT_LR,
@@ -151,6 +151,16 @@ def _positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be an integer >= 1, not {text}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, not {text}")
     return value
 
 
@@ -217,6 +227,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="examples of the training file after the training ones in the same shuffle, on "
                         "which an lr grid is decided (default 200; taken only when a method has a grid)")
     p.add_argument("--eval-examples", type=_positive_int, help="cap on dev examples (a seeded sample)")
+    p.add_argument("--dev-curve-examples", type=_non_negative_int, default=0, metavar="N",
+                   help="score a fixed N of the dev examples after every epoch for the dev curve (N at "
+                        "least the dev set: all of it); default 0: dev is scored once, after the last epoch")
     p.add_argument("--data-seed", type=_seed, default=0, help="seed of the train/dev sampling (default 0)")
     p.add_argument("--epochs", type=_positive_int, default=3)
     p.add_argument("--lr", nargs="+", metavar="[METHOD=]LR[,LR...]",
@@ -316,6 +329,19 @@ def _budgets(model_dir: Path, num_labels: int, methods: list, fractions: list) -
     return total_params, budgets, target_params
 
 
+def _curve_batches(dev_split: Split, examples: int, dev_batches: list, tokenizer, max_length: int,
+                   pad_id: int) -> list | None:
+    """What the dev curve scores after each epoch: nothing (0), dev itself, or its first
+    ``examples`` (dev is a seeded shuffle already, so a fixed seeded subset)."""
+    if examples == 0:
+        return None
+    if examples == len(dev_split.labels):
+        return dev_batches
+    subset = Split(dev_split.first[:examples], dev_split.second[:examples] if dev_split.second else None,
+                   dev_split.labels[:examples])
+    return eval_batches(encode(tokenizer, subset, max_length), 128, pad_id)
+
+
 def _run(args, lr_plan: dict[str, list[float]], device: torch.device, argv: list[str]) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     task = read_task(args.task_dir, args.text_columns, args.label_column)
@@ -341,6 +367,7 @@ def _run(args, lr_plan: dict[str, list[float]], device: torch.device, argv: list
                 "split that decides the lr grid is taken from train, apart from the training examples); "
                 "lower one of them")
     dev_split = take(task.dev, args.eval_examples, args.data_seed)
+    curve_examples = min(args.dev_curve_examples, len(dev_split.labels))
 
     total_params, budgets, target_params = _budgets(model_dir, len(task.label_names), args.method,
                                                     args.budget_fraction)
@@ -350,7 +377,8 @@ def _run(args, lr_plan: dict[str, list[float]], device: torch.device, argv: list
                 "label_names": task.label_names, "model_sha256": _model_sha256(model_dir),
                 "total_parameters": total_params, "train_examples": len(train_split.labels),
                 "heldout_examples": len(heldout_split.labels) if heldout_split else 0,
-                "eval_examples": len(dev_split.labels), "data_seed": args.data_seed, "epochs": args.epochs,
+                "eval_examples": len(dev_split.labels), "dev_curve_examples": curve_examples,
+                "data_seed": args.data_seed, "epochs": args.epochs,
                 "batch_size": args.batch_size, "max_length": args.max_length, "weight_decay": args.weight_decay,
                 "calibration_batches": args.calibration_batches, "precision": args.precision,
                 # only when set, so that files written before the option existed still resume
@@ -381,11 +409,12 @@ def _run(args, lr_plan: dict[str, list[float]], device: torch.device, argv: list
     train = encode(tokenizer, train_split, args.max_length)
     dev = encode(tokenizer, dev_split, args.max_length)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    dev_batches = batches(dev, 128, pad_id, None)
-    heldout_batches = (batches(encode(tokenizer, heldout_split, args.max_length), 128, pad_id, None)
+    dev_batches = eval_batches(dev, 128, pad_id)
+    heldout_batches = (eval_batches(encode(tokenizer, heldout_split, args.max_length), 128, pad_id)
                        if heldout_split else None)
     config = RunConfig(model_dir, len(task.label_names), args.epochs, args.batch_size, args.weight_decay,
-                       0, args.calibration_batches, pad_id, None, device, args.precision, args.quantize_base)
+                       0, args.calibration_batches, pad_id, None, device, args.precision, args.quantize_base,
+                       _curve_batches(dev_split, curve_examples, dev_batches, tokenizer, args.max_length, pad_id))
 
     kinds = {m in ALL_LINEAR_METHODS: n for m, n in target_params.items()}  # query/value, all linear layers
     targets = " and ".join(f"{n:,} {'linear-layer weights (-all methods)' if every else 'query/value weights'}"

@@ -273,3 +273,11 @@ def batches(data: Encoded, batch_size: int, pad_id: int, rng: random.Random | No
     if rng is not None:
         rng.shuffle(order)
     return [make_batch(data, order[i:i + batch_size], pad_id, pad_to) for i in range(0, len(order), batch_size)]
+
+
+def eval_batches(data: Encoded, batch_size: int, pad_id: int) -> list[dict]:
+    """All of ``data`` for scoring, in batches of similar length (rows sorted by token count, ties
+    in file order), so that little of a batch is padding; accuracy and MCC do not depend on the
+    order of the examples."""
+    order = sorted(range(len(data.labels)), key=lambda i: len(data.input_ids[i]))
+    return [make_batch(data, order[i:i + batch_size], pad_id) for i in range(0, len(order), batch_size)]

@@ -171,6 +171,9 @@ class RunConfig:
     device: torch.device = torch.device("cpu")
     precision: str = "fp32"  # or "bf16": see models.autocast
     quantize_base: str | None = None  # "nf4": the sparse methods train on a 4-bit base
+    # Batches scored after every epoch for the dev curve (a fixed subset of dev, or dev itself);
+    # None: no curve, dev is scored once, after the last epoch (the reported numbers either way).
+    curve_batches: list[dict] | None = None
 
 
 def _clock(device: torch.device) -> float:
@@ -181,17 +184,68 @@ def _clock(device: torch.device) -> float:
     return time.perf_counter()
 
 
+class _Phases:
+    """Wall seconds per phase of a run (``phase_seconds`` in its record)."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.seconds = device, {}
+
+    def add(self, name: str, start: float) -> float:
+        now = _clock(self.device)
+        self.seconds[name] = self.seconds.get(name, 0.0) + now - start
+        return now
+
+
+def _calibrate(method: str, seed: int, config: RunConfig, train: Encoded, model, optimizer, loss_fn) -> None:
+    """GEM's (and grad-magnitude's) calibration pass over the first ``config.calibration_batches``
+    batches of the seed's shuffle of the training examples (all of them if None)."""
+    calibration = batches(train, config.batch_size, config.pad_id, random.Random(seed))
+    calibration = calibration[:config.calibration_batches] if config.calibration_batches else calibration
+    optimizer.calibrate(model, [to_device(batch, config.device) for batch in calibration], loss_fn)
+
+
+def _curve_point(epoch: int, step: int, metrics: dict, batch_list: list[dict]) -> dict:
+    return {"epoch": epoch, "step": step, **metrics, "examples": sum(len(b["labels"]) for b in batch_list)}
+
+
+def _train(model, optimizer, loss_fn, train: Encoded, config: RunConfig, rng, bar, phases: _Phases,
+           step_seconds: list, losses: list) -> list[dict]:
+    """The epochs of training; returns the dev curve (``config.curve_batches`` after each epoch)."""
+    device, curve = config.device, []
+    for epoch in range(config.epochs):
+        start = _clock(device)
+        for batch in batches(train, config.batch_size, config.pad_id, rng):
+            batch = to_device(batch, device)
+            step_start = _clock(device)
+            loss = loss_fn(model, batch)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step_seconds.append(_clock(device) - step_start)
+            losses.append(loss.item())
+            bar.update(1)
+            bar.set_postfix(loss=f"{losses[-1]:.3f}")
+        start = phases.add("training", start)
+        if config.curve_batches is not None and epoch + 1 < config.epochs:
+            metrics = evaluate(model, config.curve_batches, config.num_labels, device, config.precision)
+            curve.append(_curve_point(epoch + 1, len(losses), metrics, config.curve_batches))
+            phases.add("dev_curve", start)
+    return curve
+
+
 def run_once(method: str, lr: float, seed: int, config: RunConfig, train: Encoded,
              dev_batches: list[dict], heldout_batches: list[dict] | None = None) -> dict:
     """Load a fresh model, train it with ``method`` for ``config.epochs``, evaluate on dev after
-    each epoch and on ``heldout_batches`` (if any) after the last; returns the run's record of
-    the results file. The held-out score is what an lr grid chooses by; dev is only reported."""
+    the last epoch (and on ``config.curve_batches``, if any, after each epoch) and on
+    ``heldout_batches`` (if any) after the last; returns the run's record of the results file.
+    The held-out score is what an lr grid chooses by; dev is only reported."""
     from tqdm import tqdm
     device, precision = config.device, config.precision
     gc.collect()
     peak_known = reset_peak_memory(device)
     rss_start = rss_mib("VmRSS")
     run_start = _clock(device)
+    phases = _Phases(device)
     torch.manual_seed(seed)  # dropout
     rng = random.Random(seed)  # batch order
     steps_per_epoch = math.ceil(len(train.labels) / config.batch_size)
@@ -205,14 +259,10 @@ def run_once(method: str, lr: float, seed: int, config: RunConfig, train: Encode
         with autocast(device, precision):
             return classification_loss(model, batch)
 
-    calibration_seconds = 0.0
+    start = phases.add("load", run_start)
     if method in CALIBRATED_METHODS:
-        calibration = batches(train, config.batch_size, config.pad_id, random.Random(seed))
-        calibration = calibration[:config.calibration_batches] if config.calibration_batches else calibration
-        calibration = [to_device(batch, device) for batch in calibration]
-        start = _clock(device)
-        optimizer.calibrate(model, calibration, loss_fn)
-        calibration_seconds = _clock(device) - start
+        _calibrate(method, seed, config, train, model, optimizer, loss_fn)
+        start = phases.add("calibration", start)
     # The explicit layer where it measured faster: on CPU its sparse weight gradient takes a
     # fifth off a step (benchmarks/results/step_cost.md); on CUDA dense dW through cuBLAS wins so
     # far. A 4-bit base needs it everywhere. ID3 adds entries at every step: the drop-in path.
@@ -220,29 +270,22 @@ def run_once(method: str, lr: float, seed: int, config: RunConfig, train: Encode
     if layer:
         from gem_kernels import sparsify_
         sparsify_(model, optimizer, quantize_base=config.quantize_base)
+        start = phases.add("sparsify", start)
 
-    losses, step_seconds, dev_curve = [], [], []
+    losses, step_seconds = [], []
     bar = tqdm(total=total_steps, desc=f"{method} lr={lr:g} seed={seed}", unit="step", leave=False)
-    for epoch in range(config.epochs):
-        for batch in batches(train, config.batch_size, config.pad_id, rng):
-            batch = to_device(batch, device)
-            start = _clock(device)
-            loss = loss_fn(model, batch)
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            step_seconds.append(_clock(device) - start)
-            losses.append(loss.item())
-            bar.update(1)
-            bar.set_postfix(loss=f"{losses[-1]:.3f}")
-        dev_curve.append({"epoch": epoch + 1, "step": len(losses),
-                          **evaluate(model, dev_batches, config.num_labels, device, precision)})
+    dev_curve = _train(model, optimizer, loss_fn, train, config, rng, bar, phases, step_seconds, losses)
     bar.close()
+    start = _clock(device)
+    dev, dev_curve = _final_dev(model, config, dev_batches, dev_curve, len(losses))
+    start = phases.add("dev", start)
     heldout = evaluate(model, heldout_batches, config.num_labels, device, precision) if heldout_batches else None
+    if heldout_batches:
+        phases.add("heldout", start)
 
     result = {"method": method, "lr": lr, "seed": seed,
               "budget_fraction": config.budget_fraction if method in BUDGETED_METHODS else None,
-              **{k: dev_curve[-1][k] for k in ("accuracy", "mcc")}, "heldout": heldout,
+              **{k: dev[k] for k in ("accuracy", "mcc")}, "heldout": heldout,
               "device": device.type, "precision": precision, "sparse_delta_layer": layer,
               "quantize_base": "nf4" if method == "qlora" else (config.quantize_base if layer else None),
               "trainable_entries": setup.trainable_entries,
@@ -250,9 +293,26 @@ def run_once(method: str, lr: float, seed: int, config: RunConfig, train: Encode
               "peak_memory_mib": peak_memory_mib(device) if peak_known else None,
               "rss_at_start_mib": rss_start,
               "median_step_seconds": statistics.median(step_seconds),
-              "calibration_seconds": calibration_seconds,
+              "calibration_seconds": phases.seconds.get("calibration", 0.0),
               "wall_seconds": _clock(device) - run_start,
+              "phase_seconds": phases.seconds,
               "losses": losses, "dev_curve": dev_curve}
+    _add_method_fields(result, method, setup, optimizer, model)
+    return result
+
+
+def _final_dev(model, config: RunConfig, dev_batches: list[dict], curve: list[dict], step: int):
+    """Dev's metrics after the last epoch and the dev curve with its last point: dev's own where
+    the curve is on the whole dev set, else the curve's subset scored again."""
+    dev = evaluate(model, dev_batches, config.num_labels, config.device, config.precision)
+    if config.curve_batches is None:
+        return dev, curve
+    last = dev if config.curve_batches is dev_batches else evaluate(
+        model, config.curve_batches, config.num_labels, config.device, config.precision)
+    return dev, [*curve, _curve_point(config.epochs, step, last, config.curve_batches)]
+
+
+def _add_method_fields(result: dict, method: str, setup: Setup, optimizer, model) -> None:
     if setup.lora_rank is not None:
         result["lora_rank"] = setup.lora_rank
     if method in SPARSE_METHODS:
@@ -261,4 +321,3 @@ def run_once(method: str, lr: float, seed: int, config: RunConfig, train: Encode
         result["selected_count"] = optimizer.selected_count()
         result["trainable_entries"] = result["selected_count"] + sum(p.numel() for p in model.head.parameters())
         result["per_tensor_budget"] = per_tensor_budget(optimizer)
-    return result

@@ -134,6 +134,17 @@ def _bytes(n: int) -> str:
         n /= 1024
 
 
+def dev_panel_title(settings: dict, metric: str) -> str:
+    """What the dev panel of curves-TASK.png shows: the dev curve's examples (settings'
+    ``dev_curve_examples``; files from before it existed scored all of dev after every epoch)."""
+    n, curve = settings["eval_examples"], settings.get("dev_curve_examples", settings["eval_examples"])
+    if curve == 0:
+        return f"dev {metric} after the last epoch (all {n} dev examples; mean over seeds)"
+    if curve >= n:
+        return f"dev {metric} after each epoch (all {n} dev examples; mean over seeds)"
+    return f"dev {metric} after each epoch on a fixed {curve} of the {n} dev examples (mean over seeds)"
+
+
 def plot(results: dict, path: Path, metric: str) -> None:
     import matplotlib
     matplotlib.use("Agg")
@@ -149,12 +160,16 @@ def plot(results: dict, path: Path, metric: str) -> None:
         window = max(1, steps // 20)  # a running mean so the curves can be told apart
         smooth = [statistics.fmean(mean_loss[max(0, i - window + 1):i + 1]) for i in range(steps)]
         axes[0].plot(range(1, steps + 1), smooth, label=method)
-        curve = runs[0]["dev_curve"]
-        axes[1].plot([c["step"] for c in curve],
-                     [statistics.fmean(r["dev_curve"][i][metric] for r in runs) for i in range(len(curve))],
-                     marker="o", label=method)
+        points = min(len(r["dev_curve"]) for r in runs)
+        if points:
+            axes[1].plot([c["step"] for c in runs[0]["dev_curve"][:points]],
+                         [statistics.fmean(r["dev_curve"][i][metric] for r in runs) for i in range(points)],
+                         marker="o", label=method)
+        else:  # no dev curve: dev after the last epoch
+            axes[1].plot([len(runs[0]["losses"])], [statistics.fmean(r[metric] for r in runs)], marker="o",
+                         linestyle="", label=method)
     axes[0].set(title="training loss (mean over seeds, running mean)", xlabel="step", ylabel="loss")
-    axes[1].set(title=f"dev {metric} (mean over seeds)", xlabel="step", ylabel=metric)
+    axes[1].set(title=dev_panel_title(results["settings"], metric), xlabel="step", ylabel=metric)
     for ax in axes[:2]:
         ax.legend(fontsize=8)
     if gem_budget:

@@ -188,7 +188,9 @@ def test_every_method_runs_end_to_end(tmp_path, tiny_model, capsys):
     for method in FULL_PRECISION_METHODS:
         assert f"| {method} |" in printed
         (run,) = [r for r in results["runs"] if r["method"] == method]
-        assert len(run["losses"]) == 6 and len(run["dev_curve"]) == 1
+        assert len(run["losses"]) == 6 and run["dev_curve"] == []  # no --dev-curve-examples: no curve
+        assert set(run["phase_seconds"]) >= {"load", "training", "dev"} and "heldout" not in run["phase_seconds"]
+        assert ("calibration" in run["phase_seconds"]) == (method in methods.CALIBRATED_METHODS)
         assert run["median_step_seconds"] > 0 and run["optimizer_state_bytes"] > 0 and run["wall_seconds"] > 0
         # --device auto (the default): CUDA where torch sees it
         assert (run["device"], run["precision"]) == ("cuda" if torch.cuda.is_available() else "cpu", "fp32")
@@ -219,6 +221,38 @@ def test_pair_and_string_label_tasks_run(tmp_path, tiny_model, kind):
     assert results["settings"]["eval_examples"] == 10
     assert [r["seed"] for r in results["runs"]] == [0, 1]
     assert results["summary"]["gem"]["accuracy_std"] >= 0
+
+
+@pytest.mark.parametrize("examples", [0, 10, 1000])
+def test_dev_curve_examples(tmp_path, tiny_model, examples):
+    """--dev-curve-examples: no curve (0), a fixed subset of dev scored after every epoch, or all of
+    dev (a number at least dev's size); dev's own scores, the reported ones, come from all of dev
+    either way, and the plot's dev panel says which it shows."""
+    from gem_finetune.report import dev_panel_title
+    task = make_task(tmp_path / "task", "single")
+    code = run_main(tiny_model, task, tmp_path / "out", "--method", "bitfit", "--epochs", "2",
+                    "--dev-curve-examples", str(examples))
+    assert code == 0
+    results = load_results(tmp_path / "out" / "results-task.jsonl")
+    (run,) = results["runs"]
+    dev_n = results["settings"]["eval_examples"]
+    shown = min(examples, dev_n)
+    assert results["settings"]["dev_curve_examples"] == shown
+    assert [c["epoch"] for c in run["dev_curve"]] == ([1, 2] if examples else [])
+    assert all(c["examples"] == shown for c in run["dev_curve"])
+    if shown == dev_n:  # the curve's last point is dev's own score
+        assert run["dev_curve"][-1]["accuracy"] == run["accuracy"]
+    assert ("dev_curve" in run["phase_seconds"]) == bool(examples)
+    title = dev_panel_title(results["settings"], "accuracy")
+    assert {0: "after the last epoch", 10: "fixed 10 of", 1000: "after each epoch (all"}[examples] in title
+    assert (tmp_path / "out" / "curves-task.png").stat().st_size > 10_000
+
+
+def test_eval_batches_sort_by_length_and_keep_every_example():
+    enc = data.Encoded([[1] * n for n in (5, 2, 9, 2, 4)], [[0] * n for n in (5, 2, 9, 2, 4)], [0, 1, 0, 1, 1])
+    got = data.eval_batches(enc, 2, 0)
+    assert [b["input_ids"].shape[1] for b in got] == [2, 5, 9]
+    assert sorted(sum((b["labels"].tolist() for b in got), [])) == sorted(enc.labels)
 
 
 def test_lr_grid_keeps_the_best_on_the_first_seed(tmp_path, tiny_model):
