@@ -62,13 +62,17 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 sys.path.insert(0, str(ROOT / "tests"))
 
 # name -> budget in seconds. The order is the order they run in; the budgets add up to TOTAL.
-STAGES = {"cases": 70, "weight_grad_timings": 75, "step_eager": 60, "kernel_timings": 35, "finetune": 55,
-          "step_compiled": 105}
+STAGES = {"cases": 70, "weight_grad_timings": 75, "step_eager": 60, "step_nf4": 30, "kernel_timings": 35,
+          "finetune": 55, "step_compiled": 75}
 TOTAL = 400        # seconds for all stages: with start-up and the report, the call ends within 7 minutes
 MIN_START = 15     # a stage is not started with less time left than this
 STEP_METHODS = ("full", "lora", "gem", "gem-layer")  # step_cost's methods: the baselines first, then ours
 STEP_EAGER_METHODS = STEP_METHODS
 STEP_COMPILED_METHODS = STEP_METHODS
+# The 4-bit comparison (step_cost's): the model in bf16; full fine-tuning and QLoRA first, then GEM on NF4.
+NF4_METHODS = ("full-bf16", "qlora", "gem-nf4")
+DRY_NF4_MODEL = "llama-tiny-nf4"
+TORCHAO_WHEELS = ROOT / "device_carry" / "wheels"  # prepare_device_carry.py puts torchao's wheel there
 FINETUNE_EXAMPLES = 2000
 STEP_MODEL = "llama-953m"
 DRY_STEP_MODEL = "llama-tiny"
@@ -326,7 +330,8 @@ def _dispatch_section(stages: dict) -> list[str]:
 def _steps_section(stages: dict) -> list[str]:
     """The training step, eager and compiled, against LoRA and full fine-tuning."""
     out = []
-    for stage, title in (("step_eager", "eager"), ("step_compiled", "torch.compile")):
+    for stage, title in (("step_eager", "eager"), ("step_nf4", "eager, bf16 model, NF4 bases"),
+                         ("step_compiled", "torch.compile")):
         rows = [i for i in stages.get(stage, {}).get("items", []) if "median_step_s" in i]
         errors = [i for i in stages.get(stage, {}).get("items", []) if "error" in i]
         if not rows and not errors:
@@ -336,8 +341,8 @@ def _steps_section(stages: dict) -> list[str]:
         out += ["", f"## Training step, {model}, {title} ({setting})", "",
                 "| method | step ms | x LoRA | x full | peak GB | x LoRA | trained entries | first step s |",
                 "|---|---|---|---|---|---|---|---|"]
-        lora = next((r for r in rows if r["method"] == "lora"), None)
-        full = next((r for r in rows if r["method"] == "full"), None)
+        lora = next((r for r in rows if r["method"] in ("lora", "qlora")), None)  # QLoRA for the 4-bit rows
+        full = next((r for r in rows if r["method"] in ("full", "full-bf16")), None)
         for r in rows:
             def ratio(key, base):
                 return "n/a" if base is None else f"{r[key] / base[key]:.2f}"
@@ -723,12 +728,12 @@ def _dry_compile_backend() -> None:
     torch.compile = functools.partial(torch.compile, backend="aot_eager")
 
 
-def _step_stage(emit, args, methods, compile) -> None:
+def _step_stage(emit, args, methods, compile, dry_model=DRY_STEP_MODEL) -> None:
     import traceback
 
     import step_cost
     import torch
-    model, device, steps = (DRY_STEP_MODEL, "cpu", 1) if args.dry_run else (STEP_MODEL, "cuda", args.step_steps)
+    model, device, steps = (dry_model, "cpu", 1) if args.dry_run else (STEP_MODEL, "cuda", args.step_steps)
     if compile and args.dry_run:
         _dry_compile_backend()
     for method in methods:
@@ -752,6 +757,29 @@ def stage_step_eager(emit, args) -> None:
 
 def stage_step_compiled(emit, args) -> None:
     _step_stage(emit, args, STEP_COMPILED_METHODS, compile=True)
+
+
+def _torchao_importable() -> bool:
+    """torchao (the NF4 base) importable, installed from the carried wheel where it is missing (the
+    lent machine has no torchao and no internet: device_carry/wheels holds it)."""
+    import importlib.util
+    if importlib.util.find_spec("torchao") is None:
+        wheels = sorted(TORCHAO_WHEELS.glob("torchao-*.whl"))
+        if not wheels:
+            return False
+        target = ROOT / "build" / "torchao"
+        subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target", str(target),
+                        str(wheels[-1])], check=True)
+        sys.path.insert(0, str(target))
+    return importlib.util.find_spec("torchao") is not None
+
+
+def stage_step_nf4(emit, args) -> None:
+    """The 953M step on a 4-bit base: bf16 full fine-tuning, QLoRA, GEM on NF4 (step_cost's)."""
+    if not _torchao_importable():
+        emit({"item": "torchao", "error": f"torchao is not installed and no wheel is in {TORCHAO_WHEELS}"})
+        return
+    _step_stage(emit, args, NF4_METHODS, compile=False, dry_model=DRY_NF4_MODEL)
 
 
 DRY_FINETUNE = ["--batch-size", "16", "--max-length", "16", "--calibration-batches", "1", "--eval-examples", "32"]
@@ -819,7 +847,8 @@ def stage_finetune(emit, args) -> None:
 
 
 STAGE_FUNCTIONS = {"cases": stage_cases, "weight_grad_timings": stage_weight_grad_timings,
-                   "step_eager": stage_step_eager, "kernel_timings": stage_kernel_timings, "finetune": stage_finetune,
+                   "step_eager": stage_step_eager, "step_nf4": stage_step_nf4,
+                   "kernel_timings": stage_kernel_timings, "finetune": stage_finetune,
                    "step_compiled": stage_step_compiled}
 
 

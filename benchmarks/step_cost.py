@@ -74,7 +74,7 @@ METHODS = ("full", "lora", "gem", "gem-layer", "full-bf16", "qlora", "gem-nf4")
 # The 4-bit comparison: the model in bf16 (QLoRA computes in bf16), the targeted Linear bases in NF4.
 BF16_METHODS = ("full-bf16", "qlora", "gem-nf4")
 DEFAULT_METHODS = tuple(m for m in METHODS if m not in BF16_METHODS)
-MODELS = ("minilm-qv", "minilm-all", "llama-all", "llama-953m", "llama-953m-cpu", "llama-tiny")
+MODELS = ("minilm-qv", "minilm-all", "llama-all", "llama-953m", "llama-953m-cpu", "llama-tiny", "llama-tiny-nf4")
 MINILM_QV = ["query", "value"]
 LLAMA_ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 DENSITY = 1e-3
@@ -87,10 +87,13 @@ LLAMAS = {
                         num_key_value_heads=16, max_position_embeddings=512), 8, 512, False),
     "llama-953m-cpu": (dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=16, num_attention_heads=16,
                             num_key_value_heads=16, max_position_embeddings=512), 1, 256, False),
+    # the smallest whose Linear weights NF4 can store (multiples of 64 x 256 entries): the dry runs' 4-bit rows
+    "llama-tiny-nf4": (dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                            num_key_value_heads=4, max_position_embeddings=64), 2, 32, False),
     "llama-tiny": (dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                         num_key_value_heads=4, max_position_embeddings=64), 2, 32, False),
 }
-LLAMA_VOCAB = {"llama-tiny": 512}
+LLAMA_VOCAB = {"llama-tiny": 512, "llama-tiny-nf4": 512}
 
 
 def _minilm_all_patterns(model) -> list[str]:
