@@ -297,8 +297,8 @@ def _selected_linears(model, entries: dict, quantize_base) -> list:
 
 
 def sparsify_(model: torch.nn.Module, optimizer, quantize_base=None) -> list:
-    """Turns every ``nn.Linear`` of ``model`` whose weight has entries selected by ``optimizer``
-    (a ``SparseAdamW`` past its selection) into a ``SparseDeltaLinear`` over the same weight and
+    """Turns every ``nn.Linear`` of ``model`` whose weight is a sparse param of ``optimizer`` (a
+    ``SparseAdamW`` past its selection) into a ``SparseDeltaLinear`` over the same weight and
     bias tensors, and hands the optimizer each layer's ``values`` in place of its weight, with
     the moments and step count it had (``SparseAdamW.replace_trained_params``). Returns the
     converted modules' names. A Linear weight of the optimizer that got no entry becomes a layer of
