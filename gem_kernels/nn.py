@@ -25,7 +25,10 @@ bias's gradient; it forms the dense weight gradient only if the user unfroze the
 optimizer trains ``values``: ``torch.optim.AdamW`` (O(k) state, since the tensor has k entries),
 or the SparseAdamW that selected them, which ``sparsify_`` hands them to with their moments.
 Under autocast the layer casts what ``F.linear`` would cast (input, base, values, bias) to the
-autocast dtype, as autocast does for ``nn.Linear``.
+autocast dtype, as autocast does for ``nn.Linear``. On a GPU the values' gradient comes from the
+sparse op or from the dense product and a gather, as the committed measurements say
+(``weight_grad_dispatch``). ``sparsify_(..., quantize_base="nf4")`` stores the bases in NF4
+(``quantize_base_``; docs/ARCHITECTURE.md, "A 4-bit base").
 """
 from __future__ import annotations
 
@@ -43,7 +46,7 @@ Tensor = torch.Tensor
 
 
 # ---------------------------------------------------------------------------------------
-# The operator
+# The effective weight and the layer's autograd function
 
 
 def effective_weight(weight: Tensor, values: Tensor, original: Tensor, indices: Tensor) -> Tensor:
