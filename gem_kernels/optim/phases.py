@@ -1,7 +1,7 @@
 """What one ``step()`` does in each phase: ``Calibrating``, ``Unmasking`` (ID3), ``Training``.
 
 ``SparseAdamW.step`` gathers what a step reads into a ``StepContext`` (its param groups, torch's
-per-param state, the gradient hooks, FSDP2's sharding) and calls the phase of its
+per-param state, FSDP2's sharding) and calls the phase of its
 ``SelectionState`` once; the phase updates that state (counters, budget, report, layouts, and
 ``phase`` when it moves on) and torch's per-param state.
 
