@@ -139,10 +139,10 @@ def dev_panel_title(settings: dict, metric: str) -> str:
     ``dev_curve_examples``; files from before it existed scored all of dev after every epoch)."""
     n, curve = settings["eval_examples"], settings.get("dev_curve_examples", settings["eval_examples"])
     if curve == 0:
-        return f"dev {metric} after the last epoch (all {n} dev examples; mean over seeds)"
+        return f"dev {metric} after the last epoch\n(all {n} dev examples; mean over seeds)"
     if curve >= n:
-        return f"dev {metric} after each epoch (all {n} dev examples; mean over seeds)"
-    return f"dev {metric} after each epoch on a fixed {curve} of the {n} dev examples (mean over seeds)"
+        return f"dev {metric} after each epoch (all {n}\ndev examples; mean over seeds)"
+    return f"dev {metric} after each epoch, on a fixed {curve} of\nthe {n} dev examples (mean over seeds)"
 
 
 def plot(results: dict, path: Path, metric: str) -> None:
