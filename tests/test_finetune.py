@@ -1,4 +1,5 @@
 """gem-finetune end to end on a tiny BERT built from a config (no download), and its errors."""
+import json
 import math
 import random
 import subprocess
@@ -346,3 +347,28 @@ def test_the_4bit_base_runs(tmp_path, nf4_model):
     assert qlora["lora_rank"] == 8 and len(qlora["losses"]) == len(gem["losses"]) == 6
     with pytest.raises(SystemExit):
         run_main(nf4_model, task, tmp_path / "x", "--method", "id3", "--quantize-base", "nf4")
+
+
+def test_cost_profile_and_overlap_run(tmp_path, tiny_model, capsys):
+    """gem_finetune.cost, which measured benchmarks/reproduce.md's profile and overlap table: the
+    profile prints every phase of a run; a selection overlaps the full pass's by a share in
+    [0, 1], and the full pass's own row shows 100 % in its last column."""
+    from gem_finetune import cost
+    task = make_task(tmp_path / "task", "single")
+    common = ["--task-dir", str(task), "--model", str(tiny_model), "--train-examples", "32", "--batch-size", "8",
+              "--max-length", "16", "--budget-fraction", "0.01"]
+    assert cost.main(["profile", *common, "--method", "gem", "--lr", "gem=1e-3", "--epochs", "1",
+                      "--heldout-examples", "8", "--out", str(tmp_path / "p.jsonl")]) == 0
+    run = json.loads((tmp_path / "p.jsonl").read_text())
+    assert {"calibration", "training", "dev", "heldout"} <= set(run["phase_seconds"])
+    assert cost.main(["profile", *common, "--method", "gem", "--lr", "gem=1e-3", "--epochs", "2", "--old",
+                      "--heldout-examples", "8", "--out", str(tmp_path / "old.jsonl")]) == 0
+    old = json.loads((tmp_path / "old.jsonl").read_text())
+    assert [c["examples"] for c in old["dev_curve"]] == [24, 24] and "dev_curve" in old["phase_seconds"]
+    capsys.readouterr()
+    assert cost.main(["overlap", *common, "--batches", "1", "2", "--seeds", "0", "1"]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| gem")]
+    assert len(rows) == 4
+    shares = [float(cell.strip(" %")) for row in rows for cell in row.strip("|").split("|")[3:]]
+    assert all(0 <= share <= 100 for share in shares)
+    assert [row.strip("|").split("|")[-1].strip() for row in rows[:2]] == ["100.0 %", "100.0 %"]
