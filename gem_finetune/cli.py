@@ -67,9 +67,9 @@ To hold the split out of a fixed pool instead (say 200 of the paper's 1000), low
 ``--train-examples`` to 800: the held-out examples are then the next 200 of the same shuffle.
 With one lr per method nothing is chosen and no held-out split is taken.
 
-Demo (``make demo``; 277 s on the 2 shared CPU cores it was timed on, before dev was scored
-only once: 2 methods x 2 seeds x 64 steps, median 0.47 s (GEM) and 0.70 s (full) a step, plus
-an evaluation of the 872 dev sentences after each epoch; it printed GEM 78.5 ± 1.1 %, full
+Demo (``make demo``: 2 methods x 2 seeds x 64 steps, then the 872 dev sentences; on 2026-12-07
+from a clean clone on this project's 2-core machine, with another job on one core, 7 min 55 s
+with the setup, 102 s a GEM run and 132 s a full one; it printed GEM 78.5 ± 1.1 %, full
 82.1 ± 0.2 %)::
 
     gem-finetune --task-dir ../shared/data/glue/SST-2 --method gem full --seeds 0 1 \\
