@@ -69,7 +69,7 @@ With one lr per method nothing is chosen and no held-out split is taken.
 
 Demo (``make demo``: 2 methods x 2 seeds x 64 steps, then the 872 dev sentences; on 2026-12-07
 from a clean clone on this project's 2-core machine, with another job on one core, 7 min 55 s
-with the setup, 102 s a GEM run and 132 s a full one; it printed GEM 78.5 ± 1.1 %, full
+(its .venv already set up), 102 s a GEM run and 132 s a full one; it printed GEM 78.5 ± 1.1 %, full
 82.1 ± 0.2 %)::
 
     gem-finetune --task-dir ../shared/data/glue/SST-2 --method gem full --seeds 0 1 \\
