@@ -40,5 +40,11 @@ def weight_grad_path(device: torch.device, dtype: torch.dtype, density: float) -
         return "sparse"
     if device.type != "cuda":
         return "dense"
-    name = torch.cuda.get_device_name(device)
+    name = _device_name(torch.device(device).index or 0)
     return table_choice(table().get("rows", []), name, str(dtype).replace("torch.", ""), density)[0]
+
+
+@functools.lru_cache(maxsize=None)
+def _device_name(index: int) -> str:
+    """Asked once per device: every layer's backward looks it up."""
+    return torch.cuda.get_device_name(index)

@@ -16,37 +16,33 @@ WORDS = ["good", "great", "fine", "bad", "awful", "poor", "movie", "film", "the"
 POSITIVE, NEGATIVE = WORDS[:3], WORDS[3:6]
 
 
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    """A 2-layer BERT with random weights and a word-level vocab, saved like a hub model."""
+def _save_bert(directory, **sizes):
+    """A BERT with random weights and a word-level vocab, saved like a hub model."""
     from transformers import BertConfig, BertModel, BertTokenizerFast
-    directory = tmp_path_factory.mktemp("tiny-bert")
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", '"', *WORDS]
     # transformers 5 takes the vocab itself (`vocab=`); its old `vocab_file=` is silently ignored.
     tokenizer = BertTokenizerFast(vocab={token: i for i, token in enumerate(vocab)})
     assert tokenizer("good film")["input_ids"] == [2, vocab.index("good"), vocab.index("film"), 3]
     tokenizer.save_pretrained(directory)
     torch.manual_seed(0)
-    config = BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=64, max_position_embeddings=64, hidden_dropout_prob=0.0,
-                        attention_probs_dropout_prob=0.0)
+    config = BertConfig(vocab_size=len(vocab), max_position_embeddings=64, hidden_dropout_prob=0.0,
+                        attention_probs_dropout_prob=0.0, **sizes)
     BertModel(config).save_pretrained(directory)
     return directory
 
 
 @pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    """A 2-layer BERT."""
+    return _save_bert(tmp_path_factory.mktemp("tiny-bert"), hidden_size=32, num_hidden_layers=2,
+                      num_attention_heads=2, intermediate_size=64)
+
+
+@pytest.fixture(scope="module")
 def nf4_model(tmp_path_factory):
     """A 1-layer BERT whose linear layers NF4 can store (multiples of 64 x 256 entries)."""
-    from transformers import BertConfig, BertModel, BertTokenizerFast
-    directory = tmp_path_factory.mktemp("nf4-bert")
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", '"', *WORDS]
-    BertTokenizerFast(vocab={token: i for i, token in enumerate(vocab)}).save_pretrained(directory)
-    torch.manual_seed(0)
-    config = BertConfig(vocab_size=len(vocab), hidden_size=128, num_hidden_layers=1, num_attention_heads=2,
-                        intermediate_size=512, max_position_embeddings=64, hidden_dropout_prob=0.0,
-                        attention_probs_dropout_prob=0.0)
-    BertModel(config).save_pretrained(directory)
-    return directory
+    return _save_bert(tmp_path_factory.mktemp("nf4-bert"), hidden_size=128, num_hidden_layers=1,
+                      num_attention_heads=2, intermediate_size=512)
 
 
 def sentence(rng, label):
