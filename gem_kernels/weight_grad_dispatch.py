@@ -40,7 +40,8 @@ def weight_grad_path(device: torch.device, dtype: torch.dtype, density: float) -
         return "sparse"
     if device.type != "cuda":
         return "dense"
-    name = _device_name(torch.device(device).index or 0)
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    name = _device_name(index)
     return table_choice(table().get("rows", []), name, str(dtype).replace("torch.", ""), density)[0]
 
 
