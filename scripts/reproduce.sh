@@ -61,7 +61,7 @@ METHODS=(full lora id3 lora-all bitfit gem gem-all gem-uniform gem-all-uniform g
 # gem 1e-4 (3e-4 won at 0.1 %), gem-all 3e-2 (1e-2 won at 0.1 %).
 SPARSE=3e-4,1e-3,3e-3,1e-2
 LORA=5e-4,1e-3,2e-3,5e-3
-LRS=(full=3e-6,1e-5,3e-5,1e-4 lora=$LORA lora-all=$LORA bitfit=3e-4,1e-3,3e-3,1e-2 gem=1e-4,$SPARSE
+LRS=(full=3e-6,1e-5,3e-5,1e-4 lora=$LORA lora-all=$LORA qlora=$LORA bitfit=3e-4,1e-3,3e-3,1e-2 gem=1e-4,$SPARSE
      gem-all=$SPARSE,3e-2 gem-uniform=$SPARSE gem-all-uniform=$SPARSE id3=$SPARSE grad-magnitude=$SPARSE
      random=$SPARSE)
 FRACTIONS=(1e-3 1e-2)  # 0.1 % and 1 % of all model parameters
@@ -83,7 +83,7 @@ if [[ -n ${QUICK:-} ]]; then
     # 2 seeds), 1 step per run, a dev curve on 8 of the 16 dev examples: this checks the
     # pipeline, not the methods.
     SPARSE=1e-3,1e-2
-    LRS=(full=3e-5,1e-4 lora=1e-3,5e-3 lora-all=1e-3,5e-3 bitfit=1e-3,3e-3 gem=$SPARSE gem-all=$SPARSE
+    LRS=(full=3e-5,1e-4 lora=1e-3,5e-3 lora-all=1e-3,5e-3 qlora=1e-3,5e-3 bitfit=1e-3,3e-3 gem=$SPARSE gem-all=$SPARSE
          gem-uniform=$SPARSE gem-all-uniform=$SPARSE id3=$SPARSE grad-magnitude=$SPARSE random=$SPARSE)
     SIZE=(--train-examples 16 --heldout-examples 16 --eval-examples 16 --epochs 1 --seeds 0 1
           --grid-seeds 2 --batch-size 16 --max-length 128 --calibration-batches 1 --dev-curve-examples 8)
@@ -94,38 +94,59 @@ OUT=${OUT:-$OUT_DEFAULT}
 mkdir -p runs "$OUT"
 echo "writing $OUT, logs $LOG-lane*.log; $LANES lanes of $THREADS threads, device $DEVICE; started $(date)"
 
-lane() {  # K: the methods K, K+LANES, ... on every task, one gem-finetune command per task
-    local k=$1 task
-    local methods=()
-    for ((i = k; i < ${#METHODS[@]}; i += LANES)); do methods+=("${METHODS[i]}"); done
-    for task in "${TASKS[@]}"; do
-        OMP_NUM_THREADS=$THREADS $PY -m gem_finetune --task-dir "$DATA/$task" "${SIZE[@]}" \
-            --method "${methods[@]}" --lr "${LRS[@]}" --budget-fraction "${FRACTIONS[@]}" \
-            --device "$DEVICE" --precision "$PRECISION" "${MODEL_ARGS[@]}" --out "$OUT" || return
+lane() {  # K JOB...: job K, K+LANES, ... of the JOBs, on every task; a job is "OUT|METHODS|FRACTIONS|EXTRA"
+    local k=$1 task job out methods fractions extra
+    shift
+    local jobs=("$@")
+    for ((i = k; i < ${#jobs[@]}; i += LANES)); do
+        IFS='|' read -r out methods fractions extra <<< "${jobs[i]}"
+        for task in "${TASKS[@]}"; do
+            # shellcheck disable=SC2086  # methods, fractions and extra are word lists
+            OMP_NUM_THREADS=$THREADS $PY -m gem_finetune --task-dir "$DATA/$task" "${SIZE[@]}" \
+                --method $methods --lr "${LRS[@]}" --budget-fraction $fractions $extra \
+                --device "$DEVICE" --precision "$PRECISION" "${MODEL_ARGS[@]}" --out "$out" || return
+        done
     done
 }
 
-pids=()
-for ((k = 0; k < LANES && k < ${#METHODS[@]}; k++)); do
-    lane "$k" > "$LOG-lane$k.log" 2>&1 &
-    pids+=($!)
-done
-status=0
-for k in "${!pids[@]}"; do
-    wait "${pids[k]}" || { status=$?; echo "lane $k failed (exit $status): see $LOG-lane$k.log"; }
-done
-[[ $status == 0 ]] || exit "$status"
+stage() {  # NAME JOB...: the jobs dealt out to LANES lanes; returns once every lane has finished
+    local name=$1 pids=() status=0
+    shift
+    for ((k = 0; k < LANES && k < $#; k++)); do
+        lane "$k" "$@" > "$LOG-$name-lane$k.log" 2>&1 &
+        pids+=($!)
+    done
+    for k in "${!pids[@]}"; do
+        wait "${pids[k]}" || { status=$?; echo "$name lane $k failed (exit $status): see $LOG-$name-lane$k.log"; }
+    done
+    return "$status"
+}
+
+# First the rows the 4-bit base waits for (few runs): GEM on all linear layers over an NF4 base
+# at 1 % (gem-finetune records --quantize-base among the settings, so its runs have their own
+# results file, OUT/nf4/) and QLoRA. Then every method of the table, one job per method.
+FIRST=("$OUT/nf4|gem-all|1e-2|--quantize-base nf4" "$OUT|qlora|${FRACTIONS[*]}|")
+MAIN=()
+for method in "${METHODS[@]}"; do MAIN+=("$OUT|$method|${FRACTIONS[*]}|"); done
+mkdir -p "$OUT/nf4"
+stage nf4 "${FIRST[@]}"
+stage main "${MAIN[@]}"
 
 # The lanes wrote one results file per task; the report reads every run in it (and redraws the
 # plots, which each lane drew with its own methods only).
-RESULTS=()
-for task in "${TASKS[@]}"; do RESULTS+=("$OUT/results-$task.jsonl"); done
+RESULTS=() NF4_RESULTS=()
+for task in "${TASKS[@]}"; do RESULTS+=("$OUT/results-$task.jsonl") NF4_RESULTS+=("$OUT/nf4/results-$task.jsonl"); done
 {
     echo "# Tuned comparison"
     echo
     echo "Made by \`${QUICK:+QUICK=1 }GRID_SEEDS=$GRID_SEEDS DEVICE=$DEVICE PRECISION=$PRECISION LANES=$LANES scripts/reproduce.sh\`, finished $(date -u +%Y-%m-%dT%H:%MZ)."
     echo
     $PY -m gem_finetune.report "${RESULTS[@]}"
+    echo "## GEM on a 4-bit (NF4) base"
+    echo
+    echo "gem-all at 1 % over an NF4 base (\`--quantize-base nf4\`, results in nf4/), beside qlora and gem-all above."
+    echo
+    $PY -m gem_finetune.report "${NF4_RESULTS[@]}"
     echo "Plots: curves-TASK.png (loss; dev metric, after the last epoch or per epoch as its title says; GEM's budget per tensor) and"
     echo "budget-curve-TASK.png (dev accuracy against the budget fraction; methods without a budget as lines)."
 } > "$OUT/tuned.md.tmp"
