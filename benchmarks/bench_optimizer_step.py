@@ -82,7 +82,7 @@ def test_optimizer_step_sparse_adamw(benchmark, device, density, rounds):
         v = torch.zeros(idx.numel(), device=device)
         offsets = torch.tensor([0, idx.numel()], device=device)
         for step in range(1, steps + 1):
-            reference.sparse_adamw_([want], [g], None, idx, offsets, m, v, None, C.LR, *C.BETAS, C.ADAM_EPS,
+            reference.sparse_adamw_([want], [g], None, idx, offsets, [m, v], C.LR, *C.BETAS, C.ADAM_EPS,
                                     C.WEIGHT_DECAY, torch.tensor([step]), None, False)
         torch.testing.assert_close(p.detach(), want)
         torch.testing.assert_close(state["exp_avg"], m)
@@ -109,7 +109,7 @@ def test_optimizer_step_torch_adamw(benchmark, device, variant, rounds):
         want = p0.clone()
         zeros = torch.zeros(sample.numel(), device=device)
         reference.sparse_adamw_([want], [g], None, sample, torch.tensor([0, sample.numel()], device=device),
-                                zeros, zeros.clone(), None, C.LR, *C.BETAS, C.ADAM_EPS, C.WEIGHT_DECAY,
+                                [zeros, zeros.clone()], C.LR, *C.BETAS, C.ADAM_EPS, C.WEIGHT_DECAY,
                                 torch.tensor([1]), None, False)
         torch.testing.assert_close(p.detach().view(-1)[sample], want.view(-1)[sample])
     C.timed(benchmark, opt.step, device=device, rounds=rounds)

@@ -41,9 +41,9 @@ class SparseStepState:
 
     def step_with(self, impl):
         # The kernel alone, in the op's schema signature (gem_kernels.library), past ops.py's checks.
-        impl.sparse_adamw_(self.params, self.grads, None, self.indices, self.offsets, self.exp_avg,
-                           self.exp_avg_sq, None, C.LR, *C.BETAS, C.ADAM_EPS, C.WEIGHT_DECAY, self.steps,
-                           None, False)
+        impl.sparse_adamw_(self.params, self.grads, None, self.indices, self.offsets,
+                           [self.exp_avg, self.exp_avg_sq], C.LR, *C.BETAS, C.ADAM_EPS, C.WEIGHT_DECAY,
+                           self.steps, None, False)
 
 
 BASELINES = ["reference", "torch_adamw_foreach", "torch_adamw_fused"]
@@ -113,7 +113,7 @@ def test_sparse_adamw_torch_adamw(benchmark, case, device, variant, rounds):
     indices, offsets = C.random_index_set(case, C.MODE_DENSITIES["full"][-1], device)
     zeros = torch.zeros(indices.numel(), device=device)
     want = [w.clone() for w in weights]
-    reference.sparse_adamw_(want, grads, None, indices, offsets, zeros, zeros.clone(), None, C.LR, *C.BETAS,
+    reference.sparse_adamw_(want, grads, None, indices, offsets, [zeros, zeros.clone()], C.LR, *C.BETAS,
                             C.ADAM_EPS, C.WEIGHT_DECAY, torch.ones(len(want), dtype=torch.int64), None, False)
     for seg, (p, w) in enumerate(zip(params, want)):
         idx = indices[offsets[seg]:offsets[seg + 1]]

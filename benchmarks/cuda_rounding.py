@@ -34,7 +34,7 @@ def _fma(a, b, c):
     return (a.double() * b.double() + c.double()).float()
 
 
-def sparse_adamw_(params, grads, indices, offsets, exp_avg, exp_avg_sq, *, lr, betas=(0.9, 0.999), eps=1e-8,
+def sparse_adamw_(params, grads, indices, offsets, state, *, lr, betas=(0.9, 0.999), eps=1e-8,
                   weight_decay=1e-2, step=None, age=None, maximize=False) -> None:
     """``gem_kernels.reference.sparse_adamw_`` with torch-CUDA rounding (module docstring), on CPU."""
     from gem_kernels import reference
@@ -42,9 +42,9 @@ def sparse_adamw_(params, grads, indices, offsets, exp_avg, exp_avg_sq, *, lr, b
     compact = isinstance(grads, torch.Tensor)
     if age is None and not isinstance(step, torch.Tensor):
         step = torch.full((len(params),), int(step), dtype=torch.int64)
-    for p, idx, g, w, m, v, _, decay, step_size, bc2_sqrt in reference.adamw_segments(
-            params, [] if compact else grads, grads if compact else None, indices, offsets, exp_avg, exp_avg_sq,
-            None, lr, beta1, beta2, weight_decay, step, age, maximize):
+    for p, idx, g, w, (m, v), decay, step_size, bc2_sqrt in reference.adamw_segments(
+            params, [] if compact else grads, grads if compact else None, indices, offsets, state,
+            lr, beta1, beta2, weight_decay, step, age, maximize):
         w = w * decay
         m.lerp_(g, 1 - beta1)  # torch's CUDA lerp is the CPU one: one fma from the nearer end
         alpha = torch.tensor(1 - beta2, dtype=torch.float32)

@@ -209,7 +209,7 @@ def timings(device="cuda", total=TOTAL_ELEMENTS, count=NUM_SEGMENTS, bench=None)
     steps = torch.full((len(params),), 10, dtype=torch.int64, device=device)
 
     def triton_adamw():
-        tk.sparse_adamw_(params, grads, None, indices, offsets, exp_avg, exp_avg_sq, None, 1e-4, 0.9, 0.999,
+        tk.sparse_adamw_(params, grads, None, indices, offsets, [exp_avg, exp_avg_sq], 1e-4, 0.9, 0.999,
                          1e-8, 0.01, steps, None, False)
 
     dense = [torch.nn.Parameter(w.clone()) for w in weights]

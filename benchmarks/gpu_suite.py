@@ -660,32 +660,37 @@ def _total(verdicts, key):
     return None if any(v is None for v in values) else sum(values)
 
 
-def _dispatch_row(items, band, device, run, dry_run):
+def _dispatch_row(items, band, device, run, dry_run, op_config):
     low, high = band
     by = {(i["out"], i["in"], i["impl"]): i for i in items if i["density"] == high and i.get("ms") is not None}
     shapes = sorted({(o, n) for o, n, _ in by})
     configs = sorted({impl for _, _, impl in by} - {"dense"})
     complete = [c for c in configs if all((o, n, c) in by for o, n in shapes)]
-    if not shapes or not complete or not all((o, n, "dense") in by for o, n in shapes):
+    if not shapes or op_config not in complete or not all((o, n, "dense") in by for o, n in shapes):
         return None
-    best = min(complete, key=lambda c: sum(by[(o, n, c)]["ms"] for o, n in shapes))
-    verdicts = {f"{o}x{n}": _shape_verdict(by[(o, n, best)], by[(o, n, "dense")]) for o, n in shapes}
+    total = {c: sum(by[(o, n, c)]["ms"] for o, n in shapes) for c in complete}
+    best = min(complete, key=total.get)
+    verdicts = {f"{o}x{n}": _shape_verdict(by[(o, n, op_config)], by[(o, n, "dense")]) for o, n in shapes}
     wins = all(v["sparse_wins"] for v in verdicts.values())
-    first = by[(shapes[0][0], shapes[0][1], best)]
+    first = by[(shapes[0][0], shapes[0][1], op_config)]
     return {"device": device, "dtype": first["dtype"], "band": f"({low:g}, {high:g}]", "density_low": low,
-            "density_high": high, "T": first["T"], "choice": "sparse" if wins else "dense", "config": best,
+            "density_high": high, "T": first["T"], "choice": "sparse" if wins else "dense", "config": op_config,
+            "best_config": best, "best_config_ms": total[best],
             **{key: _total(verdicts.values(), key) for key in ("sparse_ms", "dense_ms", "sparse_graph_ms",
                                                                 "dense_graph_ms")},
             "basis": "eager+graph" if all(v["basis"] == "eager+graph" for v in verdicts.values()) else "eager",
             "shapes": verdicts, "run": run, "dry_run": dry_run}
 
 
-def dispatch_rows(items, device, run, dry_run=False) -> list[dict]:
-    """One row per density band that was measured at its upper edge on every shape, dense and at
-    least one configuration: the configuration with the least total time over the shapes, and
-    "sparse" only if it beat dense on every shape (eager and, where captured, in a CUDA graph);
-    the times are totals over the shapes, each shape's in ``shapes``."""
-    rows = [_dispatch_row(items, band, device, run, dry_run) for band in DISPATCH_BANDS]
+def dispatch_rows(items, device, run, dry_run=False, op_config=None) -> list[dict]:
+    """One row per density band that was measured at its upper edge on every shape, dense and the
+    configuration the op runs (``op_config``, default the kernel's ``DEFAULT_CONFIG``): "sparse"
+    only if that configuration beat dense on every shape (eager and, where captured, in a CUDA
+    graph); the times are totals over the shapes, each shape's in ``shapes``. ``best_config`` is
+    the configuration with the least total time: one other than the op's is a reason to change
+    the kernel's default, not a verdict the layer could act on."""
+    op_config = op_config or _swg_module().DEFAULT_CONFIG
+    rows = [_dispatch_row(items, band, device, run, dry_run, op_config) for band in DISPATCH_BANDS]
     return [r for r in rows if r is not None]
 
 

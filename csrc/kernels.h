@@ -26,9 +26,7 @@ struct AdamWArgs {
   int compact_grad_dtype = kFloat32;
   const int64_t* indices = nullptr;
   const int64_t* offsets = nullptr;      // L + 1
-  float* exp_avg = nullptr;
-  float* exp_avg_sq = nullptr;
-  float* max_exp_avg_sq = nullptr;       // AMSGrad's running maximum of exp_avg_sq, or null
+  std::vector<float*> state;             // one fp32 value per entry each: reference.ADAMW_STATE's order
   double lr = 0, beta1 = 0, beta2 = 0, eps = 0, weight_decay = 0;
   std::vector<int64_t> steps;            // one per segment, or empty when age is given
   const void* age = nullptr;             // one step number per entry (int32 or int64)

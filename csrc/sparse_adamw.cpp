@@ -42,6 +42,20 @@ inline float lerp(float start, float end, float weight) {
                                   : std::fma(weight - 1.0f, end - start, end);
 }
 
+// AdamWArgs::state by name, in reference.ADAMW_STATE's order: the two moments, then AMSGrad's
+// running maximum of exp_avg_sq, whose presence makes the step AMSGrad's (null without it).
+struct State {
+  float* exp_avg;
+  float* exp_avg_sq;
+  float* max_exp_avg_sq;
+};
+
+inline State named_state(const std::vector<float*>& state) {
+  if (state.size() < 2 || state.size() > 3)
+    throw std::invalid_argument("state must hold exp_avg, exp_avg_sq and optionally max_exp_avg_sq");
+  return {state[0], state[1], state.size() > 2 ? state[2] : nullptr};
+}
+
 inline int64_t read_age(const void* age, int dtype, int64_t e) {
   return dtype == kInt32 ? int64_t(static_cast<const int32_t*>(age)[e]) : static_cast<const int64_t*>(age)[e];
 }
@@ -61,7 +75,7 @@ constexpr int64_t kMinEntriesPerThread = 1 << 11;
 // Entries [lo, hi) of one segment. Dense grads are read at the entry's index, compact ones at
 // the entry itself. kDense and kAge are template flags so the loop has no per-entry dispatch.
 template <bool kDense, bool kAge, typename P, typename G>
-void update_run(P* param, const G* grad, const AdamWArgs& a, const Constants& c,
+void update_run(P* param, const G* grad, const AdamWArgs& a, const State& s, const Constants& c,
                 BiasCorrection segment_bc, int64_t lo, int64_t hi) {
   for (int64_t e = lo; e < hi; ++e) {
     if (e + kPrefetchAhead < hi) {
@@ -74,15 +88,15 @@ void update_run(P* param, const G* grad, const AdamWArgs& a, const Constants& c,
     float g = to_float(grad[kDense ? j : e]);
     if (c.maximize) g = -g;
     float w = to_float(param[j]) * c.decay;
-    const float m = lerp(a.exp_avg[e], g, c.lerp_weight);
-    const float v = std::fma(c.one_minus_beta2 * g, g, a.exp_avg_sq[e] * c.beta2);  // torch's addcmul, fused
-    a.exp_avg[e] = m;
-    a.exp_avg_sq[e] = v;
+    const float m = lerp(s.exp_avg[e], g, c.lerp_weight);
+    const float v = std::fma(c.one_minus_beta2 * g, g, s.exp_avg_sq[e] * c.beta2);  // torch's addcmul, fused
+    s.exp_avg[e] = m;
+    s.exp_avg_sq[e] = v;
     float v_hat = v;
-    if (a.max_exp_avg_sq) {  // AMSGrad: torch.maximum(max_exp_avg_sq, exp_avg_sq), NaN-propagating
-      const float old = a.max_exp_avg_sq[e];
+    if (s.max_exp_avg_sq) {  // AMSGrad: torch.maximum(max_exp_avg_sq, exp_avg_sq), NaN-propagating
+      const float old = s.max_exp_avg_sq[e];
       v_hat = (std::isnan(old) || std::isnan(v)) ? std::numeric_limits<float>::quiet_NaN() : std::max(old, v);
-      a.max_exp_avg_sq[e] = v_hat;
+      s.max_exp_avg_sq[e] = v_hat;
     }
     const float denom = std::sqrt(v_hat) / bc.bc2_sqrt + c.eps;
     w = w + (bc.neg_step_size * m) / denom;  // addcdiv's order: (value * t1) / t2
@@ -111,6 +125,7 @@ void dispatch_param_grad(int p_dtype, void* p, int g_dtype, const void* g, Fn&& 
 void sparse_adamw(const AdamWArgs& a, int num_threads) {
   const int64_t n_segments = int64_t(a.params.size());
   const bool dense = a.compact_grads == nullptr;
+  const State s = named_state(a.state);
   check_float_dtypes(a.param_dtypes, "param");
   if (dense) {
     check_float_dtypes(a.dense_grad_dtypes, "gradient");
@@ -152,10 +167,10 @@ void sparse_adamw(const AdamWArgs& a, int num_threads) {
       const int grad_dtype = dense ? a.dense_grad_dtypes[seg] : a.compact_grad_dtype;
       dispatch_param_grad(a.param_dtypes[seg], a.params[seg], grad_dtype, grad, [&](auto* p, auto* g) {
         const BiasCorrection bc = segment_bc[seg];
-        if (dense && a.age) update_run<true, true>(p, g, a, c, bc, pos, end);
-        else if (dense) update_run<true, false>(p, g, a, c, bc, pos, end);
-        else if (a.age) update_run<false, true>(p, g, a, c, bc, pos, end);
-        else update_run<false, false>(p, g, a, c, bc, pos, end);
+        if (dense && a.age) update_run<true, true>(p, g, a, s, c, bc, pos, end);
+        else if (dense) update_run<true, false>(p, g, a, s, c, bc, pos, end);
+        else if (a.age) update_run<false, true>(p, g, a, s, c, bc, pos, end);
+        else update_run<false, false>(p, g, a, s, c, bc, pos, end);
       });
       pos = end;
     }

@@ -8,7 +8,9 @@ A run is known by (method, budget fraction, lr, seed). A command that finds one 
 file reuses it instead of training it again, so a stopped comparison goes on where it stopped
 when the same command runs again, and several commands (scripts/reproduce.sh's lanes, each with
 its own methods) can append to one file at once. Every settings record of the file must hold
-the command's "settings" and, for the methods both name, its lr grids: a file written with other
+the command's "settings", and a method's lr grid may only widen: a command's grid holds every lr
+a record of the file lists for that method (so a grid whose edge won gains lrs beyond it, and
+the runs made keep counting; the table decides on the widest grid). A file written with other
 numbers is refused, never mixed in. The device is not among them (it changes the timings, which
 the table shows per device, not the results).
 
@@ -78,13 +80,15 @@ def _short(value) -> str:
 
 
 def check(path: Path, stored: dict, header: dict) -> None:
-    """Refuse a settings record ``stored`` whose settings or shared lr grids differ from ``header``'s."""
+    """Refuse ``header`` where a settings record ``stored`` (written before it) holds other
+    settings, or an lr of a shared method's grid that ``header``'s grid leaves out."""
     ours, theirs = header["settings"], stored["settings"]
     differ = [f"{key} {_short(theirs.get(key))} there, {_short(ours.get(key))} here"
               for key in sorted(set(ours) | set(theirs)) if ours.get(key) != theirs.get(key)]
-    differ += [f"lr grid of {method} {_short(grid)} there, {_short(header['lr_plan'][method])} here"
+    differ += [f"lr grid of {method} {_short(grid)} there, {_short(header['lr_plan'][method])} here "
+               "(a grid may only widen)"
                for method, grid in stored["lr_plan"].items()
-               if method in header["lr_plan"] and header["lr_plan"][method] != grid]
+               if method in header["lr_plan"] and not set(grid) <= set(header["lr_plan"][method])]
     if differ:
         raise ResultsFileError(f"{path} holds runs made with other settings ({'; '.join(differ[:3])}"
                                f"{'; ...' if len(differ) > 3 else ''}); they are not mixed with these: "
@@ -215,8 +219,9 @@ def load(path: Path) -> dict:
     headers, runs = _read(path)
     if not headers:
         raise ResultsFileError(f"{path}: no settings record (not a results file, or no run has finished)")
-    for header in headers[1:]:
-        check(path, header, headers[0])
+    for i, header in enumerate(headers):
+        for stored in headers[:i]:
+            check(path, stored, header)
     found = {}
     for run in runs:
         found.setdefault(run_key(run), run)
@@ -226,7 +231,10 @@ def load(path: Path) -> dict:
             fractions[method] += [f for f in header["budget_fractions"] if f not in fractions[method]]
     work = [(method, fraction) for method in METHODS if any(method in h["methods"] for h in headers)
             for fraction in (sorted(fractions[method]) if method in BUDGETED_METHODS else [None])]
-    lr_plan = {method: grid for header in headers for method, grid in header["lr_plan"].items()}
+    lr_plan = {}  # each method's widest grid: every lr any record lists, ascending
+    for header in headers:
+        for method, grid in header["lr_plan"].items():
+            lr_plan[method] = sorted(set(lr_plan.get(method, [])) | set(grid))
     settings = headers[0]["settings"]
     decisions = list(decide(work, lr_plan, settings["seeds"], settings["grid_seeds"], settings["select_metric"],
                             lambda *key: found.get(key)))

@@ -73,22 +73,21 @@ def _(grads, weights, k, per_segment, eps, exponent, exclude_indices, exclude_of
             torch.empty(len(weights) + 1, dtype=torch.int64, device=device))
 
 
-@torch.library.custom_op("gem_kernels::sparse_adamw_",
-                         mutates_args=("params", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"))
+@torch.library.custom_op("gem_kernels::sparse_adamw_", mutates_args=("params", "state"))
 def sparse_adamw_(params: list[Tensor], dense_grads: list[Tensor], compact_grads: Optional[Tensor],
-                  indices: Tensor, offsets: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor,
-                  max_exp_avg_sq: Optional[Tensor], lr: float, beta1: float, beta2: float, eps: float,
-                  weight_decay: float, step: Optional[Tensor], age: Optional[Tensor], maximize: bool) -> None:
+                  indices: Tensor, offsets: Tensor, state: list[Tensor], lr: float, beta1: float, beta2: float,
+                  eps: float, weight_decay: float, step: Optional[Tensor], age: Optional[Tensor],
+                  maximize: bool) -> None:
     """torch AdamW's update on the selected entries, in place. Grads are ``dense_grads`` (one per
-    param) or ``compact_grads`` (one value per entry); ``step`` is int64 ``[L]`` or ``age`` per
-    entry; ``max_exp_avg_sq`` (AMSGrad) or None."""
-    reference.sparse_adamw_(params, dense_grads, compact_grads, indices, offsets, exp_avg, exp_avg_sq,
-                            max_exp_avg_sq, lr, beta1, beta2, eps, weight_decay, step, age, maximize)
+    param) or ``compact_grads`` (one value per entry); ``state`` the per-entry fp32 buffers
+    (``reference.ADAMW_STATE``); ``step`` is int64 ``[L]`` or ``age`` per entry."""
+    reference.sparse_adamw_(params, dense_grads, compact_grads, indices, offsets, state, lr, beta1, beta2, eps,
+                            weight_decay, step, age, maximize)
 
 
 @sparse_adamw_.register_fake
-def _(params, dense_grads, compact_grads, indices, offsets, exp_avg, exp_avg_sq, max_exp_avg_sq, lr, beta1,
-      beta2, eps, weight_decay, step, age, maximize):
+def _(params, dense_grads, compact_grads, indices, offsets, state, lr, beta1, beta2, eps, weight_decay, step, age,
+      maximize):
     n = indices.shape[0]
     if (compact_grads is None) == (len(dense_grads) == 0) and len(params):
         raise ValueError("give either dense_grads (one per param) or compact_grads, not both")
@@ -98,13 +97,22 @@ def _(params, dense_grads, compact_grads, indices, offsets, exp_avg, exp_avg_sq,
         _fake_check("dense_grads", i, g, p.shape)
     if compact_grads is not None:
         _fake_check("compact_grads", None, compact_grads, (n,))
-    for name, t in (("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq), ("max_exp_avg_sq", max_exp_avg_sq)):
-        if t is not None and (t.dtype != torch.float32 or tuple(t.shape) != (n,)):
+    check_adamw_state_count(len(state))
+    for name, t in zip(reference.ADAMW_STATE, state):
+        if t.dtype != torch.float32 or tuple(t.shape) != (n,):
             raise ValueError(f"{name} must be float32 of shape ({n},), got {t.dtype} {tuple(t.shape)}")
     if (step is None) == (age is None):
         raise ValueError("give exactly one of step (per segment) and age (per entry)")
     if tuple(offsets.shape) != (len(params) + 1,):
         raise ValueError(f"offsets must have shape ({len(params) + 1},), got {tuple(offsets.shape)}")
+
+
+def check_adamw_state_count(count: int) -> None:
+    """``sparse_adamw_``'s state holds AdamW's moments and at most every optional buffer."""
+    if not reference.ADAMW_MOMENTS <= count <= len(reference.ADAMW_STATE):
+        raise ValueError(f"state has {count} tensors; sparse_adamw_ takes "
+                         f"{', '.join(reference.ADAMW_STATE[:reference.ADAMW_MOMENTS])} and optionally "
+                         f"{', '.join(reference.ADAMW_STATE[reference.ADAMW_MOMENTS:])}, in that order")
 
 
 @torch.library.custom_op("gem_kernels::sparse_weight_grad", mutates_args=())

@@ -15,7 +15,7 @@ from typing import Sequence
 
 import torch
 
-from . import library  # noqa: F401  (registers the torch.ops.gem_kernels operators)
+from . import library, reference  # library registers the torch.ops.gem_kernels operators
 from .library import FLOAT_DTYPES, check_strided, live_backends  # noqa: F401
 
 Tensor = torch.Tensor
@@ -59,7 +59,7 @@ def _check_paired_lists(name_a: str, a, name_b: str, b) -> None:
         raise ValueError(f"{name_a} has {len(a)} tensors but {name_b} has {len(b)}")
 
 
-def _check_segments(grads, weights) -> torch.device:
+def check_segments(grads, weights) -> torch.device:
     """Checks paired lists of gradient and weight tensors; returns their common device."""
     _check_paired_lists("grads", grads, "weights", weights)
     device = _first_device("weights", weights)
@@ -76,7 +76,9 @@ def _check_score_args(eps: float, exponent: float) -> None:
         raise ValueError(f"exponent must be a finite number, got {exponent!r}")
 
 
-def _as_count(name: str, value) -> int:
+def as_count(name: str, value) -> int:
+    """``value`` as a Python int (whatever has ``__index__``, such as a one-element integer tensor,
+    but not a bool); the caller checks its range."""
     if isinstance(value, bool):
         raise TypeError(f"{name} must be an integer, got bool")
     try:
@@ -139,7 +141,7 @@ def check_adamw_hyper(lr, betas, eps, weight_decay) -> None:
 def layer_stats(grads: Sequence[Tensor], weights: Sequence[Tensor], eps: float = 1e-8,
                 exponent: float = 1.0) -> Tensor:
     """Per-tensor ``[Σs, Σs², Σ s·ln s, max s]`` (float64 ``[L, 4]``) of ``s = |g| / (|w|+eps)^exponent``."""
-    _check_segments(grads, weights)
+    check_segments(grads, weights)
     _check_score_args(eps, exponent)
     return torch.ops.gem_kernels.layer_stats(list(grads), list(weights), float(eps), float(exponent))
 
@@ -150,7 +152,7 @@ def ratio_topk(grads: Sequence[Tensor], weights: Sequence[Tensor], k, eps: float
 
     Returns ``(indices, offsets)``; see ``gem_kernels.reference`` for ordering and ties.
     """
-    device = _check_segments(grads, weights)
+    device = check_segments(grads, weights)
     _check_score_args(eps, exponent)
     numels = [w.numel() for w in weights]
     if exclude is not None:
@@ -164,13 +166,13 @@ def ratio_topk(grads: Sequence[Tensor], weights: Sequence[Tensor], k, eps: float
     if per_segment:
         if len(k) != len(numels):
             raise ValueError(f"k has {len(k)} entries but there are {len(numels)} tensors")
-        k = [_as_count(f"k[{i}]", kk) for i, kk in enumerate(k)]
+        k = [as_count(f"k[{i}]", kk) for i, kk in enumerate(k)]
         for i, (kk, n, ex) in enumerate(zip(k, numels, n_excluded)):
             if not 0 <= kk <= n - ex:
                 raise ValueError(f"k[{i}]={kk} must be in [0, {n - ex}] (tensor {i} has {n} "
                                  f"elements, {ex} excluded)")
     else:
-        k = _as_count("k", k)
+        k = as_count("k", k)
         available = sum(numels) - sum(n_excluded)
         if not 0 <= k <= available:
             raise ValueError(f"k={k} must be in [0, {available}] ({sum(numels)} elements, "
@@ -210,16 +212,15 @@ def _check_adamw_schedule(step, age, n_params: int, n_selected: int, device, che
         if check_values and n_params and int(step.min()) < 1:
             raise ValueError("step must be >= 1 (the step number of this update)")
         return step
-    if _as_count("step", step) < 1:
+    if as_count("step", step) < 1:
         raise ValueError(f"step must be >= 1 (the step number of this update), got {step}")
     return torch.full((n_params,), int(step), dtype=torch.int64)
 
 
 def check_sparse_adamw_args(params: Sequence[Tensor], grads, indices: Tensor, offsets: Tensor,
-                            exp_avg: Tensor, exp_avg_sq: Tensor, *, max_exp_avg_sq=None, lr: float,
-                            betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 1e-2, step=None,
-                            age=None, maximize: bool = False, check_indices: bool = True,
-                            check_schedule: bool = True) -> tuple:
+                            state: Sequence[Tensor], *, lr: float, betas=(0.9, 0.999), eps: float = 1e-8,
+                            weight_decay: float = 1e-2, step=None, age=None, maximize: bool = False,
+                            check_indices: bool = True, check_schedule: bool = True) -> tuple:
     """Every check of ``sparse_adamw_``, touching nothing; returns the operator's arguments.
 
     SparseAdamW checks all its groups this way before it writes any of them, with
@@ -235,31 +236,30 @@ def check_sparse_adamw_args(params: Sequence[Tensor], grads, indices: Tensor, of
                     check_values=check_indices)
     n_selected = indices.numel()
     compact = _check_adamw_grads(grads, params, n_selected, device)
-    moments = {"exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq}
-    if max_exp_avg_sq is not None:  # AMSGrad
-        moments["max_exp_avg_sq"] = max_exp_avg_sq
-    for name, state in moments.items():
-        _check_tensor(name, state, dtypes=(torch.float32,), device=device, shape=(n_selected,))
+    if isinstance(state, torch.Tensor) or not isinstance(state, Sequence):
+        raise TypeError(f"state must be a list of tensors, got {type(state).__name__}")
+    library.check_adamw_state_count(len(state))
+    for name, buffer in zip(reference.ADAMW_STATE, state):
+        _check_tensor(name, buffer, dtypes=(torch.float32,), device=device, shape=(n_selected,))
     check_adamw_hyper(lr, betas, eps, weight_decay)
     step = _check_adamw_schedule(step, age, len(params), n_selected, device, check_schedule)
     return (list(params), [] if compact else list(grads), grads if compact else None, indices, offsets,
-            exp_avg, exp_avg_sq, max_exp_avg_sq, float(lr), float(betas[0]), float(betas[1]), float(eps),
-            float(weight_decay), step, age, bool(maximize))
+            list(state), float(lr), float(betas[0]), float(betas[1]), float(eps), float(weight_decay), step, age,
+            bool(maximize))
 
 
-def sparse_adamw_(params: Sequence[Tensor], grads, indices: Tensor, offsets: Tensor,
-                  exp_avg: Tensor, exp_avg_sq: Tensor, *, max_exp_avg_sq=None, lr: float, betas=(0.9, 0.999),
-                  eps: float = 1e-8, weight_decay: float = 1e-2, step=None, age=None,
-                  maximize: bool = False, check_indices: bool = True) -> None:
-    """In-place AdamW step on the selected entries of ``params``; see ``gem_kernels.reference``.
-    ``max_exp_avg_sq`` (fp32, one per entry) makes it AMSGrad's step.
+def sparse_adamw_(params: Sequence[Tensor], grads, indices: Tensor, offsets: Tensor, state: Sequence[Tensor], *,
+                  lr: float, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 1e-2, step=None,
+                  age=None, maximize: bool = False, check_indices: bool = True) -> None:
+    """In-place AdamW step on the selected entries of ``params``, with ``state`` the per-entry
+    fp32 buffers (``reference.ADAMW_STATE``: the moments, and the variants' optional buffers);
+    see ``gem_kernels.reference``.
 
     ``check_indices=False`` skips the O(k) pass over ``indices``/``offsets`` (range, order) and
     its host syncs, for a caller that keeps an index set it checked once, as SparseAdamW does.
     Out-of-range indices would then write out of bounds: leave it True for anything else.
     """
-    args = check_sparse_adamw_args(params, grads, indices, offsets, exp_avg, exp_avg_sq,
-                                   max_exp_avg_sq=max_exp_avg_sq, lr=lr, betas=betas, eps=eps,
+    args = check_sparse_adamw_args(params, grads, indices, offsets, state, lr=lr, betas=betas, eps=eps,
                                    weight_decay=weight_decay, step=step, age=age, maximize=maximize,
                                    check_indices=check_indices)
     torch.ops.gem_kernels.sparse_adamw_(*args)

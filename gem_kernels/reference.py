@@ -127,16 +127,22 @@ def adamw_scalars(lr: float, beta1: float, beta2: float, weight_decay: float, st
     return 1 - lr * weight_decay, lr / bias_correction1, math.sqrt(bias_correction2)
 
 
+# The per-entry fp32 state of sparse_adamw_, in the order its ``state`` list holds it: AdamW's two
+# moments, then AMSGrad's running maximum of exp_avg_sq, whose presence makes the step AMSGrad's.
+ADAMW_STATE = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+ADAMW_MOMENTS = 2  # the state every step needs; the rest is optional
+
+
 def sparse_adamw_(params: Sequence[Tensor], dense_grads: Sequence[Tensor], compact_grads, indices: Tensor,
-                  offsets: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, max_exp_avg_sq, lr: float, beta1: float,
-                  beta2: float, eps: float, weight_decay: float, step, age, maximize: bool) -> None:
+                  offsets: Tensor, state: Sequence[Tensor], lr: float, beta1: float, beta2: float, eps: float,
+                  weight_decay: float, step, age, maximize: bool) -> None:
     """torch AdamW's update on the selected entries only, in fp32, in place.
 
     * Grads: ``dense_grads``, one tensor shaped like each param (read at the indices), or
       ``compact_grads``, one 1-D tensor with a value per selected entry, aligned with ``indices``
       (then ``dense_grads`` is empty).
-    * ``exp_avg``/``exp_avg_sq``, and ``max_exp_avg_sq`` for AMSGrad (else None): fp32, one value
-      per selected entry.
+    * ``state``: ``[exp_avg, exp_avg_sq]``, or ``[exp_avg, exp_avg_sq, max_exp_avg_sq]`` for
+      AMSGrad (``ADAMW_STATE``); fp32, one value per selected entry.
     * exactly one of ``step`` (int64 ``[L]``, the step number of this update per segment) and
       ``age`` (an integer tensor, one step number per entry). Step numbers count this update, so
       they are >= 1, as after torch's ``step += 1``.
@@ -145,26 +151,26 @@ def sparse_adamw_(params: Sequence[Tensor], dense_grads: Sequence[Tensor], compa
     and ``v̂`` in place of ``v`` below; ``p -= lr/bc1 · m / (sqrt(v)/sqrt(bc2) + eps)``. Other
     entries are never touched.
     """
-    for p, idx, g, w, m, v, v_max, decay, step_size, bc2_sqrt in adamw_segments(
-            params, dense_grads, compact_grads, indices, offsets, exp_avg, exp_avg_sq, max_exp_avg_sq, lr, beta1,
-            beta2, weight_decay, step, age, maximize):
+    for p, idx, g, w, (m, v, *v_max), decay, step_size, bc2_sqrt in adamw_segments(
+            params, dense_grads, compact_grads, indices, offsets, state, lr, beta1, beta2, weight_decay, step,
+            age, maximize):
         w = w * decay
         m.lerp_(g, 1 - beta1)
         v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-        if v_max is not None:
-            torch.maximum(v_max, v, out=v_max)
-            v = v_max
+        if v_max:  # AMSGrad
+            torch.maximum(v_max[0], v, out=v_max[0])
+            v = v_max[0]
         denom = (v.sqrt() / bc2_sqrt) + eps
         w = w + (-step_size * m) / denom  # addcdiv's order: (value * t1) / t2
         p.view(-1)[idx] = w.to(p.dtype)
 
 
-def adamw_segments(params, dense_grads, compact_grads, indices, offsets, exp_avg, exp_avg_sq, max_exp_avg_sq,
-                   lr, beta1, beta2, weight_decay, step, age, maximize):
-    """Per segment with selected entries: ``(param, indices, g, w, m, v, v_max, decay, step_size,
+def adamw_segments(params, dense_grads, compact_grads, indices, offsets, state, lr, beta1, beta2, weight_decay,
+                   step, age, maximize):
+    """Per segment with selected entries: ``(param, indices, g, w, state, decay, step_size,
     bc2_sqrt)``: the fp32 gradient (negated for ``maximize``) and weights at the indices, views of
-    the segment's moments (``v_max`` None without AMSGrad), and this step's scalars (tensors per
-    entry for ``age``)."""
+    the segment's part of each ``state`` buffer, and this step's scalars (tensors per entry for
+    ``age``)."""
     for seg, p in enumerate(params):
         lo, hi = int(offsets[seg]), int(offsets[seg + 1])
         if hi == lo:
@@ -180,9 +186,7 @@ def adamw_segments(params, dense_grads, compact_grads, indices, offsets, exp_avg
             bc2_sqrt = torch.sqrt(1 - beta2 ** n).float()
         else:
             decay, step_size, bc2_sqrt = adamw_scalars(lr, beta1, beta2, weight_decay, int(step[seg]))
-        v_max = None if max_exp_avg_sq is None else max_exp_avg_sq[lo:hi]
-        yield (p, idx, g, p.view(-1)[idx].float(), exp_avg[lo:hi], exp_avg_sq[lo:hi], v_max, decay, step_size,
-               bc2_sqrt)
+        yield (p, idx, g, p.view(-1)[idx].float(), [t[lo:hi] for t in state], decay, step_size, bc2_sqrt)
 
 
 # sparse_weight_grad computes dW a block of rows at a time: [rows, in] fp32, with rows =

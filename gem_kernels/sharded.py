@@ -27,12 +27,12 @@ def _group_size(group) -> tuple:
 
 
 def _check_shards(local_grads, local_weights, shard_offsets, full_numels=None) -> None:
-    ops._check_segments(local_grads, local_weights)
+    ops.check_segments(local_grads, local_weights)
     if len(shard_offsets) != len(local_weights):
         raise ValueError(f"shard_offsets has {len(shard_offsets)} entries but there are "
                          f"{len(local_weights)} tensors")
     for i, off in enumerate(shard_offsets):
-        off = ops._as_count(f"shard_offsets[{i}]", off)
+        off = ops.as_count(f"shard_offsets[{i}]", off)
         if off < 0:
             raise ValueError(f"shard_offsets[{i}] must be >= 0, got {off}")
         if full_numels is not None and off + local_weights[i].numel() > full_numels[i]:
@@ -93,10 +93,10 @@ def sharded_ratio_topk(local_grads: Sequence[Tensor], local_weights: Sequence[Te
     if per_segment:
         if len(k) != len(numels):
             raise ValueError(f"k has {len(k)} entries but there are {len(numels)} tensors")
-        k = [ops._as_count(f"k[{i}]", kk) for i, kk in enumerate(k)]
+        k = [ops.as_count(f"k[{i}]", kk) for i, kk in enumerate(k)]
         local_k = [min(kk, n - ex) for kk, n, ex in zip(k, numels, excluded)]
     else:
-        k = ops._as_count("k", k)
+        k = ops.as_count("k", k)
         local_k = min(k, sum(numels) - sum(excluded))
     indices, offsets = ops.ratio_topk(local_grads, local_weights, local_k, eps, exponent, exclude)
 

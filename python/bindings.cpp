@@ -70,7 +70,7 @@ PYBIND11_MODULE(_C, m) {
         [](const std::vector<uintptr_t>& params, const std::vector<int>& param_dtypes,
            const std::vector<uintptr_t>& dense_grads, const std::vector<int>& dense_grad_dtypes,
            uintptr_t compact_grads, int compact_grad_dtype, uintptr_t indices, uintptr_t offsets,
-           uintptr_t exp_avg, uintptr_t exp_avg_sq, uintptr_t max_exp_avg_sq, double lr, double beta1, double beta2, double eps,
+           const std::vector<uintptr_t>& state, double lr, double beta1, double beta2, double eps,
            double weight_decay, const std::vector<int64_t>& steps, uintptr_t age, int age_dtype,
            bool maximize, int num_threads) {
           if (param_dtypes.size() != params.size())
@@ -84,9 +84,7 @@ PYBIND11_MODULE(_C, m) {
           a.compact_grad_dtype = compact_grad_dtype;
           a.indices = reinterpret_cast<const int64_t*>(indices);
           a.offsets = reinterpret_cast<const int64_t*>(offsets);
-          a.exp_avg = reinterpret_cast<float*>(exp_avg);
-          a.exp_avg_sq = reinterpret_cast<float*>(exp_avg_sq);
-          a.max_exp_avg_sq = reinterpret_cast<float*>(max_exp_avg_sq);
+          a.state = as_pointers<float*>(state);
           a.lr = lr;
           a.beta1 = beta1;
           a.beta2 = beta2;
@@ -101,12 +99,12 @@ PYBIND11_MODULE(_C, m) {
         },
         py::arg("params"), py::arg("param_dtypes"), py::arg("dense_grads"), py::arg("dense_grad_dtypes"),
         py::arg("compact_grads"), py::arg("compact_grad_dtype"), py::arg("indices"), py::arg("offsets"),
-        py::arg("exp_avg"), py::arg("exp_avg_sq"), py::arg("max_exp_avg_sq"), py::arg("lr"), py::arg("beta1"), py::arg("beta2"),
+        py::arg("state"), py::arg("lr"), py::arg("beta1"), py::arg("beta2"),
         py::arg("eps"), py::arg("weight_decay"), py::arg("steps"), py::arg("age"), py::arg("age_dtype"),
         py::arg("maximize"), py::arg("num_threads"),
         "AdamW on the selected entries. Dense grads (one pointer per param) or compact grads "
-        "(compact_grads != 0); steps per param, or age (one per entry, age != 0); AMSGrad when "
-        "max_exp_avg_sq != 0.");
+        "(compact_grads != 0); steps per param, or age (one per entry, age != 0); state: the "
+        "per-entry fp32 buffers (gem_kernels.reference.ADAMW_STATE).");
 
   m.def("sparse_weight_grad",
         [](const std::vector<uintptr_t>& inputs, const std::vector<int>& input_dtypes,

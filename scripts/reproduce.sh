@@ -10,8 +10,9 @@
 #
 # Settings, from the environment:
 #   DEVICE=auto|cpu|cuda   gem-finetune's --device (default auto: CUDA where torch sees it)
-#   LANES=N                N gem-finetune processes side by side, each with its share of the
-#                          methods, on the one device (default 2, one per core of the 2-core machine)
+#   LANES=N                N gem-finetune processes side by side on the one device, each taking
+#                          the next job (a method on a task) when it is free (default 2, one per
+#                          core of the 2-core machine)
 #   THREADS=N              torch/OpenMP threads per lane (default: the cores / LANES, at least 1)
 #   GRID_SEEDS=N           decide each grid on the mean held-out score of the first N seeds
 #                          (default 3, all of them; 1 is the cheaper choice of 2026-12-04)
@@ -44,7 +45,7 @@ THREADS=${THREADS:-$(( $(nproc) / LANES > 0 ? $(nproc) / LANES : 1 ))}
 export HF_HUB_OFFLINE=1
 TASKS=(SST-2 MRPC)
 
-# Slowest first, so that dealing them out round-robin gives the lanes similar work.
+# Slowest first, so that the last jobs to start are short ones and the lanes finish together.
 METHODS=(full lora id3 lora-all bitfit gem gem-all gem-uniform gem-all-uniform grad-magnitude random)
 # lr grids, half a decade apart, placed by the 1-epoch lr probe of reproduce.md (seed 0, SST-2):
 # there every default was too low and the best lrs were full 1e-4 (2e-4 already worse), LoRA
@@ -55,7 +56,9 @@ METHODS=(full lora id3 lora-all bitfit gem gem-all gem-uniform gem-all-uniform g
 #   LoRA   5e-4 .. 5e-3   (LoRA needs ~10x full's lr; 5e-4 had barely moved after 1 epoch); lora-all alike
 #   BitFit 3e-4 .. 3e-3   (1e-2 lost to 3e-3 at 1 epoch)
 #   sparse 3e-4 .. 1e-2   (0.1 % of the entries move: they take larger steps; 1e-2 tied 3e-3)
-# A choice at either end of its grid is flagged in tuned.md ("widen it"). Four grids were widened
+# A choice at either end of its grid is flagged in tuned.md ("widen it"): add the next lr beyond
+# that end to the grid below and run again; the file keeps the runs made, and only the new lr's
+# are trained (a grid may only widen: gem_finetune/results.py). Four grids were widened
 # by one point beyond the edge that won in the 59 runs of benchmarks/results/tuned-2026-12-04/
 # (one grid seed, 200 held-out): full 3e-6 (1e-5 won, tied with 3e-5), BitFit 1e-2 (3e-3 won),
 # gem 1e-4 (3e-4 won at 0.1 %), gem-all 3e-2 (1e-2 won at 0.1 %).
@@ -94,43 +97,48 @@ OUT=${OUT:-$OUT_DEFAULT}
 mkdir -p runs "$OUT"
 echo "writing $OUT, logs $LOG-lane*.log; $LANES lanes of $THREADS threads, device $DEVICE; started $(date)"
 
-lane() {  # K JOB...: job K, K+LANES, ... of the JOBs, on every task; a job is "OUT|METHODS|FRACTIONS|EXTRA"
-    local k=$1 task job out methods fractions extra
-    shift
-    local jobs=("$@")
-    for ((i = k; i < ${#jobs[@]}; i += LANES)); do
-        IFS='|' read -r out methods fractions extra <<< "${jobs[i]}"
-        for task in "${TASKS[@]}"; do
-            # shellcheck disable=SC2086  # methods, fractions and extra are word lists
-            OMP_NUM_THREADS=$THREADS $PY -m gem_finetune --task-dir "$DATA/$task" "${SIZE[@]}" \
-                --method $methods --lr "${LRS[@]}" --budget-fraction $fractions $extra \
-                --device "$DEVICE" --precision "$PRECISION" "${MODEL_ARGS[@]}" --out "$out" || return
-        done
-    done
-}
-
-stage() {  # NAME JOB...: the jobs dealt out to LANES lanes; returns once every lane has finished
-    local name=$1 pids=() status=0
-    shift
-    for ((k = 0; k < LANES && k < $#; k++)); do
-        lane "$k" "$@" > "$LOG-$name-lane$k.log" 2>&1 &
-        pids+=($!)
-    done
-    for k in "${!pids[@]}"; do
-        wait "${pids[k]}" || { status=$?; echo "$name lane $k failed (exit $status): see $LOG-$name-lane$k.log"; }
-    done
-    return "$status"
-}
-
-# First the rows the 4-bit base waits for (few runs): GEM on all linear layers over an NF4 base
-# at 1 % (gem-finetune records --quantize-base among the settings, so its runs have their own
-# results file, OUT/nf4/) and QLoRA. Then every method of the table, one job per method.
-FIRST=("$OUT/nf4|gem-all|1e-2|--quantize-base nf4" "$OUT|qlora|${FRACTIONS[*]}|")
-MAIN=()
-for method in "${METHODS[@]}"; do MAIN+=("$OUT|$method|${FRACTIONS[*]}|"); done
+# The jobs, in the order they start: a job is one gem-finetune command, "TASK|OUT|METHODS|FRACTIONS|EXTRA".
+# First the rows the 4-bit base waits for: GEM on all linear layers at 1 %, over an NF4 base
+# (gem-finetune records --quantize-base among the settings, so those runs have their own results
+# file, OUT/nf4/) and over the fp32 one, and QLoRA. Then every method of the table, one job per
+# method and task (gem-all's 1 % runs, done by then, are found in the file and not run again).
+JOBS=()
+for task in "${TASKS[@]}"; do
+    JOBS+=("$task|$OUT/nf4|gem-all|1e-2|--quantize-base nf4" "$task|$OUT|gem-all|1e-2|" "$task|$OUT|qlora|1e-2|")
+done
+for method in "${METHODS[@]}"; do
+    for task in "${TASKS[@]}"; do JOBS+=("$task|$OUT|$method|${FRACTIONS[*]}|"); done
+done
+QUEUE=$LOG.queue  # the number of jobs taken so far, shared by the lanes
+echo 0 > "$QUEUE"
 mkdir -p "$OUT/nf4"
-stage nf4 "${FIRST[@]}"
-stage main "${MAIN[@]}"
+
+next_job() {  # takes the next job: prints its number (past the last one when none is left)
+    flock "$QUEUE.lock" bash -c 'n=$(cat "$1"); echo $((n + 1)) > "$1"; echo "$n"' _ "$QUEUE"
+}
+
+lane() {  # runs jobs until none is left, each as the next lane that is free takes it
+    local i task out methods fractions extra
+    while i=$(next_job) && ((i < ${#JOBS[@]})); do
+        IFS='|' read -r task out methods fractions extra <<< "${JOBS[i]}"
+        # shellcheck disable=SC2086  # methods, fractions and extra are word lists
+        OMP_NUM_THREADS=$THREADS $PY -m gem_finetune --task-dir "$DATA/$task" "${SIZE[@]}" \
+            --method $methods --lr "${LRS[@]}" --budget-fraction $fractions $extra \
+            --device "$DEVICE" --precision "$PRECISION" "${MODEL_ARGS[@]}" --out "$out" || return
+    done
+}
+
+pids=()
+for ((k = 0; k < LANES; k++)); do
+    lane > "$LOG-lane$k.log" 2>&1 &
+    pids+=($!)
+done
+status=0
+for k in "${!pids[@]}"; do
+    wait "${pids[k]}" || { status=$?; echo "lane $k failed (exit $status): see $LOG-lane$k.log"; }
+done
+rm -f "$QUEUE" "$QUEUE.lock"
+[[ $status == 0 ]] || exit "$status"
 
 # The lanes wrote one results file per task; the report reads every run in it (and redraws the
 # plots, which each lane drew with its own methods only).

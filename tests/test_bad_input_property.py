@@ -143,7 +143,7 @@ def _adamw_case(rng):
     watched = params + grads + state
     snapshot = _clone_all(watched)
     call = lambda: ops.sparse_adamw_(args["params"], args["grads"], args["indices"], args["offsets"],  # noqa: E731
-                                     args["exp_avg"], args["exp_avg_sq"], **kwargs)
+                                     [args["exp_avg"], args["exp_avg_sq"]], **kwargs)
     return call, lambda: _equal_all(snapshot, watched), f"sparse_adamw_: bad {what}"
 
 

@@ -286,7 +286,8 @@ def test_a_results_file_of_other_settings_is_refused(tmp_path, tiny_model, monke
                          (["--seeds", "0", "1"], "seeds [0] there, [0, 1] here"),
                          (["--train-examples", "12"], "train_examples 16 there, 12 here"),
                          (["--max-length", "12"], "max_length 16 there, 12 here"),
-                         (["--lr", "bitfit=1e-2"], "lr grid of bitfit [0.001] there, [0.01] here")):
+                         (["--lr", "bitfit=1e-2"], "lr grid of bitfit [0.001] there, [0.01] here (a grid may "
+                                                   "only widen)")):
         assert run_cli(tiny_model, task_dir, tmp_path / "out", *base, *extra) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and f"{path} holds runs made with other settings" in err and words in err, err
@@ -336,8 +337,41 @@ def test_commands_with_different_methods_share_a_results_file(tmp_path):
     both = ResultsFile(path, header({"full": [1e-4], "gem": [1e-3, 1e-2]}))
     assert both.find("full", None, 1e-4, 0) and both.find("gem", None, 1e-2, 0) and len(both.runs) == 3
     with pytest.raises(ResultsFileError, match=r"lr grid of gem \[0.001, 0.01\] there, \[0.001\] here"):
-        ResultsFile(path, header({"gem": [1e-3]}))
+        ResultsFile(path, header({"gem": [1e-3]}))  # a narrower grid would choose among fewer lrs
+    wider = ResultsFile(path, header({"gem": [3e-4, 1e-3, 1e-2]}))  # a grid whose edge won gains an lr
+    assert wider.find("gem", None, 1e-2, 0) and len(wider.runs) == 3
+    wider.add(run("gem", 3e-4))
+    with pytest.raises(ResultsFileError, match=r"lr grid of gem \[0.0003, 0.001, 0.01\] there"):
+        ResultsFile(path, header({"gem": [1e-3, 1e-2]}))
     with open(path, "a") as f:
         f.write('{"kind": "run", "method": "gem"}\n')  # not one of ours: refused, not half-read
-    with pytest.raises(ResultsFileError, match="line 6 is not a gem-finetune results record"):
+    with pytest.raises(ResultsFileError, match="line 8 is not a gem-finetune results record"):
         ResultsFile(path, header({"full": [1e-4]}))
+
+
+def test_the_table_decides_on_the_widest_grid(tmp_path):
+    # A grid whose top lr won is widened by a later command; the table then chooses among every
+    # lr of both commands, and the first command's runs still count.
+    settings = {"task": "T", "seeds": [0, 1], "grid_seeds": [0], "select_metric": "accuracy"}
+    path = tmp_path / "results-T.jsonl"
+
+    def header(grid):
+        return {"settings": settings, "lr_plan": {"bitfit": grid}, "methods": ["bitfit"], "budget_fractions": [],
+                "command": ["gem-finetune", *map(str, grid)]}
+
+    def run(lr, seed, heldout):
+        return {"method": "bitfit", "budget_fraction": None, "lr": lr, "seed": seed, "accuracy": heldout,
+                "mcc": 0.0, "heldout": {"accuracy": heldout, "mcc": 0.0}, "device": "cpu", "trainable_entries": 1,
+                "optimizer_state_bytes": 8, "peak_memory_mib": None, "median_step_seconds": 1.0,
+                "wall_seconds": 1.0}
+
+    narrow = ResultsFile(path, header([1e-3, 3e-3]))
+    for lr, heldout in ((1e-3, 0.6), (3e-3, 0.7)):
+        narrow.add(run(lr, 0, heldout))
+    narrow.add(run(3e-3, 1, 0.7))
+    assert load_results(path)["lr_grid"]["bitfit"][-1]["lr"] == 3e-3  # the edge won: widen it
+    wide = ResultsFile(path, header([1e-3, 3e-3, 1e-2]))
+    wide.add(run(1e-2, 0, 0.65))
+    results = load_results(path)
+    assert [row["lr"] for row in results["lr_grid"]["bitfit"]] == [1e-3, 3e-3, 1e-2]
+    assert results["summary"]["bitfit"]["lr"] == 3e-3 and results["complete"]  # now inside the grid

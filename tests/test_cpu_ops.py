@@ -289,9 +289,8 @@ def test_sparse_adamw_matches_reference(dtype, compact, step_kind):
                 unselected = ~selected_mask(p.numel(), indices[offsets[seg]:offsets[seg + 1]])
                 p.view(-1)[unselected] = float("nan")
                 g.view(-1)[unselected] = float("nan")
-        cpu.sparse_adamw_(ours[0], ours[1], indices, offsets, ours[2], ours[3], maximize=maximize, **kw)
-        reference.sparse_adamw_(theirs[0], theirs[1], indices, offsets, theirs[2], theirs[3],
-                                maximize=maximize, **kw)
+        cpu.sparse_adamw_(ours[0], ours[1], indices, offsets, ours[2:], maximize=maximize, **kw)
+        reference.sparse_adamw_(theirs[0], theirs[1], indices, offsets, theirs[2:], maximize=maximize, **kw)
         torch.testing.assert_close(ours[2], theirs[2], rtol=1e-6, atol=1e-9)
         torch.testing.assert_close(ours[3], theirs[3], rtol=1e-6, atol=1e-12)
         for seg, (p, want, before) in enumerate(zip(ours[0], theirs[0], params)):
@@ -316,9 +315,9 @@ def test_sparse_adamw_rounds_to_nearest_even_like_torch(dtype, decay):
     ours, theirs = p.clone(), p.clone()
     kw = dict(lr=1.0, betas=(0.9, 0.999), eps=1e-8, weight_decay=1.0 - decay, step=1)
     zeros = [torch.zeros(n), torch.zeros(n), torch.zeros(n, dtype=dtype)]
-    cpu.sparse_adamw_([ours], zeros[2].clone(), indices, offsets, zeros[0].clone(), zeros[1].clone(), **kw)
-    reference.sparse_adamw_([theirs], zeros[2].clone(), indices, offsets, zeros[0].clone(),
-                            zeros[1].clone(), **kw)
+    cpu.sparse_adamw_([ours], zeros[2].clone(), indices, offsets, [zeros[0].clone(), zeros[1].clone()], **kw)
+    reference.sparse_adamw_([theirs], zeros[2].clone(), indices, offsets, [zeros[0].clone(), zeros[1].clone()],
+                            **kw)
     assert not torch.equal(theirs, p)
     assert torch.equal(ours.view(torch.int16), theirs.view(torch.int16))
 
@@ -340,7 +339,7 @@ def test_sparse_adamw_twenty_steps_match_torch_adamw():
         for d, g, mask in zip(dense, grads, masks):
             d.grad = g * mask
         torch_opt.step()
-        cpu.sparse_adamw_(ours, grads, indices, offsets, m, v, step=step, **kw)
+        cpu.sparse_adamw_(ours, grads, indices, offsets, [m, v], step=step, **kw)
     for p, d, before, mask in zip(ours, dense, params, masks):
         torch.testing.assert_close(p[mask], d.detach()[mask], rtol=1e-5, atol=1e-6)
         assert torch.equal(p[~mask], before[~mask])

@@ -484,6 +484,12 @@ def test_dispatch_rows_choose_sparse_only_where_it_wins_every_shape():
     assert (row["band"], row["choice"], row["config"], row["basis"]) == ("(0, 0.001]", "sparse", "xt_e128_t32_w8",
                                                                          "eager")
     assert row["sparse_ms"] == pytest.approx(0.08) and row["dense_ms"] == pytest.approx(0.18)
+    assert (row["best_config"], row["best_config_ms"]) == ("xt_e128_t32_w8", pytest.approx(0.08))
+    # the verdict is the configuration the op runs (the kernel's default), not the fastest one
+    other = [{**i, "ms": i["ms"] / 100} if i["impl"] == "gather_e32_t32_w4" else i
+             for i in _wg_items([0.06, 0.14], [0.05, 0.13])]
+    row = gpu_suite.dispatch_rows(other, "D", "R")[0]
+    assert (row["choice"], row["config"], row["best_config"]) == ("dense", "xt_e128_t32_w8", "gather_e32_t32_w4")
     assert set(row["shapes"]) == {"2048x2048", "5632x2048"} and row["dry_run"] is False
     # losing one shape, or the CUDA-graph comparison of one, makes the band dense
     assert gpu_suite.dispatch_rows(_wg_items([0.06, 0.06], [0.05, 0.13]), "D", "R")[0]["choice"] == "dense"

@@ -198,3 +198,20 @@ def test_the_check_sees_each_kind_of_import(tmp_path, monkeypatch):
     assert len(problems) == 6, text
     assert not any(p.startswith(("gem_kernels/__init__", "gem_kernels/ops", "gem_kernels/selectors",
                                  "gem_kernels/distributed", "gem_kernels/nn")) for p in problems)
+
+
+# Where a flag that adds per-entry optimizer state lives (docs/ARCHITECTURE.md, "The one path
+# from SparseAdamW.step() to a kernel"): its argument, the group's state keys, the dense groups'
+# call of torch's AdamW, and the three kernels. The layers between carry the state as one list.
+STATE_FLAG_FILES = {"gem_kernels/optim/sparse_adamw.py", "gem_kernels/optim/layout.py",
+                    "gem_kernels/optim/phases.py", "gem_kernels/reference.py", "csrc/sparse_adamw.cpp",
+                    "gem_kernels/backends/triton/sparse_adamw.py"}
+
+
+def test_amsgrad_lives_in_the_six_files_of_a_state_flag():
+    product = [p for d in ("gem_kernels", "gem_finetune", "csrc", "python")
+               for p in (ROOT / d).rglob("*") if p.suffix in (".py", ".cpp", ".h")]
+    naming = {str(p.relative_to(ROOT)) for p in product
+              if any(word in p.read_text().lower() for word in ("amsgrad", "max_exp_avg_sq"))}
+    assert naming == STATE_FLAG_FILES, f"AMSGrad also named in {sorted(naming - STATE_FLAG_FILES)}; " \
+                                       f"no longer in {sorted(STATE_FLAG_FILES - naming)}"

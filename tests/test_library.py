@@ -14,12 +14,12 @@ def _segments(dtype=torch.float32):
     return grads, weights
 
 
-def _adamw_args(grads_kind="dense"):
+def _adamw_args(grads_kind="dense", amsgrad=False):
     grads, params = _segments()
     indices, offsets = torch.tensor([1, 4, 29, 0, 8]), torch.tensor([0, 3, 5])
     op_grads = grads if grads_kind == "dense" else torch.randn(5)
     return [params, op_grads if grads_kind == "dense" else [], None if grads_kind == "dense" else op_grads,
-            indices, offsets, torch.rand(5), torch.rand(5), None, 1e-2, 0.9, 0.999, 1e-8, 0.01,
+            indices, offsets, [torch.rand(5) for _ in range(3 if amsgrad else 2)], 1e-2, 0.9, 0.999, 1e-8, 0.01,
             torch.tensor([3, 1]), None, False]
 
 
@@ -47,16 +47,17 @@ def test_opcheck_ratio_topk(backend, k, per_segment):
 
 
 @pytest.mark.parametrize("grads_kind", ["dense", "compact"])
-def test_opcheck_sparse_adamw(backend, grads_kind):
-    torch.library.opcheck(torch.ops.gem_kernels.sparse_adamw_.default, _adamw_args(grads_kind))
+@pytest.mark.parametrize("amsgrad", [False, True])
+def test_opcheck_sparse_adamw(backend, grads_kind, amsgrad):
+    torch.library.opcheck(torch.ops.gem_kernels.sparse_adamw_.default, _adamw_args(grads_kind, amsgrad))
 
 
 def test_sparse_adamw_bumps_version_counters(backend):
-    args = _adamw_args()
-    params, exp_avg, exp_avg_sq = args[0], args[5], args[6]
-    before = [t._version for t in (*params, exp_avg, exp_avg_sq)]
+    args = _adamw_args(amsgrad=True)
+    written = [*args[0], *args[5]]  # the params and every state buffer
+    before = [t._version for t in written]
     torch.ops.gem_kernels.sparse_adamw_(*args)
-    after = [t._version for t in (*params, exp_avg, exp_avg_sq)]
+    after = [t._version for t in written]
     assert all(a > b for a, b in zip(after, before)), (before, after)
 
 
@@ -67,8 +68,8 @@ def test_version_bump_trips_autograd_saved_tensor_check(backend):
     w = params[0].clone().requires_grad_()
     y = (w * w).sum()  # saves w for backward
     with torch.no_grad():
-        ops.sparse_adamw_([w], [grads[0]], torch.tensor([0, 2]), torch.tensor([0, 2]), torch.zeros(2),
-                          torch.zeros(2), lr=1e-2, step=1)
+        ops.sparse_adamw_([w], [grads[0]], torch.tensor([0, 2]), torch.tensor([0, 2]),
+                          [torch.zeros(2), torch.zeros(2)], lr=1e-2, step=1)
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         y.backward()
 
@@ -91,8 +92,8 @@ def test_unreadable_tensors_are_refused_on_every_op(backend, make, kind):
     params = [make(weights[0]), weights[1]]
     snapshot = weights[1].clone()
     with pytest.raises(TypeError, match=kind):
-        ops.sparse_adamw_(params, grads, torch.tensor([1, 0]), torch.tensor([0, 1, 2]), torch.zeros(2),
-                          torch.zeros(2), lr=1e-2, step=1)
+        ops.sparse_adamw_(params, grads, torch.tensor([1, 0]), torch.tensor([0, 1, 2]),
+                          [torch.zeros(2), torch.zeros(2)], lr=1e-2, step=1)
     assert torch.equal(weights[1], snapshot)
     # The registered kernels check again, for callers of torch.ops.gem_kernels directly
     # (meta tensors go to the fake kernel instead, which reads no data).

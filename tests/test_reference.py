@@ -102,7 +102,7 @@ def test_sparse_adamw_equals_torch_adamw_on_selected_entries(maximize, compact):
     for step in range(1, 21):
         grads = [torch.randn(s) for s in shapes]
         g_in = torch.cat([g.view(-1)[i] for g, i in zip(grads, idx)]) if compact else grads
-        reference.sparse_adamw_(params, g_in, indices, offsets, exp_avg, exp_avg_sq, step=step, **hyper)
+        reference.sparse_adamw_(params, g_in, indices, offsets, [exp_avg, exp_avg_sq], step=step, **hyper)
         for t, g, i in zip(twins, grads, idx):
             masked = torch.zeros_like(g)
             masked.view(-1)[i] = g.view(-1)[i]
@@ -125,7 +125,7 @@ def test_sparse_adamw_age_equals_step_when_uniform():
     state_b = [torch.zeros(3), torch.zeros(3)]
     for step in range(1, 6):
         g = [torch.randn(50)]
-        reference.sparse_adamw_(params_a, g, indices, offsets, *state_a, lr=1e-2, step=step)
-        reference.sparse_adamw_(params_b, g, indices, offsets, *state_b, lr=1e-2,
+        reference.sparse_adamw_(params_a, g, indices, offsets, state_a, lr=1e-2, step=step)
+        reference.sparse_adamw_(params_b, g, indices, offsets, state_b, lr=1e-2,
                                 age=torch.full((3,), step, dtype=torch.int64))
     assert torch.allclose(params_a[0], params_b[0], rtol=0, atol=1e-7)

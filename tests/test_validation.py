@@ -15,7 +15,7 @@ def _segments():
 def _adamw_args():
     grads, params = _segments()
     return dict(params=params, grads=grads, indices=torch.tensor([1, 4, 29, 0, 8]),
-                offsets=torch.tensor([0, 3, 5]), exp_avg=torch.zeros(5), exp_avg_sq=torch.zeros(5),
+                offsets=torch.tensor([0, 3, 5]), state=[torch.zeros(5), torch.zeros(5)],
                 lr=1e-3, step=1)
 
 
@@ -78,8 +78,12 @@ BAD_ADAMW_INPUTS = [
     ("sparse_adamw_ indices has dtype int32", dict(indices=torch.tensor([1, 4, 29, 0, 8], dtype=torch.int32))),
     ("sparse_adamw_ offsets", dict(offsets=torch.tensor([0, 3, 4]))),
     ("sparse_adamw_ offsets", dict(offsets=torch.tensor([0, 4, 3]))),
-    (r"exp_avg has shape \(4,\)", dict(exp_avg=torch.zeros(4))),
-    ("exp_avg_sq has dtype float16", dict(exp_avg_sq=torch.zeros(5, dtype=torch.float16))),
+    (r"exp_avg has shape \(4,\)", dict(state=[torch.zeros(4), torch.zeros(5)])),
+    ("exp_avg_sq has dtype float16", dict(state=[torch.zeros(5), torch.zeros(5, dtype=torch.float16)])),
+    (r"max_exp_avg_sq has shape \(4,\)", dict(state=[torch.zeros(5), torch.zeros(5), torch.zeros(4)])),
+    ("state has 1 tensors", dict(state=[torch.zeros(5)])),
+    ("state has 4 tensors", dict(state=[torch.zeros(5)] * 4)),
+    ("state must be a list", dict(state=torch.zeros(5))),
     (r"grads \(compact\) has shape", dict(grads=torch.zeros(4))),
     ("grads has 1 tensors", dict(grads=[torch.zeros(6, 5)])),
     ("lr must be", dict(lr=-1.0)),
@@ -98,11 +102,11 @@ BAD_ADAMW_INPUTS = [
 def test_sparse_adamw_rejects_bad_input_and_changes_nothing(message, changes):
     args = _adamw_args()
     args.update(changes)
-    watched = [*args["params"], args["exp_avg"], args["exp_avg_sq"]]
+    watched = [*args["params"], *args["state"]]
     before = [t.clone() for t in watched]
     with pytest.raises((ValueError, TypeError), match=message):
         ops.sparse_adamw_(args.pop("params"), args.pop("grads"), args.pop("indices"), args.pop("offsets"),
-                          args.pop("exp_avg"), args.pop("exp_avg_sq"), **args)
+                          args.pop("state"), **args)
     for b, a in zip(before, watched):
         assert torch.equal(a, b)
 
@@ -111,7 +115,7 @@ def test_good_input_passes_the_same_checks():
     # The fixtures above are valid apart from the one change each test makes.
     args = _adamw_args()
     ops.sparse_adamw_(args.pop("params"), args.pop("grads"), args.pop("indices"), args.pop("offsets"),
-                      args.pop("exp_avg"), args.pop("exp_avg_sq"), **args)
+                      args.pop("state"), **args)
     grads, weights = _segments()
     assert ops.ratio_topk(grads, weights, [30, 9])[1].tolist() == [0, 30, 39]
 
@@ -127,4 +131,4 @@ def test_unchecked_indices_still_get_their_dtype_and_shape_checked():
     args["indices"] = args["indices"].int()
     with pytest.raises(TypeError, match="sparse_adamw_ indices has dtype int32"):
         ops.sparse_adamw_(args.pop("params"), args.pop("grads"), args.pop("indices"), args.pop("offsets"),
-                          args.pop("exp_avg"), args.pop("exp_avg_sq"), check_indices=False, **args)
+                          args.pop("state"), check_indices=False, **args)

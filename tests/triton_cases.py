@@ -171,7 +171,7 @@ def check_adamw(device, param_dtypes, seed, *, compact=False, step=None, age_dty
     for impl in (_backend(), reference):
         params, grads, indices, offsets, exp_avg, exp_avg_sq = [x.clone() if isinstance(x, torch.Tensor)
                                                                 else [t.clone() for t in x] for x in inputs]
-        impl.sparse_adamw_(params, compact_grads if compact else grads, indices, offsets, exp_avg, exp_avg_sq,
+        impl.sparse_adamw_(params, compact_grads if compact else grads, indices, offsets, [exp_avg, exp_avg_sq],
                            lr=3e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.05,
                            step=None if age is not None else step, age=age, maximize=maximize)
         results.append((params, exp_avg, exp_avg_sq))
@@ -320,7 +320,7 @@ def run_adamw_steps(impl, device, inputs, step_grads, first_age, age_dtype, beta
     history = []
     for step, grads in enumerate(step_grads, start=1):
         age = (first_age.to(device) + step - 1).to(age_dtype) if age_dtype else None
-        impl.sparse_adamw_(params, _to(grads, device), indices, offsets, exp_avg, exp_avg_sq, lr=3e-3,
+        impl.sparse_adamw_(params, _to(grads, device), indices, offsets, [exp_avg, exp_avg_sq], lr=3e-3,
                            betas=betas, eps=1e-8, weight_decay=0.05, step=None if age_dtype else step, age=age)
         history.append({"params": _selected(params, indices, offsets).cpu(), "exp_avg": exp_avg.cpu().clone(),
                         "exp_avg_sq": exp_avg_sq.cpu().clone()})

@@ -66,17 +66,15 @@ def ratio_topk(grads: Sequence[Tensor], weights: Sequence[Tensor], k: Sequence[i
 
 
 def sparse_adamw_(params: Sequence[Tensor], dense_grads: Sequence[Tensor], compact_grads, indices: Tensor,
-                  offsets: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, max_exp_avg_sq, lr: float, beta1: float,
-                  beta2: float, eps: float, weight_decay: float, step, age, maximize: bool) -> None:
+                  offsets: Tensor, state: Sequence[Tensor], lr: float, beta1: float, beta2: float, eps: float,
+                  weight_decay: float, step, age, maximize: bool) -> None:
     p_ptrs, p_codes = _tables(params)
     dense_ptrs, dense_codes = _tables(dense_grads)
     compact_ptr, compact_code = (0, 0) if compact_grads is None else (compact_grads.data_ptr(), _code(compact_grads))
     steps, age_ptr, age_code = ([], age.data_ptr(), _code(age)) if age is not None else (step.tolist(), 0, 0)
     _C.sparse_adamw(p_ptrs, p_codes, dense_ptrs, dense_codes, compact_ptr, compact_code,
-                    indices.data_ptr(), offsets.data_ptr(), exp_avg.data_ptr(), exp_avg_sq.data_ptr(),
-                    0 if max_exp_avg_sq is None else max_exp_avg_sq.data_ptr(),
-                    lr, beta1, beta2, eps, weight_decay, steps, age_ptr, age_code, maximize,
-                    torch.get_num_threads())
+                    indices.data_ptr(), offsets.data_ptr(), [t.data_ptr() for t in state], lr, beta1, beta2, eps,
+                    weight_decay, steps, age_ptr, age_code, maximize, torch.get_num_threads())
 
 
 def sparse_weight_grad(inputs: Sequence[Tensor], grad_outputs: Sequence[Tensor], indices: Tensor,

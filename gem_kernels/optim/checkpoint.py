@@ -22,7 +22,7 @@ import torch
 
 from .. import ops
 from ..dtensor import local
-from .layout import AGE_KEY, MAX_KEY, flat_keys
+from .layout import AGE_KEY, flat_keys, moment_keys
 from .state import SelectionState, bad_checkpoint
 
 STATE_KEY = "sparse_adamw"
@@ -90,7 +90,7 @@ def _check_step(where: str, step) -> None:
         raise bad_checkpoint(f"{where} 'step' must be a whole number >= 0, got {value}")
 
 
-def _check_sparse_state(where: str, p, state, incremental: bool, selected: bool, amsgrad: bool) -> None:
+def _check_sparse_state(where: str, p, state, incremental: bool, selected: bool, moments: tuple) -> None:
     p = local(p)  # FSDP2: the state (sums, indices) is of this rank's block
     if not selected:
         extra = set(state) - {"grad_sum"}
@@ -101,7 +101,7 @@ def _check_sparse_state(where: str, p, state, incremental: bool, selected: bool,
             if not (isinstance(s, torch.Tensor) and s.dtype == torch.float32 and s.shape == p.shape):
                 raise bad_checkpoint(f"{where} 'grad_sum' must be float32 of shape {tuple(p.shape)}")
         return
-    expected = set(("step", "original") + flat_keys(incremental, amsgrad))
+    expected = set(("step", "original") + flat_keys(moments, incremental))
     if set(state) != expected:
         raise bad_checkpoint(f"{where} has keys {sorted(state)}, expected {sorted(expected)}")
     _check_step(where, state["step"])
@@ -109,8 +109,7 @@ def _check_sparse_state(where: str, p, state, incremental: bool, selected: bool,
     if not isinstance(indices, torch.Tensor) or indices.dtype != torch.int64 or indices.dim() != 1:
         raise bad_checkpoint(f"{where} 'indices' must be a 1-D int64 tensor")
     n = indices.numel()
-    dtypes = {"original": (p.dtype,), "exp_avg": (torch.float32,), "exp_avg_sq": (torch.float32,),
-              MAX_KEY: (torch.float32,), AGE_KEY: (torch.int64,)}
+    dtypes = {"original": (p.dtype,), AGE_KEY: (torch.int64,), **{key: (torch.float32,) for key in moments}}
     for key in expected - {"step", "indices"}:
         t = state[key]
         if not isinstance(t, torch.Tensor) or t.dtype not in dtypes[key] or tuple(t.shape) != (n,):
@@ -123,10 +122,9 @@ def _check_sparse_state(where: str, p, state, incremental: bool, selected: bool,
                          f"invalid ({error}): the checkpoint is from another model") from None
 
 
-def _check_dense_state(where: str, p, state, amsgrad: bool) -> None:
+def _check_dense_state(where: str, p, state, moments: tuple) -> None:
     if not state:
         return
-    moments = ("exp_avg", "exp_avg_sq") + ((MAX_KEY,) if amsgrad else ())
     if set(state) != {"step", *moments}:
         raise bad_checkpoint(f"{where} has keys {sorted(state)}, expected {sorted(['step', *moments])}")
     _check_step(where, state["step"])
@@ -159,11 +157,10 @@ def split(state_dict: dict, *, config: dict, shard, param_groups: list, describe
             if group["sparse"]:
                 if selection.selection_started and not state:
                     raise bad_checkpoint(f"{where} is missing, but the selection has started")
-                _check_sparse_state(where, p, state, incremental, selection.selection_started,
-                                    bool(saved.get("amsgrad")))
+                _check_sparse_state(where, p, state, incremental, selection.selection_started, moment_keys(saved))
                 sparse_states[p] = state
             else:
-                _check_dense_state(where, p, state, bool(saved.get("amsgrad")))
+                _check_dense_state(where, p, state, moment_keys(saved))
                 if state:
                     dense_states[key] = state
     return {**state_dict, "state": dense_states}, sparse_states, selection

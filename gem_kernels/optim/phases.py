@@ -24,7 +24,7 @@ from ..dtensor import local
 from .fsdp import Sharding, selector_ops
 from .grads import check_finite, compact_grad
 from .groups import resolve_budget
-from .layout import MAX_KEY, GroupLayout, merged_state, new_state
+from .layout import GroupLayout, merged_state, moment_keys, new_state
 from .state import SelectionState
 
 NOTE_FROZEN = "frozen (requires_grad=False) when the entries were chosen"
@@ -52,13 +52,13 @@ class StepContext:
 
     def repack(self, selection: SelectionState, incremental: bool) -> None:
         """One flat buffer per state key and sparse group (see ``layout``)."""
-        selection.layouts = {gi: GroupLayout(g["params"], [self.state[p] for p in g["params"]], incremental,
-                                             g["amsgrad"])
+        selection.layouts = {gi: GroupLayout(g["params"], [self.state[p] for p in g["params"]], moment_keys(g),
+                                             incremental)
                              for gi, g in enumerate(self.param_groups) if g["sparse"]}
 
-    def amsgrad_of(self, p) -> bool:
-        """Whether the group of sparse param ``p`` runs AMSGrad (its state then holds max_exp_avg_sq)."""
-        return next(g["amsgrad"] for g in self.param_groups if g["sparse"] and any(q is p for q in g["params"]))
+    def moments_of(self, p) -> tuple:
+        """The moments sparse param ``p`` keeps: its group's ``moment_keys``."""
+        return next(moment_keys(g) for g in self.param_groups if g["sparse"] and any(q is p for q in g["params"]))
 
 
 def _require_dense(described, why: str) -> None:
@@ -116,7 +116,7 @@ def choose_entries(ctx: StepContext, selection: SelectionState, selector, budget
     indices = {i: chosen.indices[bounds[j]:bounds[j + 1]].clone() for j, i in enumerate(candidates)}
     empty = torch.zeros(0, dtype=torch.int64)
     for i, (_, p) in enumerate(named):
-        ctx.state[p] = new_state(p, indices.get(i, empty.to(p.device)), incremental=False, amsgrad=ctx.amsgrad_of(p))
+        ctx.state[p] = new_state(p, indices.get(i, empty.to(p.device)), ctx.moments_of(p), incremental=False)
     position = {i: j for j, i in enumerate(candidates)}  # in the selector's lists
     selection.report = [
         {"entropy": None if chosen.entropy is None or i not in position else chosen.entropy[position[i]],
@@ -145,10 +145,10 @@ def _precheck_sparse_inputs(group, params, grads) -> None:
     """The op's checks of params, dense grads and hyper-parameters, with an empty index set:
     for a step that changes the index set before its update."""
     params, grads = [local(p) for p in params], [local(g) for g in grads]
-    empty_f32 = torch.zeros(0, dtype=torch.float32, device=params[0].device)
+    moments = [torch.zeros(0, dtype=torch.float32, device=params[0].device) for _ in moment_keys(group)]
     ops.check_sparse_adamw_args(
         params, grads, torch.zeros(0, dtype=torch.int64, device=params[0].device),
-        torch.zeros(len(params) + 1, dtype=torch.int64, device=params[0].device), empty_f32, empty_f32,
+        torch.zeros(len(params) + 1, dtype=torch.int64, device=params[0].device), moments,
         lr=group["lr"], betas=group["betas"], eps=group["eps"], weight_decay=group["weight_decay"],
         step=1, maximize=group["maximize"])
 
@@ -169,29 +169,25 @@ def prepare_sparse_update(ctx: StepContext, layout: GroupLayout, gi: int, grads:
             raise ValueError(f"{ctx.describe(gi, i)} had shape {tuple(layout.shapes[i])} when its entries "
                              "were chosen; resizing a trained param is not supported (close the optimizer "
                              "and make a new one)")
-    if group["amsgrad"] != (MAX_KEY in layout.keys):
-        raise ValueError(f"param group {gi} has amsgrad={group['amsgrad']} but its entries were chosen with "
-                         f"amsgrad={not group['amsgrad']}; switching AMSGrad after the selection is not supported")
-    buffers = layout.arguments(with_grad, states)
-    op_grads = compact_values if compact_values is not None else [local(grads[i]) for i in with_grad]
-    incremental = "age" in buffers
+    if moment_keys(group) != layout.moments:
+        raise ValueError(f"param group {gi} keeps {', '.join(moment_keys(group))} but its entries were chosen "
+                         f"keeping {', '.join(layout.moments)}: switching amsgrad after the selection is not supported")
+    buffers = indices, offsets, moments, age = layout.buffers(with_grad, states)
     steps = [states[i]["step"] for i in with_grad]  # int64 scalars on the CPU, as torch's AdamW keeps them
-    if incremental:
-        age = buffers["age"] + 1
-        schedule = {"age": age}
-    else:
-        schedule = {"step": torch.stack(steps) + 1}  # no host read: the op takes the tensor
+    next_age = None if age is None else age + 1
     args = ops.check_sparse_adamw_args(  # FSDP2: the local blocks, written in place through the view
-        [local(params[i]) for i in with_grad], op_grads, buffers["indices"], buffers["offsets"],
-        buffers["exp_avg"], buffers["exp_avg_sq"], max_exp_avg_sq=buffers.get(MAX_KEY), lr=group["lr"],
-        betas=group["betas"], eps=group["eps"], weight_decay=group["weight_decay"], maximize=group["maximize"],
-        check_indices=False, check_schedule=False, **schedule)  # checked when selected or loaded
+        [local(params[i]) for i in with_grad],
+        compact_values if compact_values is not None else [local(grads[i]) for i in with_grad],
+        indices, offsets, moments, lr=group["lr"], betas=group["betas"], eps=group["eps"],
+        weight_decay=group["weight_decay"], maximize=group["maximize"], age=next_age,
+        step=torch.stack(steps) + 1 if age is None else None,  # no host read: the op takes the tensor
+        check_indices=False, check_schedule=False)  # checked when selected or loaded
 
     def run():
         torch.ops.gem_kernels.sparse_adamw_(*args)
         torch._foreach_add_(steps, 1)  # one call for the group, as torch's own optimizers do
-        if incremental:
-            buffers["age"].copy_(age)
+        if age is not None:
+            age.copy_(next_age)
         layout.write_back(with_grad, states, buffers)
     return run
 
@@ -210,12 +206,12 @@ def prepare_dense_update(ctx: StepContext, group):
     if not params:
         return None
     ops.check_adamw_hyper(group["lr"], group["betas"], group["eps"], group["weight_decay"])
-    amsgrad = group["amsgrad"]
+    moments = moment_keys(group)
     for p in params:
         if p.grad.is_sparse:
             raise TypeError(f"a dense param of shape {tuple(p.shape)} has a sparse gradient; dense "
                             "param groups take dense gradients (as AdamW)")
-        if amsgrad and ctx.state[p] and MAX_KEY not in ctx.state[p]:
+        if ctx.state[p] and not set(moments) <= set(ctx.state[p]):
             raise ValueError(f"a dense param of shape {tuple(p.shape)} trained without AMSGrad before; switching "
                              "amsgrad on after the first step is not supported")
         if p.grad.shape != p.shape or p.grad.dtype != p.dtype or p.grad.device != p.device:
@@ -229,14 +225,13 @@ def prepare_dense_update(ctx: StepContext, group):
                 fused = bool(group["fused"])
                 state["step"] = (torch.zeros((), dtype=_scalar_dtype(True), device=p.device) if fused
                                  else torch.tensor(0.0, dtype=_scalar_dtype(False)))
-                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                if amsgrad:
-                    state[MAX_KEY] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                for key in moments:
+                    state[key] = torch.zeros_like(p, memory_format=torch.preserve_format)
         states = [ctx.state[p] for p in params]
         beta1, beta2 = group["betas"]
+        amsgrad = group["amsgrad"]
         torch_adamw(params, [p.grad for p in params], [s["exp_avg"] for s in states],
-                    [s["exp_avg_sq"] for s in states], [s[MAX_KEY] for s in states] if amsgrad else [],
+                    [s["exp_avg_sq"] for s in states], [s["max_exp_avg_sq"] for s in states] if amsgrad else [],
                     [s["step"] for s in states], foreach=group["foreach"], fused=group["fused"],
                     has_complex=any(torch.is_complex(p) for p in params), amsgrad=amsgrad, beta1=beta1,
                     beta2=beta2, lr=group["lr"], weight_decay=group["weight_decay"], eps=group["eps"],
@@ -309,7 +304,7 @@ class Unmasking:
         started = selection.selection_started
         budget = selection.budget if started else resolve_budget([p for _, p in named], *self.budget_args)
         states = {p: ctx.state[p] if started else new_state(p, torch.zeros(0, dtype=torch.int64, device=p.device),
-                                                            incremental=True, amsgrad=ctx.amsgrad_of(p))
+                                                            ctx.moments_of(p), incremental=True)
                   for _, p in named}
         step = selection.unmask_done + 1
         candidates = [p for _, p in named if p.grad is not None and p.requires_grad]
@@ -325,7 +320,7 @@ class Unmasking:
                                            (torch.cat(current), offsets), on=selector_ops(ctx.sharding, candidates))
             bounds = new.offsets.tolist()
             for j, p in enumerate(candidates):
-                states[p] = merged_state(states[p], p, new.indices[bounds[j]:bounds[j + 1]])
+                states[p] = merged_state(states[p], p, new.indices[bounds[j]:bounds[j + 1]], ctx.moments_of(p))
         for _, p in named:
             ctx.state[p] = states[p]
         if not started:

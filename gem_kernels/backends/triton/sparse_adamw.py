@@ -87,8 +87,10 @@ def _sparse_adamw_kernel(table, offsets, num_segments, search_steps, indices, co
     scatter_f32(p_base, idx, active, p_code, w)
 
 
-def sparse_adamw_(params, dense_grads, compact_grads, indices, offsets, exp_avg, exp_avg_sq, max_exp_avg_sq,
-                  lr, beta1, beta2, eps, weight_decay, step, age, maximize):
+def sparse_adamw_(params, dense_grads, compact_grads, indices, offsets, state, lr, beta1, beta2, eps, weight_decay,
+                  step, age, maximize):
+    exp_avg, exp_avg_sq, *max_exp_avg_sq = state  # reference.ADAMW_STATE's order; AMSGrad's maximum is optional
+    amsgrad = bool(max_exp_avg_sq)
     num_selected = indices.numel()
     if num_selected == 0:
         return
@@ -105,9 +107,9 @@ def sparse_adamw_(params, dense_grads, compact_grads, indices, offsets, exp_avg,
     _sparse_adamw_kernel[grid](
         table, offsets, len(params), len(params).bit_length(), indices,
         compact_grads if compact else exp_avg, age if age is not None else indices,
-        exp_avg, exp_avg_sq, max_exp_avg_sq if max_exp_avg_sq is not None else exp_avg_sq, num_selected,
+        exp_avg, exp_avg_sq, max_exp_avg_sq[0] if amsgrad else exp_avg_sq, num_selected,
         lr, beta1, beta2, 1 - beta1, 1 - beta2, beta2, eps, 1 - lr * weight_decay, int(maximize), BLOCK=BLOCK,
-        COMPACT=compact, USE_AGE=age is not None, AMSGRAD=max_exp_avg_sq is not None, **OPTIONS)
+        COMPACT=compact, USE_AGE=age is not None, AMSGRAD=amsgrad, **OPTIONS)
 
 
 def compile_configs():
