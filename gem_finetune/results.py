@@ -11,8 +11,8 @@ its own methods) can append to one file at once. Every settings record of the fi
 the command's "settings", and a method's lr grid may only widen: a command's grid holds every lr
 a record of the file lists for that method (so a grid whose edge won gains lrs beyond it, and
 the runs made keep counting; the table decides on the widest grid). A file written with other
-numbers is refused, never mixed in. The device is not among them (it changes the timings, which
-the table shows per device, not the results).
+numbers is refused, never mixed in; so is a file of another device type (CPU runs and CUDA runs
+round differently, and the table compares timings too: a lent GPU's runs go to their own file).
 
 Each append is one O_APPEND write, then fsync. A process killed while writing leaves at most a
 torn last line: the reader skips it with a warning (its run, if it was one, runs again), and the
@@ -85,6 +85,8 @@ def check(path: Path, stored: dict, header: dict) -> None:
     ours, theirs = header["settings"], stored["settings"]
     differ = [f"{key} {_short(theirs.get(key))} there, {_short(ours.get(key))} here"
               for key in sorted(set(ours) | set(theirs)) if ours.get(key) != theirs.get(key)]
+    if stored.get("device") != header.get("device"):
+        differ.append(f"device {_short(stored.get('device'))} there, {_short(header.get('device'))} here")
     differ += [f"lr grid of {method} {_short(grid)} there, {_short(header['lr_plan'][method])} here "
                "(a grid may only widen)"
                for method, grid in stored["lr_plan"].items()

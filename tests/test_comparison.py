@@ -338,6 +338,8 @@ def test_commands_with_different_methods_share_a_results_file(tmp_path):
     assert both.find("full", None, 1e-4, 0) and both.find("gem", None, 1e-2, 0) and len(both.runs) == 3
     with pytest.raises(ResultsFileError, match=r"lr grid of gem \[0.001, 0.01\] there, \[0.001\] here"):
         ResultsFile(path, header({"gem": [1e-3]}))  # a narrower grid would choose among fewer lrs
+    with pytest.raises(ResultsFileError, match='device null there, "cuda" here'):
+        ResultsFile(path, {**header({"gem": [1e-3, 1e-2]}), "device": "cuda"})  # a lent GPU's runs: another file
     wider = ResultsFile(path, header({"gem": [3e-4, 1e-3, 1e-2]}))  # a grid whose edge won gains an lr
     assert wider.find("gem", None, 1e-2, 0) and len(wider.runs) == 3
     wider.add(run("gem", 3e-4))
