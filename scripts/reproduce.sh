@@ -95,8 +95,9 @@ if [[ -n ${QUICK:-} ]]; then
     SPARSE=1e-3,1e-2
     LRS=(full=3e-5,1e-4 lora=1e-3,5e-3 lora-all=1e-3,5e-3 qlora=1e-3,5e-3 bitfit=1e-3,3e-3 gem=$SPARSE gem-all=$SPARSE
          gem-uniform=$SPARSE gem-all-uniform=$SPARSE id3=$SPARSE grad-magnitude=$SPARSE random=$SPARSE)
+    GRID_SEEDS=2  # both seeds, whatever the environment says (tuned.md's command line shows it)
     SIZE=(--train-examples 16 --heldout-examples 16 --eval-examples 16 --epochs 1 --seeds 0 1
-          --grid-seeds 2 --batch-size 16 --max-length 128 --calibration-batches 1 --dev-curve-examples 8)
+          --grid-seeds "$GRID_SEEDS" --batch-size 16 --max-length 128 --calibration-batches 1 --dev-curve-examples 8)
     OUT_DEFAULT=runs/reproduce-quick
     LOG=runs/reproduce-quick
 fi
