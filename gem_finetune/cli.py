@@ -76,7 +76,11 @@ from a clean clone on this project's 2-core machine, with another job on one cor
         --train-examples 1000 --epochs 2 --batch-size 32 --max-length 64 \\
         --calibration-batches 8 --out runs/demo
 
-``--device auto`` (the default) trains on CUDA where torch sees it, else on the CPU.
+``--device auto`` (the default) trains on CUDA where torch sees it, else on the CPU. The sparse
+methods but id3 train through the explicit layer (``gem_kernels.sparsify_``) on CPU, where it
+measured faster, and with ``--quantize-base``; on CUDA through SparseAdamW alone (the drop-in
+path). ``--sparse-path layer|drop-in`` chooses one instead (a setting of the results file: the
+two paths round differently, so their runs go to separate files).
 ``--precision bf16`` runs each forward and its loss under ``torch.autocast`` (bf16) over fp32
 weights, which the optimizers keep and update in fp32.
 
@@ -84,8 +88,9 @@ Results. Each finished run is appended to ``results-TASK.jsonl`` in ``--out`` at
 ``gem_finetune/results.py``); the same command run again reuses the runs it finds there and
 trains only the missing ones, so a stopped comparison goes on where it stopped. A results file
 made with other settings (task files, model, example counts, epochs, batch size, max length,
-weight decay, calibration, precision, seeds, lr grids) is refused, never mixed in; the device
-may differ. Several commands with different methods may write to one file at once;
+weight decay, calibration, precision, a quantized base, a chosen sparse path, seeds, the device
+type) is refused, never mixed in, and so is a narrower lr grid (a grid may widen: the table
+decides on the widest). Several commands with different methods may write to one file at once;
 ``python -m gem_finetune.report results-TASK.jsonl`` prints the table of all of them.
 
 Peak memory on CPU is the process's peak resident set size (VmHWM), reset at the start of each
@@ -119,6 +124,7 @@ from .methods import (
     METHODS,
     QUANTIZABLE_METHODS,
     SPARSE_METHODS,
+    SPARSE_PATHS,
     RunConfig,
     run_once,
     target_weight_names,
@@ -262,6 +268,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quantize-base", choices=("nf4",),
                    help="nf4: the sparse methods train on a 4-bit base (sparsify_(..., quantize_base='nf4'); "
                         "needs pip install 'gem_kernels[quant]'); not for id3 and the dense methods")
+    p.add_argument("--sparse-path", choices=SPARSE_PATHS, default="auto",
+                   help="how the sparse methods train: auto (default: the explicit layer, sparsify_, on CPU and "
+                        "with --quantize-base; SparseAdamW alone, the drop-in path, on CUDA), layer (not for id3, "
+                        "whose entries grow every step) or drop-in (not with --quantize-base)")
     p.add_argument("--out", default="gem-finetune-out",
                    help="output directory: results-TASK.jsonl (one line a finished run) and the plots")
     return p
@@ -291,10 +301,7 @@ def main(argv: list[str] | None = None) -> int:
                            ("--budget-fraction", args.budget_fraction)):
         if len(set(values)) != len(values):  # would run twice and count twice in a mean
             parser.error(f"{option} {' '.join(map(str, values))}: a value is listed twice")
-    unquantizable = [m for m in args.method if m not in QUANTIZABLE_METHODS]
-    if args.quantize_base and unquantizable:
-        parser.error(f"--quantize-base {args.quantize_base}: not for {', '.join(unquantizable)} (it takes "
-                     f"{', '.join(QUANTIZABLE_METHODS)}; qlora always trains on an NF4 base)")
+    _check_sparse_options(parser, args)
     if Path(args.out).exists() and not Path(args.out).is_dir():
         parser.error(f"--out {args.out}: is a file, not a directory")
     try:
@@ -306,6 +313,19 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\ngem-finetune: interrupted; the runs that finished are kept in {args.out}: "
               "the same command goes on from them", file=sys.stderr)
         return 130
+
+
+def _check_sparse_options(parser, args) -> None:
+    """--quantize-base and --sparse-path against the methods and each other (parser.error if not)."""
+    unquantizable = [m for m in args.method if m not in QUANTIZABLE_METHODS]
+    if args.quantize_base and unquantizable:
+        parser.error(f"--quantize-base {args.quantize_base}: not for {', '.join(unquantizable)} (it takes "
+                     f"{', '.join(QUANTIZABLE_METHODS)}; qlora always trains on an NF4 base)")
+    if args.sparse_path == "layer" and "id3" in args.method:
+        parser.error("--sparse-path layer: not for id3 (its unmasking adds entries every step: the drop-in path)")
+    if args.sparse_path == "drop-in" and args.quantize_base:
+        parser.error(f"--sparse-path drop-in: not with --quantize-base {args.quantize_base} (a 4-bit base is the "
+                     "explicit layer's)")
 
 
 def _model_sha256(model_dir: Path) -> str:
@@ -393,6 +413,7 @@ def _run(args, lr_plan: dict[str, list[float]], device: torch.device, argv: list
                 "calibration_batches": args.calibration_batches, "precision": args.precision,
                 # only when set, so that files written before the option existed still resume
                 **({"quantize_base": args.quantize_base} if args.quantize_base else {}),
+                **({"sparse_path": args.sparse_path} if args.sparse_path != "auto" else {}),
                 "seeds": args.seeds, "grid_seeds": args.seeds[:args.grid_seeds], "select_metric": args.select_metric}
     header = {"settings": settings, "lr_plan": lr_plan, "methods": args.method,
               "budget_fractions": args.budget_fraction, "budgets": list(budgets.values()),
@@ -424,7 +445,8 @@ def _run(args, lr_plan: dict[str, list[float]], device: torch.device, argv: list
                        if heldout_split else None)
     config = RunConfig(model_dir, len(task.label_names), args.epochs, args.batch_size, args.weight_decay,
                        0, args.calibration_batches, pad_id, None, device, args.precision, args.quantize_base,
-                       _curve_batches(dev_split, curve_examples, dev_batches, tokenizer, args.max_length, pad_id))
+                       _curve_batches(dev_split, curve_examples, dev_batches, tokenizer, args.max_length, pad_id),
+                       args.sparse_path)
 
     kinds = {m in ALL_LINEAR_METHODS: n for m, n in target_params.items()}  # query/value, all linear layers
     targets = " and ".join(f"{n:,} {'linear-layer weights (-all methods)' if every else 'query/value weights'}"

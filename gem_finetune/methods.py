@@ -38,6 +38,7 @@ CALIBRATED_METHODS = ("gem", "gem-uniform", "gem-all", "gem-all-uniform", "grad-
 DEFAULT_LR = {"gem": 1e-3, "gem-uniform": 1e-3, "gem-all": 1e-3, "gem-all-uniform": 1e-3, "id3": 1e-3,
               "grad-magnitude": 1e-3, "random": 1e-3, "full": 5e-5, "bitfit": 1e-3, "lora": 5e-4,
               "lora-all": 5e-4, "qlora": 5e-4}
+SPARSE_PATHS = ("auto", "layer", "drop-in")  # --sparse-path: see uses_layer
 SPARSE_TARGETS = ("query", "value")  # the GEM paper's target modules; LoRA's too
 LORA_RANK, LORA_ALPHA = 8, 16  # lora-all keeps the same alpha / rank = 2
 
@@ -174,6 +175,20 @@ class RunConfig:
     # Batches scored after every epoch for the dev curve (a fixed subset of dev, or dev itself);
     # None: no curve, dev is scored once, after the last epoch (the reported numbers either way).
     curve_batches: list[dict] | None = None
+    sparse_path: str = "auto"  # or "layer", "drop-in": see uses_layer
+
+
+def uses_layer(method: str, config: RunConfig) -> bool:
+    """Whether ``method`` trains through the explicit layer (``sparsify_``) rather than SparseAdamW
+    alone. ``config.sparse_path`` "auto": where the layer measured faster, on CPU (its sparse weight
+    gradient takes a fifth off a step: benchmarks/results/step_cost.md; on CUDA dense dW through
+    cuBLAS wins so far), and wherever a 4-bit base needs it. ID3 adds entries at every step: always
+    the drop-in path."""
+    if method not in QUANTIZABLE_METHODS:
+        return False
+    if config.sparse_path == "auto":
+        return config.device.type == "cpu" or config.quantize_base is not None
+    return config.sparse_path == "layer"
 
 
 def _clock(device: torch.device) -> float:
@@ -263,10 +278,7 @@ def run_once(method: str, lr: float, seed: int, config: RunConfig, train: Encode
     if method in CALIBRATED_METHODS:
         _calibrate(method, seed, config, train, model, optimizer, loss_fn)
         start = phases.add("calibration", start)
-    # The explicit layer where it measured faster: on CPU its sparse weight gradient takes a
-    # fifth off a step (benchmarks/results/step_cost.md); on CUDA dense dW through cuBLAS wins so
-    # far. A 4-bit base needs it everywhere. ID3 adds entries at every step: the drop-in path.
-    layer = method in QUANTIZABLE_METHODS and (device.type == "cpu" or config.quantize_base is not None)
+    layer = uses_layer(method, config)
     if layer:
         from gem_kernels import sparsify_
         sparsify_(model, optimizer, quantize_base=config.quantize_base)

@@ -271,12 +271,46 @@ def markdown(results: dict) -> str:
     return "\n".join(lines)
 
 
+USAGE = ("usage: python -m gem_finetune.report RESULTS.jsonl [RESULTS.jsonl ...]\n"
+         "       python -m gem_finetune.report --chosen-lr METHOD FRACTION|none RESULTS.jsonl")
+
+
+def chosen_lr(results: dict, method: str, budget_fraction: float | None) -> float | None:
+    """The lr whose runs ``results`` (``results.load``) reports for ``method`` at ``budget_fraction``:
+    the one its grid chose; None while a run of the grid or of the chosen lr is missing."""
+    return next((s["lr"] for s in results["summary"].values()
+                 if s["method"] == method and s["budget_fraction"] == budget_fraction), None)
+
+
+def _print_chosen_lr(argv: list[str]) -> int:
+    """``--chosen-lr METHOD FRACTION|none RESULTS.jsonl``: prints the lr, or says why there is none (exit 1)."""
+    from .results import ResultsFileError, load
+    if len(argv) != 3:
+        print(USAGE, file=sys.stderr)
+        return 2
+    method, fraction, path = argv
+    try:
+        lr = chosen_lr(load(Path(path)), method, None if fraction == "none" else float(fraction))
+    except (ResultsFileError, ValueError) as error:
+        print(f"gem_finetune.report: error: {error}", file=sys.stderr)
+        return 2
+    if lr is None:
+        print(f"gem_finetune.report: {method} at {fraction} has no chosen lr in {path} yet (runs missing)",
+              file=sys.stderr)
+        return 1
+    print(f"{lr:g}")
+    return 0
+
+
 def main(argv: list[str]) -> int:
     """``python -m gem_finetune.report RESULTS.jsonl [...] > table.md``: the Markdown of each results
-    file, from all of its runs (every lane that wrote to it), and its plots redrawn beside it."""
+    file, from all of its runs (every lane that wrote to it), and its plots redrawn beside it.
+    ``--chosen-lr METHOD FRACTION|none RESULTS.jsonl`` prints the lr a grid chose instead."""
     from .results import ResultsFileError, load
+    if argv[:1] == ["--chosen-lr"]:
+        return _print_chosen_lr(argv[1:])
     if not argv:
-        print("usage: python -m gem_finetune.report RESULTS.jsonl [RESULTS.jsonl ...]", file=sys.stderr)
+        print(USAGE, file=sys.stderr)
         return 2
     try:
         everything = [(Path(name), load(Path(name))) for name in argv]

@@ -110,6 +110,8 @@ echo "writing $OUT, logs $LOG-lane*.log; $LANES lanes of $THREADS threads, devic
 # (gem-finetune records --quantize-base among the settings, so those runs have their own results
 # file, OUT/nf4/) and over the fp32 one, and QLoRA. Then every method of the table, one job per
 # method and task (gem-all's 1 % runs, done by then, are found in the file and not run again).
+# Last, one row on the drop-in path (SparseAdamW alone, where the CPU runs take the explicit
+# layer): GEM at 0.1 % at the lr its grid chose, into OUT/drop-in/ (--sparse-path is a setting).
 JOBS=()
 for task in "${TASKS[@]}"; do
     JOBS+=("$task|$OUT/nf4|gem-all|1e-2|--quantize-base nf4" "$task|$OUT|gem-all|1e-2|" "$task|$OUT|qlora|1e-2|")
@@ -117,9 +119,10 @@ done
 for method in "${METHODS[@]}"; do
     for task in "${TASKS[@]}"; do JOBS+=("$task|$OUT|$method|${FRACTIONS[*]}|"); done
 done
+for task in "${TASKS[@]}"; do JOBS+=("$task|$OUT/drop-in|gem|1e-3|--sparse-path drop-in"); done
 QUEUE=$LOG.queue  # the number of jobs taken so far, shared by the lanes
 echo 0 > "$QUEUE"
-mkdir -p "$OUT/nf4"
+mkdir -p "$OUT/nf4" "$OUT/drop-in"
 
 next_job() {  # takes the next job: prints its number (past the last one when none is left)
     flock "$QUEUE.lock" bash -c 'n=$(cat "$1"); echo $((n + 1)) > "$1"; echo "$n"' _ "$QUEUE"
@@ -134,9 +137,14 @@ lane() {  # runs jobs until none is left (or STOP_AFTER's time is up), each as t
             limit=(timeout "$left")
         fi
         IFS='|' read -r task out methods fractions extra <<< "${JOBS[i]}"
+        local lrs=("${LRS[@]}")
+        if [[ $extra == *--sparse-path* ]]; then  # one row: the lr the table's grid chose (skipped until it has)
+            lrs=("$methods=$($PY -m gem_finetune.report --chosen-lr "$methods" "$fractions" "$OUT/results-$task.jsonl")") \
+                || continue
+        fi
         # shellcheck disable=SC2086  # methods, fractions and extra are word lists
         OMP_NUM_THREADS=$THREADS "${limit[@]}" $PY -m gem_finetune --task-dir "$DATA/$task" "${SIZE[@]}" \
-            --method $methods --lr "${LRS[@]}" --budget-fraction $fractions $extra \
+            --method $methods --lr "${lrs[@]}" --budget-fraction $fractions $extra \
             --device "$DEVICE" --precision "$PRECISION" "${MODEL_ARGS[@]}" --out "$out" || {
             status=$?
             ((status == 124)) && { echo "STOP_AFTER: time is up; the finished runs are in $out"; return 0; }
@@ -177,6 +185,11 @@ report() {  # SUBFOLDER: the report of OUT/SUBFOLDER's results files (those a ru
     echo "gem-all at 1 % over an NF4 base (\`--quantize-base nf4\`, results in nf4/), beside qlora and gem-all above."
     echo
     report nf4
+    echo "## The drop-in path"
+    echo
+    echo "gem at 0.1 % at the lr its grid chose above, on SparseAdamW alone (\`--sparse-path drop-in\`, results in drop-in/): the same selection as the gem@0.001 row above, which trained through the explicit layer; the two should agree to seed noise."
+    echo
+    report drop-in
     echo "Plots: curves-TASK.png (loss; dev metric, after the last epoch or per epoch as its title says; GEM's budget per tensor) and"
     echo "budget-curve-TASK.png (dev accuracy against the budget fraction; methods without a budget as lines)."
 } > "$OUT/tuned.md.tmp"

@@ -351,7 +351,7 @@ def test_commands_with_different_methods_share_a_results_file(tmp_path):
         ResultsFile(path, header({"full": [1e-4]}))
 
 
-def test_the_table_decides_on_the_widest_grid(tmp_path):
+def test_the_table_decides_on_the_widest_grid(tmp_path, capsys):
     # A grid whose top lr won is widened by a later command; the table then chooses among every
     # lr of both commands, and the first command's runs still count.
     settings = {"task": "T", "seeds": [0, 1], "grid_seeds": [0], "select_metric": "accuracy"}
@@ -377,3 +377,7 @@ def test_the_table_decides_on_the_widest_grid(tmp_path):
     results = load_results(path)
     assert [row["lr"] for row in results["lr_grid"]["bitfit"]] == [1e-3, 3e-3, 1e-2]
     assert results["summary"]["bitfit"]["lr"] == 3e-3 and results["complete"]  # now inside the grid
+    # what scripts/reproduce.sh asks for the drop-in path's row: the lr a grid chose
+    capsys.readouterr()
+    assert report.main(["--chosen-lr", "bitfit", "none", str(path)]) == 0 and capsys.readouterr().out == "0.003\n"
+    assert report.main(["--chosen-lr", "gem", "0.001", str(path)]) == 1 and "no chosen lr" in capsys.readouterr().err

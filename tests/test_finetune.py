@@ -345,6 +345,31 @@ def test_the_4bit_base_runs(tmp_path, nf4_model):
         run_main(nf4_model, task, tmp_path / "x", "--method", "id3", "--quantize-base", "nf4")
 
 
+def test_sparse_path_chooses_the_layer_or_the_drop_in_path(tmp_path, tiny_model, capsys):
+    """--sparse-path drop-in trains GEM on SparseAdamW alone on CPU (where auto takes the layer),
+    from the same selection, to the same numbers within rounding; it is a setting of the file;
+    layer is refused for id3, drop-in with a 4-bit base."""
+    task = make_task(tmp_path / "single", "single")
+    common = ("--method", "gem", "--calibration-batches", "2")
+    assert run_main(tiny_model, task, tmp_path / "auto", *common) == 0
+    assert run_main(tiny_model, task, tmp_path / "drop", *common, "--sparse-path", "drop-in") == 0
+    (layer,) = load_results(tmp_path / "auto" / "results-single.jsonl")["runs"]
+    drop = load_results(tmp_path / "drop" / "results-single.jsonl")
+    assert drop["settings"]["sparse_path"] == "drop-in"
+    (drop,) = drop["runs"]
+    assert layer["sparse_delta_layer"] and not drop["sparse_delta_layer"]
+    assert layer["per_tensor_budget"] == drop["per_tensor_budget"]  # the same selection
+    assert drop["losses"] == pytest.approx(layer["losses"], rel=1e-4)  # dW's entries summed in another order
+    capsys.readouterr()
+    assert run_main(tiny_model, task, tmp_path / "auto", *common, "--sparse-path", "drop-in") == 2
+    assert "sparse_path" in capsys.readouterr().err
+    for bad, words in ((("--method", "id3", "--sparse-path", "layer"), "not for id3"),
+                       (("--method", "gem", "--sparse-path", "drop-in", "--quantize-base", "nf4"), "a 4-bit base")):
+        with pytest.raises(SystemExit):
+            run_main(tiny_model, task, tmp_path / "x", *bad)
+        assert words in capsys.readouterr().err
+
+
 def test_cost_profile_and_overlap_run(tmp_path, tiny_model, capsys):
     """gem_finetune.cost, which measured benchmarks/reproduce.md's profile and overlap table: the
     profile prints every phase of a run; a selection overlaps the full pass's by a share in
