@@ -110,8 +110,9 @@ echo "writing $OUT, logs $LOG-lane*.log; $LANES lanes of $THREADS threads, devic
 # (gem-finetune records --quantize-base among the settings, so those runs have their own results
 # file, OUT/nf4/) and over the fp32 one, and QLoRA. Then every method of the table, one job per
 # method and task (gem-all's 1 % runs, done by then, are found in the file and not run again).
-# Last, one row on the drop-in path (SparseAdamW alone, where the CPU runs take the explicit
-# layer): GEM at 0.1 % at the lr its grid chose, into OUT/drop-in/ (--sparse-path is a setting).
+# Last, on CPU, where the sparse runs take the explicit layer, one row on the drop-in path
+# (SparseAdamW alone): GEM at 0.1 % at the lr its grid chose, into OUT/drop-in/ (--sparse-path is a
+# setting). On CUDA the runs take the drop-in path already: no such row.
 JOBS=()
 for task in "${TASKS[@]}"; do
     JOBS+=("$task|$OUT/nf4|gem-all|1e-2|--quantize-base nf4" "$task|$OUT|gem-all|1e-2|" "$task|$OUT|qlora|1e-2|")
@@ -119,7 +120,9 @@ done
 for method in "${METHODS[@]}"; do
     for task in "${TASKS[@]}"; do JOBS+=("$task|$OUT|$method|${FRACTIONS[*]}|"); done
 done
-for task in "${TASKS[@]}"; do JOBS+=("$task|$OUT/drop-in|gem|1e-3|--sparse-path drop-in"); done
+if [[ $DEVICE == cpu || ($DEVICE == auto && $($PY -c "import torch; print(torch.cuda.is_available())") == False) ]]; then
+    for task in "${TASKS[@]}"; do JOBS+=("$task|$OUT/drop-in|gem|1e-3|--sparse-path drop-in"); done
+fi
 QUEUE=$LOG.queue  # the number of jobs taken so far, shared by the lanes
 echo 0 > "$QUEUE"
 mkdir -p "$OUT/nf4" "$OUT/drop-in"
@@ -185,11 +188,13 @@ report() {  # SUBFOLDER: the report of OUT/SUBFOLDER's results files (those a ru
     echo "gem-all at 1 % over an NF4 base (\`--quantize-base nf4\`, results in nf4/), beside qlora and gem-all above."
     echo
     report nf4
-    echo "## The drop-in path"
-    echo
-    echo "gem at 0.1 % at the lr its grid chose above, on SparseAdamW alone (\`--sparse-path drop-in\`, results in drop-in/): the same selection as the gem@0.001 row above, which trained through the explicit layer; the two should agree to seed noise."
-    echo
-    report drop-in
+    if compgen -G "$OUT/drop-in/results-*.jsonl" > /dev/null; then
+        echo "## The drop-in path"
+        echo
+        echo "gem at 0.1 % at the lr its grid chose above, on SparseAdamW alone (\`--sparse-path drop-in\`, results in drop-in/): the same selection as the gem@0.001 row above, which trained through the explicit layer; the two should agree to seed noise."
+        echo
+        report drop-in
+    fi
     echo "Plots: curves-TASK.png (loss; dev metric, after the last epoch or per epoch as its title says; GEM's budget per tensor) and"
     echo "budget-curve-TASK.png (dev accuracy against the budget fraction; methods without a budget as lines)."
 } > "$OUT/tuned.md.tmp"

@@ -17,7 +17,9 @@ TUNED_OUT=${TUNED_OUT:-benchmarks/results/tuned-cuda}
 GPU_PYTHON=${GPU_PYTHON:-python3}
 mkdir -p "$RESULTS" build
 if ! "$GPU_PYTHON" -c "import torchao" 2>/dev/null; then
-    "$GPU_PYTHON" -m pip install --quiet --no-deps --target build/torchao "$(ls device_carry/wheels/torchao-*.whl | tail -1)"
+    wheel=$(ls device_carry/wheels/torchao-*.whl 2>/dev/null | tail -1)
+    [[ -n $wheel ]] || { echo "tuned_gpu: no torchao here and no wheel in device_carry/wheels (prepare_device_carry.py)" >&2; exit 2; }
+    "$GPU_PYTHON" -m pip install --quiet --no-deps --target build/torchao "$wheel" || exit 2
 fi
 PYTHONPATH=$PWD:$PWD/build/torchao${PYTHONPATH:+:$PYTHONPATH} PY=$GPU_PYTHON DEVICE=${DEVICE:-cuda} \
     LANES=${TUNED_LANES:-4} STOP_AFTER=$TUNED_SECONDS DATA=device_carry/data/glue MODEL=device_carry/minilm-fp16 \
