@@ -305,7 +305,6 @@ def run_once(method: str, lr: float, seed: int, config: RunConfig, train: Encode
               "peak_memory_mib": peak_memory_mib(device) if peak_known else None,
               "rss_at_start_mib": rss_start,
               "median_step_seconds": statistics.median(step_seconds),
-              "calibration_seconds": phases.seconds.get("calibration", 0.0),
               "wall_seconds": _clock(device) - run_start,
               "phase_seconds": phases.seconds,
               "losses": losses, "dev_curve": dev_curve}
