@@ -271,7 +271,53 @@ def markdown(results: dict) -> str:
     return "\n".join(lines)
 
 
+def _variant(settings: dict) -> str:
+    """What sets a results file's runs apart from the table's plain ones: a 4-bit base, a path."""
+    parts = []
+    if settings.get("quantize_base"):
+        parts.append(f"{settings['quantize_base'].upper()} base")
+    if settings.get("sparse_path"):
+        parts.append(f"{settings['sparse_path']} path")
+    return ", ".join(parts)
+
+
+def tasks_table(loaded: list[dict]) -> str:
+    """One Markdown table of several results files (``results.load``), a column per task: each
+    row's dev accuracy (mean ± std over its seeds) at the lr its grid chose. Rows: the methods
+    without a budget, then each budget, in ``METHODS``' order; a file's settings that change how
+    its runs train (a 4-bit base, a path) name its rows. A row a file lists but has not finished
+    says so; a choice at an end of its grid is marked "edge", since it may not be the best lr."""
+    from .methods import METHODS
+    tasks = list(dict.fromkeys(r["task"] for r in loaded))
+    rows: dict[tuple, dict] = {}
+    for results in loaded:
+        variant = _variant(results["settings"])
+        for label, s in results["summary"].items():
+            lrs = [g["lr"] for g in results["lr_grid"].get(label, [])]
+            edge = len(lrs) > 1 and s["lr"] in (min(lrs), max(lrs))
+            cell = (f"{100 * s['accuracy_mean']:.1f} ± {100 * s['accuracy_std']:.1f} "
+                    f"({s['lr']:g}{', edge' if edge else ''})")
+            row = rows.setdefault((s["method"], s["budget_fraction"], variant), {})
+            row[results["task"]] = cell
+            row.setdefault("entries", s["trainable_entries"])
+            row.setdefault("state", s["optimizer_state_bytes"])
+        for method, fraction in results["pending"]:
+            rows.setdefault((method, fraction, variant), {}).setdefault(results["task"], "not finished")
+    order = sorted(rows, key=lambda k: (k[1] is not None, k[1] or 0, METHODS.index(k[0]), k[2]))
+    lines = ["| method | budget | " + " | ".join(f"{t} dev acc % (lr)" for t in tasks)
+             + " | trainable entries | optimizer state |",
+             "|" + "---|" * (len(tasks) + 4)]
+    for method, fraction, variant in order:
+        row = rows[(method, fraction, variant)]
+        name = f"{method} ({variant})" if variant else method
+        budget = "—" if fraction is None else f"{100 * fraction:g} %"
+        size = f"{row['entries']:,} | {_bytes(row['state'])}" if "entries" in row else " | "
+        lines.append(f"| {name} | {budget} | " + " | ".join(row.get(t, "—") for t in tasks) + f" | {size} |")
+    return "\n".join(lines)
+
+
 USAGE = ("usage: python -m gem_finetune.report RESULTS.jsonl [RESULTS.jsonl ...]\n"
+         "       python -m gem_finetune.report --tasks-table RESULTS.jsonl [RESULTS.jsonl ...]\n"
          "       python -m gem_finetune.report --chosen-lr METHOD FRACTION|none RESULTS.jsonl")
 
 
@@ -309,6 +355,8 @@ def main(argv: list[str]) -> int:
     from .results import ResultsFileError, load
     if argv[:1] == ["--chosen-lr"]:
         return _print_chosen_lr(argv[1:])
+    tasks = argv[:1] == ["--tasks-table"]
+    argv = argv[1:] if tasks else argv
     if not argv:
         print(USAGE, file=sys.stderr)
         return 2
@@ -317,6 +365,9 @@ def main(argv: list[str]) -> int:
     except ResultsFileError as error:
         print(f"gem_finetune.report: error: {error}", file=sys.stderr)
         return 2
+    if tasks:
+        print(tasks_table([results for _, results in everything]))
+        return 0
     for path, results in everything:
         print(markdown(results))
         write_plots(results, path.parent)

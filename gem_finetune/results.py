@@ -211,6 +211,7 @@ def assemble(task: str, headers: list[dict], decisions: list[Decision]) -> dict:
             commands.append(header["command"])
     return {"task": task, "commands": commands, "settings": headers[0]["settings"],
             "complete": all(d.runs is not None for d in decisions),
+            "pending": [(d.method, d.budget_fraction) for d in decisions if d.runs is None],
             "lr_grid": grid, "summary": summary, "runs": runs}
 
 

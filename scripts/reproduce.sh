@@ -177,11 +177,24 @@ report() {  # SUBFOLDER: the report of OUT/SUBFOLDER's results files (those a ru
     done
     if ((${#files[@]})); then $PY -m gem_finetune.report "${files[@]}"; else printf 'No run has finished yet.\n\n'; fi
 }
+every_file=()  # the tasks in their order, then the 4-bit base's and the drop-in path's rows
+for sub in . nf4 drop-in; do
+    for task in "${TASKS[@]}"; do
+        [[ -e $OUT/$sub/results-$task.jsonl ]] && every_file+=("$OUT/$sub/results-$task.jsonl")
+    done
+done
 {
     echo "# Tuned comparison"
     echo
     echo "Made by \`${QUICK:+QUICK=1 }GRID_SEEDS=$GRID_SEEDS DEVICE=$DEVICE PRECISION=$PRECISION LANES=$LANES${STOP_AFTER:+ STOP_AFTER=$STOP_AFTER} scripts/reproduce.sh\`, ended $(date -u +%Y-%m-%dT%H:%MZ)."
     echo
+    if ((${#every_file[@]})); then
+        echo "Every task in one table: dev accuracy (mean ± std over the seeds) at the lr each grid chose,"
+        echo "\"edge\" where that lr is an end of its grid. The sections below give the grids and the rest."
+        echo
+        $PY -m gem_finetune.report --tasks-table "${every_file[@]}"
+        echo
+    fi
     report .
     echo "## GEM on a 4-bit (NF4) base"
     echo

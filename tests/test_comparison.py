@@ -381,3 +381,35 @@ def test_the_table_decides_on_the_widest_grid(tmp_path, capsys):
     capsys.readouterr()
     assert report.main(["--chosen-lr", "bitfit", "none", str(path)]) == 0 and capsys.readouterr().out == "0.003\n"
     assert report.main(["--chosen-lr", "gem", "0.001", str(path)]) == 1 and "no chosen lr" in capsys.readouterr().err
+
+
+def test_the_tasks_table_puts_each_task_in_a_column(tmp_path, capsys):
+    # What the README's table is made from: both tasks' files and a 4-bit base's file in one table.
+    def write(task, quantize_base, rows, methods):
+        settings = {"task": task, "seeds": [0], "grid_seeds": [0], "select_metric": "accuracy",
+                    **({"quantize_base": quantize_base} if quantize_base else {})}
+        path = tmp_path / (quantize_base or "fp32") / f"results-{task}.jsonl"
+        path.parent.mkdir(exist_ok=True)
+        lr_plan = {"bitfit": [1e-3, 3e-3, 1e-2], "gem": [1e-3, 3e-3]}
+        file = ResultsFile(path, {"settings": settings, "lr_plan": {m: lr_plan[m] for m in methods},
+                                  "methods": methods, "budget_fractions": [1e-3], "command": ["gem-finetune"]})
+        for method, lr, accuracy in rows:
+            file.add({"method": method, "budget_fraction": 1e-3 if method == "gem" else None, "lr": lr,
+                      "seed": 0, "accuracy": accuracy, "mcc": 0.0, "heldout": {"accuracy": accuracy, "mcc": 0.0},
+                      "device": "cpu", "trainable_entries": 7 if method == "gem" else 3,
+                      "optimizer_state_bytes": 64, "peak_memory_mib": None, "median_step_seconds": 1.0,
+                      "wall_seconds": 1.0})
+        return str(path)
+
+    files = [write("A", None, [("bitfit", 1e-3, 0.5), ("bitfit", 3e-3, 0.8), ("bitfit", 1e-2, 0.7),
+                               ("gem", 1e-3, 0.6), ("gem", 3e-3, 0.9)], ["gem", "bitfit"]),
+             write("B", None, [("bitfit", 1e-3, 0.5)], ["bitfit"]),  # its grid not finished
+             write("A", "nf4", [("gem", 1e-3, 0.75), ("gem", 3e-3, 0.5)], ["gem"])]
+    capsys.readouterr()
+    assert report.main(["--tasks-table", *files]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "| method | budget | A dev acc % (lr) | B dev acc % (lr) | trainable entries | optimizer state |"
+    # rows without a budget first; the grid's edge is marked; a file's variant names its rows
+    assert lines[2:] == ["| bitfit | — | 80.0 ± 0.0 (0.003) | not finished | 3 | 64 B |",
+                         "| gem | 0.1 % | 90.0 ± 0.0 (0.003, edge) | — | 7 | 64 B |",
+                         "| gem (NF4 base) | 0.1 % | 75.0 ± 0.0 (0.001, edge) | — | 7 | 64 B |"]
