@@ -2,6 +2,7 @@
 from /proc, per-method summaries, the Markdown table and the plots."""
 from __future__ import annotations
 
+import itertools
 import math
 import statistics
 import sys
@@ -146,32 +147,47 @@ def dev_panel_title(settings: dict, metric: str) -> str:
 
 
 def plot(results: dict, path: Path, metric: str) -> None:
+    """curves-TASK.png: each row's training loss; its dev metric, per epoch where the runs scored
+    a dev curve, else after the last epoch as one point a row (sorted, so that a table of twenty
+    rows reads at a glance); GEM's budget per tensor."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     gem_budget = next((r["per_tensor_budget"] for r in results["runs"] if r["method"] == "gem"), None)
     panels = 3 if gem_budget else 2
-    fig, axes = plt.subplots(1, panels, figsize=(5.5 * panels, 4.2))
-    for method in results["summary"]:  # a label: the method, or METHOD@FRACTION with several budgets
-        runs = [r for r in results["runs"]
-                if r.get("label", r["method"]) == method and r["lr"] == results["summary"][method]["lr"]]
+    fig, axes = plt.subplots(1, panels, figsize=(6.5 * panels, 5.5))
+    # more rows than the colour cycle has colours: the line style tells the repeated colours apart
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    styles = [(colour, dash) for dash in ("-", "--", ":") for colour in colours]
+    scale = 100 if metric == "accuracy" else 1
+    has_curve = all(r["dev_curve"] for r in results["runs"])
+    for (label, summary), (colour, dash) in zip(results["summary"].items(), itertools.cycle(styles)):
+        # a label: the method, or METHOD@FRACTION with several budgets
+        runs = [r for r in results["runs"] if r.get("label", r["method"]) == label and r["lr"] == summary["lr"]]
         steps = min(len(r["losses"]) for r in runs)
         mean_loss = [statistics.fmean(r["losses"][i] for r in runs) for i in range(steps)]
         window = max(1, steps // 20)  # a running mean so the curves can be told apart
         smooth = [statistics.fmean(mean_loss[max(0, i - window + 1):i + 1]) for i in range(steps)]
-        axes[0].plot(range(1, steps + 1), smooth, label=method)
-        points = min(len(r["dev_curve"]) for r in runs)
-        if points:
+        axes[0].plot(range(1, steps + 1), smooth, color=colour, linestyle=dash, label=label)
+        if has_curve:
+            points = min(len(r["dev_curve"]) for r in runs)
             axes[1].plot([c["step"] for c in runs[0]["dev_curve"][:points]],
-                         [statistics.fmean(r["dev_curve"][i][metric] for r in runs) for i in range(points)],
-                         marker="o", label=method)
-        else:  # no dev curve: dev after the last epoch
-            axes[1].plot([len(runs[0]["losses"])], [statistics.fmean(r[metric] for r in runs)], marker="o",
-                         linestyle="", label=method)
+                         [scale * statistics.fmean(r["dev_curve"][i][metric] for r in runs) for i in range(points)],
+                         color=colour, linestyle=dash, marker="o", label=label)
     axes[0].set(title="training loss (mean over seeds, running mean)", xlabel="step", ylabel="loss")
-    axes[1].set(title=dev_panel_title(results["settings"], metric), xlabel="step", ylabel=metric)
-    for ax in axes[:2]:
-        ax.legend(fontsize=8)
+    axes[0].legend(fontsize=6, ncol=2)
+    unit = " %" if metric == "accuracy" else ""
+    if has_curve:
+        axes[1].set(title=dev_panel_title(results["settings"], metric), xlabel="step", ylabel=metric + unit)
+        axes[1].legend(fontsize=6, ncol=2)
+    else:  # dev after the last epoch: one point a row, best at the top
+        rows = sorted(results["summary"].items(), key=lambda item: item[1][f"{metric}_mean"])
+        axes[1].errorbar([scale * s[f"{metric}_mean"] for _, s in rows], range(len(rows)),
+                         xerr=[scale * s[f"{metric}_std"] for _, s in rows], fmt="o", capsize=3)
+        axes[1].set_yticks(range(len(rows)), [label for label, _ in rows], fontsize=7)
+        axes[1].grid(axis="x", linewidth=0.5)
+        axes[1].set(title=dev_panel_title(results["settings"], metric).replace("; mean over seeds", "; mean ± std"
+                                                                               " over seeds"), xlabel=metric + unit)
     if gem_budget:
         labels = [n.replace("encoder.", "").replace("layer.", "L").replace(".attention.self", "")
                   .replace(".weight", "") for n in gem_budget]
@@ -191,7 +207,7 @@ def plot_budget_curve(results: dict, path: Path, metric: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     scale = 100 if metric == "accuracy" else 1
-    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    fig, ax = plt.subplots(figsize=(8.5, 4.8))
     curves: dict[str, list] = {}
     fixed = 0
     for label, s in results["summary"].items():
@@ -203,10 +219,11 @@ def plot_budget_curve(results: dict, path: Path, metric: str) -> None:
             ax.axhline(mean, linestyle=style, linewidth=1, color="black", label=f"{label} (no budget)")
         else:
             curves.setdefault(s["method"], []).append((s["budget_fraction"], mean, std))
-    for method, points in curves.items():
+    for i, (method, points) in enumerate(curves.items()):
         points.sort()
-        ax.errorbar([100 * f for f, _, _ in points], [m for _, m, _ in points], yerr=[sd for _, _, sd in points],
-                    marker="o", capsize=3, label=method)
+        dodge = 1.04 ** (i - (len(curves) - 1) / 2)  # side by side, so that the error bars do not hide each other
+        ax.errorbar([100 * f * dodge for f, _, _ in points], [m for _, m, _ in points],
+                    yerr=[sd for _, _, sd in points], marker="o", capsize=3, label=method)
     ax.set_xscale("log")
     ticks = sorted({100 * f for points in curves.values() for f, _, _ in points})
     ax.set_xticks(ticks, [f"{t:g} %" for t in ticks])
@@ -214,7 +231,7 @@ def plot_budget_curve(results: dict, path: Path, metric: str) -> None:
     ax.set(xlabel="budget (share of all model parameters)",
            ylabel=f"dev {metric}" + (" %" if metric == "accuracy" else ""),
            title=f"{results['task']}: dev {metric} against the budget (mean ± std over seeds)")
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
