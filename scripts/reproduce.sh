@@ -17,6 +17,8 @@
 #   GRID_SEEDS=N           decide each grid on the mean held-out score of the first N seeds
 #                          (default 3, all of them; 1 is the cheaper choice of 2026-12-04)
 #   PRECISION=bf16         gem-finetune's --precision (default fp32)
+#   REPORT_ONLY=1          train nothing: write tuned.md and the plots from the runs finished so far
+#                          (safe beside running lanes: it reads the results files and takes no job)
 #   STOP_AFTER=SECONDS     start no job after this many seconds, and stop the running ones then (their
 #                          finished runs are kept; the unfinished ones run again next time); for a
 #                          lent GPU's time-boxed call (make tuned-gpu)
@@ -103,7 +105,7 @@ if [[ -n ${QUICK:-} ]]; then
 fi
 OUT=${OUT:-$OUT_DEFAULT}
 mkdir -p runs "$OUT"
-echo "writing $OUT, logs $LOG-lane*.log; $LANES lanes of $THREADS threads, device $DEVICE; started $(date)"
+[[ -n ${REPORT_ONLY:-} ]] || echo "writing $OUT, logs $LOG-lane*.log; $LANES lanes of $THREADS threads, device $DEVICE; started $(date)"
 
 # The jobs, in the order they start: a job is one gem-finetune command, "TASK|OUT|METHODS|FRACTIONS|EXTRA".
 # First the rows the 4-bit base waits for: GEM on all linear layers at 1 %, over an NF4 base
@@ -124,8 +126,6 @@ if [[ $DEVICE == cpu || ($DEVICE == auto && $($PY -c "import torch; print(torch.
     for task in "${TASKS[@]}"; do JOBS+=("$task|$OUT/drop-in|gem|1e-3|--sparse-path drop-in"); done
 fi
 QUEUE=$LOG.queue  # the number of jobs taken so far, shared by the lanes
-echo 0 > "$QUEUE"
-mkdir -p "$OUT/nf4" "$OUT/drop-in"
 
 next_job() {  # takes the next job: prints its number (past the last one when none is left)
     flock "$QUEUE.lock" bash -c 'n=$(cat "$1"); echo $((n + 1)) > "$1"; echo "$n"' _ "$QUEUE"
@@ -156,17 +156,21 @@ lane() {  # runs jobs until none is left (or STOP_AFTER's time is up), each as t
     done
 }
 
-pids=()
-for ((k = 0; k < LANES; k++)); do
-    lane > "$LOG-lane$k.log" 2>&1 &
-    pids+=($!)
-done
-status=0
-for k in "${!pids[@]}"; do
-    wait "${pids[k]}" || { status=$?; echo "lane $k failed (exit $status): see $LOG-lane$k.log"; }
-done
-rm -f "$QUEUE" "$QUEUE.lock"
-[[ $status == 0 ]] || exit "$status"
+if [[ -z ${REPORT_ONLY:-} ]]; then  # REPORT_ONLY=1: no lane, only the report of the runs finished so far
+    echo 0 > "$QUEUE"
+    mkdir -p "$OUT/nf4" "$OUT/drop-in"
+    pids=()
+    for ((k = 0; k < LANES; k++)); do
+        lane > "$LOG-lane$k.log" 2>&1 &
+        pids+=($!)
+    done
+    status=0
+    for k in "${!pids[@]}"; do
+        wait "${pids[k]}" || { status=$?; echo "lane $k failed (exit $status): see $LOG-lane$k.log"; }
+    done
+    rm -f "$QUEUE" "$QUEUE.lock"
+    [[ $status == 0 ]] || exit "$status"
+fi
 
 # The lanes wrote one results file per task; the report reads every run in it (and redraws the
 # plots, which each lane drew with its own methods only).
@@ -186,7 +190,7 @@ done
 {
     echo "# Tuned comparison"
     echo
-    echo "Made by \`${QUICK:+QUICK=1 }GRID_SEEDS=$GRID_SEEDS DEVICE=$DEVICE PRECISION=$PRECISION LANES=$LANES${STOP_AFTER:+ STOP_AFTER=$STOP_AFTER} scripts/reproduce.sh\`, ended $(date -u +%Y-%m-%dT%H:%MZ)."
+    echo "Made by \`${REPORT_ONLY:+REPORT_ONLY=1 }${QUICK:+QUICK=1 }GRID_SEEDS=$GRID_SEEDS DEVICE=$DEVICE PRECISION=$PRECISION LANES=$LANES${STOP_AFTER:+ STOP_AFTER=$STOP_AFTER} scripts/reproduce.sh\`, ended $(date -u +%Y-%m-%dT%H:%MZ)."
     echo
     if ((${#every_file[@]})); then
         echo "Every task in one table: dev accuracy (mean ± std over the seeds) at the lr each grid chose,"
