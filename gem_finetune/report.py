@@ -140,7 +140,7 @@ def dev_panel_title(settings: dict, metric: str) -> str:
     ``dev_curve_examples``; files from before it existed scored all of dev after every epoch)."""
     n, curve = settings["eval_examples"], settings.get("dev_curve_examples", settings["eval_examples"])
     if curve == 0:
-        return f"dev {metric} after the last epoch\n(all {n} dev examples; mean over seeds)"
+        return f"dev {metric} after the last epoch\n(all {n} dev examples; mean ± std over seeds)"
     if curve >= n:
         return f"dev {metric} after each epoch (all {n}\ndev examples; mean over seeds)"
     return f"dev {metric} after each epoch, on a fixed {curve} of\nthe {n} dev examples (mean over seeds)"
@@ -186,8 +186,7 @@ def plot(results: dict, path: Path, metric: str) -> None:
                          xerr=[scale * s[f"{metric}_std"] for _, s in rows], fmt="o", capsize=3)
         axes[1].set_yticks(range(len(rows)), [label for label, _ in rows], fontsize=7)
         axes[1].grid(axis="x", linewidth=0.5)
-        axes[1].set(title=dev_panel_title(results["settings"], metric).replace("; mean over seeds", "; mean ± std"
-                                                                               " over seeds"), xlabel=metric + unit)
+        axes[1].set(title=dev_panel_title(results["settings"], metric), xlabel=metric + unit)
     if gem_budget:
         labels = [n.replace("encoder.", "").replace("layer.", "L").replace(".attention.self", "")
                   .replace(".weight", "") for n in gem_budget]
