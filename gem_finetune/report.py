@@ -185,6 +185,7 @@ def plot(results: dict, path: Path, metric: str) -> None:
         axes[1].errorbar([scale * s[f"{metric}_mean"] for _, s in rows], range(len(rows)),
                          xerr=[scale * s[f"{metric}_std"] for _, s in rows], fmt="o", capsize=3)
         axes[1].set_yticks(range(len(rows)), [label for label, _ in rows], fontsize=7)
+        axes[1].set_ylim(-1, len(rows))
         axes[1].grid(axis="x", linewidth=0.5)
         axes[1].set(title=dev_panel_title(results["settings"], metric), xlabel=metric + unit)
     if gem_budget:
