@@ -203,7 +203,7 @@ def _weight_decay(text: str) -> float:
     return value
 
 
-def _lr_plan(items: list[str] | None, methods: list[str]) -> dict[str, list[float]]:
+def parse_lr_plan(items: list[str] | None, methods: list[str]) -> dict[str, list[float]]:
     plan = {m: [DEFAULT_LR[m]] for m in methods}
     for item in items or []:
         name, _, values = item.rpartition("=")
@@ -291,7 +291,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        lr_plan = _lr_plan(args.lr, args.method)
+        lr_plan = parse_lr_plan(args.lr, args.method)
         device = _device(args.device, args.precision)
     except (argparse.ArgumentTypeError, ValueError) as error:
         parser.error(str(error))

@@ -27,8 +27,9 @@ from pathlib import Path
 
 import torch
 
+from .cli import parse_lr_plan
 from .data import batches, encode, eval_batches, read_task, take
-from .methods import RunConfig, run_once, set_up, target_weight_names
+from .methods import METHODS, RunConfig, run_once, set_up, target_weight_names
 from .models import classification_loss, default_model_dir, load_model
 
 PHASES = ("load", "calibration", "sparsify", "training", "dev_curve", "dev", "heldout")
@@ -194,8 +195,8 @@ def main(argv: list[str]) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     p = commands.add_parser("profile", help="seconds per phase of runs")
     _common(p)
-    p.add_argument("--method", nargs="+", default=["gem", "full"])
-    p.add_argument("--lr", nargs="+", required=True, metavar="METHOD=LR")
+    p.add_argument("--method", nargs="+", choices=METHODS, default=["gem", "full"])
+    p.add_argument("--lr", nargs="+", metavar="[METHOD=]LR", help="as gem-finetune's --lr, one lr a method")
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--heldout-examples", type=int, default=500)
@@ -208,7 +209,13 @@ def main(argv: list[str]) -> int:
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     args = parser.parse_args(argv)
     if args.command == "profile":
-        args.lr = {item.partition("=")[0]: float(item.partition("=")[2]) for item in args.lr}
+        try:
+            plan = parse_lr_plan(args.lr, args.method)  # gem-finetune's parsing, checks and default lrs
+        except argparse.ArgumentTypeError as error:
+            parser.error(str(error))
+        if any(len(lrs) > 1 for lrs in plan.values()):
+            parser.error("--lr: profile trains one lr a method, not a grid")
+        args.lr = {method: lrs[0] for method, lrs in plan.items()}
         return profile(args)
     return overlap(args)
 

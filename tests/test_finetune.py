@@ -393,3 +393,9 @@ def test_cost_profile_and_overlap_run(tmp_path, tiny_model, capsys):
     shares = [float(cell.strip(" %")) for row in rows for cell in row.strip("|").split("|")[3:]]
     assert all(0 <= share <= 100 for share in shares)
     assert [row.strip("|").split("|")[-1].strip() for row in rows[:2]] == ["100.0 %", "100.0 %"]
+    # --lr is gem-finetune's, one lr a method: bad input is one line, before anything trains
+    for lr, words in (("gem=abc", "not a number"), ("gem=1e-3,3e-3", "one lr a method, not a grid"),
+                      ("gem=-1", "must be > 0")):
+        with pytest.raises(SystemExit):
+            cost.main(["profile", *common, "--method", "gem", "--lr", lr])
+        assert words in capsys.readouterr().err
