@@ -383,28 +383,34 @@ def test_the_table_decides_on_the_widest_grid(tmp_path, capsys):
     assert report.main(["--chosen-lr", "gem", "0.001", str(path)]) == 1 and "no chosen lr" in capsys.readouterr().err
 
 
+def write_results(path, task, rows, methods, **settings):
+    """A results file as gem-finetune writes it, of one seed a run: rows of (method, lr, accuracy),
+    held-out accuracy the same; bitfit's grid 1e-3..1e-2, gem's (at 0.1 %) 1e-3 and 3e-3."""
+    lr_plan = {"bitfit": [1e-3, 3e-3, 1e-2], "gem": [1e-3, 3e-3]}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    file = ResultsFile(path, {"settings": {"task": task, "seeds": [0], "grid_seeds": [0], "select_metric": "accuracy",
+                                           "train_examples": 4, "heldout_examples": 4, "eval_examples": 4,
+                                           "dev_curve_examples": 0, "epochs": 1, "batch_size": 2, "max_length": 8,
+                                           "precision": "fp32", **settings},
+                              "lr_plan": {m: lr_plan[m] for m in methods}, "methods": methods,
+                              "budget_fractions": [1e-3], "command": ["gem-finetune"]})
+    for method, lr, accuracy in rows:
+        file.add({"method": method, "budget_fraction": 1e-3 if method == "gem" else None, "lr": lr, "seed": 0,
+                  "accuracy": accuracy, "mcc": 0.0, "heldout": {"accuracy": accuracy, "mcc": 0.0}, "device": "cpu",
+                  "trainable_entries": 7 if method == "gem" else 3, "optimizer_state_bytes": 64,
+                  "peak_memory_mib": None, "median_step_seconds": 1.0, "wall_seconds": 1.0, "losses": [0.7, 0.6],
+                  "dev_curve": []})
+    return str(path)
+
+
 def test_the_tasks_table_puts_each_task_in_a_column(tmp_path, capsys):
     # What the README's table is made from: both tasks' files and a 4-bit base's file in one table.
-    def write(task, quantize_base, rows, methods):
-        settings = {"task": task, "seeds": [0], "grid_seeds": [0], "select_metric": "accuracy",
-                    **({"quantize_base": quantize_base} if quantize_base else {})}
-        path = tmp_path / (quantize_base or "fp32") / f"results-{task}.jsonl"
-        path.parent.mkdir(exist_ok=True)
-        lr_plan = {"bitfit": [1e-3, 3e-3, 1e-2], "gem": [1e-3, 3e-3]}
-        file = ResultsFile(path, {"settings": settings, "lr_plan": {m: lr_plan[m] for m in methods},
-                                  "methods": methods, "budget_fractions": [1e-3], "command": ["gem-finetune"]})
-        for method, lr, accuracy in rows:
-            file.add({"method": method, "budget_fraction": 1e-3 if method == "gem" else None, "lr": lr,
-                      "seed": 0, "accuracy": accuracy, "mcc": 0.0, "heldout": {"accuracy": accuracy, "mcc": 0.0},
-                      "device": "cpu", "trainable_entries": 7 if method == "gem" else 3,
-                      "optimizer_state_bytes": 64, "peak_memory_mib": None, "median_step_seconds": 1.0,
-                      "wall_seconds": 1.0})
-        return str(path)
-
-    files = [write("A", None, [("bitfit", 1e-3, 0.5), ("bitfit", 3e-3, 0.8), ("bitfit", 1e-2, 0.7),
-                               ("gem", 1e-3, 0.6), ("gem", 3e-3, 0.9)], ["gem", "bitfit"]),
-             write("B", None, [("bitfit", 1e-3, 0.5)], ["bitfit"]),  # its grid not finished
-             write("A", "nf4", [("gem", 1e-3, 0.75), ("gem", 3e-3, 0.5)], ["gem"])]
+    files = [write_results(tmp_path / "results-A.jsonl", "A", [("bitfit", 1e-3, 0.5), ("bitfit", 3e-3, 0.8),
+                                                               ("bitfit", 1e-2, 0.7), ("gem", 1e-3, 0.6),
+                                                               ("gem", 3e-3, 0.9)], ["gem", "bitfit"]),
+             write_results(tmp_path / "results-B.jsonl", "B", [("bitfit", 1e-3, 0.5)], ["bitfit"]),  # unfinished
+             write_results(tmp_path / "nf4" / "results-A.jsonl", "A", [("gem", 1e-3, 0.75), ("gem", 3e-3, 0.5)],
+                           ["gem"], quantize_base="nf4")]
     capsys.readouterr()
     assert report.main(["--tasks-table", *files]) == 0
     lines = capsys.readouterr().out.splitlines()
@@ -413,3 +419,23 @@ def test_the_tasks_table_puts_each_task_in_a_column(tmp_path, capsys):
     assert lines[2:] == ["| bitfit | — | 80.0 ± 0.0 (0.003) | not finished | 3 | 64 B |",
                          "| gem | 0.1 % | 90.0 ± 0.0 (0.003, edge) | — | 7 | 64 B |",
                          "| gem (NF4 base) | 0.1 % | 75.0 ± 0.0 (0.001, edge) | — | 7 | 64 B |"]
+
+
+def test_reproduce_sh_report_only_writes_the_report_of_the_runs_so_far(tmp_path):
+    # REPORT_ONLY=1, run beside the lanes: tuned.md and the plots from the files, nothing trained.
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+    write_results(tmp_path / "results-SST-2.jsonl", "SST-2", [("bitfit", 1e-3, 0.5), ("bitfit", 3e-3, 0.8),
+                                                              ("bitfit", 1e-2, 0.7)], ["bitfit"])
+    write_results(tmp_path / "nf4" / "results-MRPC.jsonl", "MRPC", [("gem", 1e-3, 0.75)], ["gem"],
+                  quantize_base="nf4")
+    root = Path(__file__).parent.parent
+    done = subprocess.run(["bash", "scripts/reproduce.sh"], cwd=root, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "REPORT_ONLY": "1", "OUT": str(tmp_path), "PY": sys.executable})
+    assert done.returncode == 0, done.stderr
+    text = (tmp_path / "tuned.md").read_text()
+    assert "REPORT_ONLY=1" in text and "| bitfit | — | 80.0 ± 0.0 (0.003) | — |" in text
+    assert "| gem (NF4 base) | 0.1 % | — | not finished |" in text and "## GEM on a 4-bit (NF4) base" in text
+    assert (tmp_path / "curves-SST-2.png").exists() and not (tmp_path / "drop-in").exists()
