@@ -259,6 +259,12 @@ def lr_selection(settings: dict) -> str:
             "apart from the training ones; dev is reported only")
 
 
+def at_grid_edge(chosen: float, lrs: list[float]) -> bool:
+    """Whether a grid of several lrs chose one of its ends: a best lr there may not be the best
+    lr at all (the grid is widened beyond it)."""
+    return len(lrs) > 1 and chosen in (min(lrs), max(lrs))
+
+
 def markdown(results: dict) -> str:
     """Results (``results.load``) as Markdown: settings, the commands, the table, each lr grid with
     its held-out scores (flagging a choice at the edge of its grid) and the chosen lrs."""
@@ -280,8 +286,7 @@ def markdown(results: dict) -> str:
             chosen, lrs = results["summary"][label]["lr"], [r["lr"] for r in rows]
             cells = [f"{r['lr']:g} → {value(r[f'heldout_{metric}'])}" for r in rows]
             cells = [f"**{c}**" if r["lr"] == chosen else c for c, r in zip(cells, rows)]
-            # A best lr at either end of its grid may not be the best lr at all.
-            note = "chosen at the edge of the grid: widen it" if chosen in (min(lrs), max(lrs)) else ""
+            note = "chosen at the edge of the grid: widen it" if at_grid_edge(chosen, lrs) else ""
             lines.append(f"| {label} | {', '.join(cells)} | {note} |")
         lines.append("")
     lines += ["Chosen lrs: " + ", ".join(f"{label} {v['lr']:g}" for label, v in results["summary"].items()), ""]
@@ -310,8 +315,7 @@ def tasks_table(loaded: list[dict]) -> str:
     for results in loaded:
         variant = _variant(results["settings"])
         for label, s in results["summary"].items():
-            lrs = [g["lr"] for g in results["lr_grid"].get(label, [])]
-            edge = len(lrs) > 1 and s["lr"] in (min(lrs), max(lrs))
+            edge = at_grid_edge(s["lr"], [g["lr"] for g in results["lr_grid"].get(label, [])])
             cell = (f"{100 * s['accuracy_mean']:.1f} ± {100 * s['accuracy_std']:.1f} "
                     f"({s['lr']:g}{', edge' if edge else ''})")
             row = rows.setdefault((s["method"], s["budget_fraction"], variant), {})

@@ -176,19 +176,22 @@ fi
 
 # The lanes wrote one results file per task; the report reads every run in it (and redraws the
 # plots, which each lane drew with its own methods only).
-report() {  # SUBFOLDER: the report of OUT/SUBFOLDER's results files (those a run has started)
-    local files=() task
-    for task in "${TASKS[@]}"; do
-        [[ -e $OUT/$1/results-$task.jsonl ]] && files+=("$OUT/$1/results-$task.jsonl")
+results_files() {  # SUBFOLDER...: sets files to OUT/SUBFOLDER/results-TASK.jsonl where a run has started
+    local sub task
+    files=()
+    for sub; do
+        for task in "${TASKS[@]}"; do
+            [[ -e $OUT/$sub/results-$task.jsonl ]] && files+=("$OUT/$sub/results-$task.jsonl")
+        done
     done
+    return 0
+}
+report() {  # SUBFOLDER: the report of OUT/SUBFOLDER's results files
+    results_files "$1"
     if ((${#files[@]})); then $PY -m gem_finetune.report "${files[@]}"; else printf 'No run has finished yet.\n\n'; fi
 }
-every_file=()  # the tasks in their order, then the 4-bit base's and the drop-in path's rows
-for sub in . nf4 drop-in; do
-    for task in "${TASKS[@]}"; do
-        [[ -e $OUT/$sub/results-$task.jsonl ]] && every_file+=("$OUT/$sub/results-$task.jsonl")
-    done
-done
+results_files . nf4 drop-in  # the tasks in their order, then the 4-bit base's and the drop-in path's rows
+every_file=("${files[@]}")
 {
     echo "# Tuned comparison"
     echo
