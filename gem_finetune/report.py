@@ -275,7 +275,11 @@ def markdown(results: dict) -> str:
     lines += [f"{s['train_examples']} training examples, {s['heldout_examples']} held-out, "
               f"dev n={s['eval_examples']} (the reported set), {s['epochs']} epochs, batch {s['batch_size']}, "
               f"max length {s['max_length']}, {s['precision']}, seeds {s['seeds']}; {lr_selection(s)}.", ""]
-    lines += [f"`{' '.join(command)}`" for command in results["commands"]]
+    # Folded: the commands are the record of what wrote the file, several lines of several
+    # hundred characters each that the settings line above already sums up.
+    count = len(results["commands"])
+    lines += [f"<details><summary>The {'command' if count == 1 else f'{count} commands'} that wrote this file</summary>",
+              "", *(f"`{' '.join(command)}`\n" for command in results["commands"]), "</details>"]
     lines += ["", table(results["summary"]), ""]
     grid = {label: rows for label, rows in results["lr_grid"].items() if label in results["summary"]}
     if grid:
@@ -308,7 +312,9 @@ def tasks_table(loaded: list[dict]) -> str:
     row's dev accuracy (mean ± std over its seeds) at the lr its grid chose. Rows: the methods
     without a budget, then each budget, in ``METHODS``' order; a file's settings that change how
     its runs train (a 4-bit base, a path) name its rows. A row a file lists but has not finished
-    says so; a choice at an end of its grid is marked "edge", since it may not be the best lr."""
+    says so; a choice at an end of its grid is marked "edge", since it may not be the best lr. With
+    several tasks, a last column gives the mean of a row's accuracies once every task has one: the
+    number the defaults are chosen by (benchmarks/reproduce.md, "Defaults from the table")."""
     from .methods import METHODS
     tasks = list(dict.fromkeys(r["task"] for r in loaded))
     rows: dict[tuple, dict] = {}
@@ -320,20 +326,25 @@ def tasks_table(loaded: list[dict]) -> str:
                     f"({s['lr']:g}{', edge' if edge else ''})")
             row = rows.setdefault((s["method"], s["budget_fraction"], variant), {})
             row[results["task"]] = cell
+            row.setdefault("accuracy", {})[results["task"]] = s["accuracy_mean"]
             row.setdefault("entries", s["trainable_entries"])
             row.setdefault("state", s["optimizer_state_bytes"])
         for method, fraction in results["pending"]:
             rows.setdefault((method, fraction, variant), {}).setdefault(results["task"], "not finished")
     order = sorted(rows, key=lambda k: (k[1] is not None, k[1] or 0, METHODS.index(k[0]), k[2]))
-    lines = ["| method | budget | " + " | ".join(f"{t} dev acc % (lr)" for t in tasks)
-             + " | trainable entries | optimizer state |",
-             "|" + "---|" * (len(tasks) + 4)]
+    columns = [f"{t} dev acc % (lr)" for t in tasks] + (["mean of tasks"] if len(tasks) > 1 else [])
+    lines = ["| method | budget | " + " | ".join(columns) + " | trainable entries | optimizer state |",
+             "|" + "---|" * (len(columns) + 4)]
     for method, fraction, variant in order:
         row = rows[(method, fraction, variant)]
         name = f"{method} ({variant})" if variant else method
         budget = "—" if fraction is None else f"{100 * fraction:g} %"
+        cells = [row.get(t, "—") for t in tasks]
+        if len(tasks) > 1:
+            accuracy = row.get("accuracy", {})
+            cells.append(f"{100 * sum(accuracy.values()) / len(tasks):.1f}" if len(accuracy) == len(tasks) else "—")
         size = f"{row['entries']:,} | {_bytes(row['state'])}" if "entries" in row else " | "
-        lines.append(f"| {name} | {budget} | " + " | ".join(row.get(t, "—") for t in tasks) + f" | {size} |")
+        lines.append(f"| {name} | {budget} | " + " | ".join(cells) + f" | {size} |")
     return "\n".join(lines)
 
 

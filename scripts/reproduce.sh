@@ -199,7 +199,9 @@ every_file=("${files[@]}")
     echo
     if ((${#every_file[@]})); then
         echo "Every task in one table: dev accuracy (mean ± std over the seeds) at the lr each grid chose,"
-        echo "\"edge\" where that lr is an end of its grid. The sections below give the grids and the rest."
+        echo "\"edge\" where that lr is an end of its grid; the mean of the tasks' accuracies is what the"
+        echo "defaults are chosen by (benchmarks/reproduce.md, \"Defaults from the table\"). The sections below"
+        echo "give the grids and the rest."
         echo
         $PY -m gem_finetune.report --tasks-table "${every_file[@]}"
         echo

@@ -408,17 +408,21 @@ def test_the_tasks_table_puts_each_task_in_a_column(tmp_path, capsys):
     files = [write_results(tmp_path / "results-A.jsonl", "A", [("bitfit", 1e-3, 0.5), ("bitfit", 3e-3, 0.8),
                                                                ("bitfit", 1e-2, 0.7), ("gem", 1e-3, 0.6),
                                                                ("gem", 3e-3, 0.9)], ["gem", "bitfit"]),
-             write_results(tmp_path / "results-B.jsonl", "B", [("bitfit", 1e-3, 0.5)], ["bitfit"]),  # unfinished
+             write_results(tmp_path / "results-B.jsonl", "B", [("bitfit", 1e-3, 0.5), ("bitfit", 3e-3, 0.6),
+                                                               ("bitfit", 1e-2, 0.55), ("gem", 1e-3, 0.5)],
+                           ["gem", "bitfit"]),  # gem unfinished
              write_results(tmp_path / "nf4" / "results-A.jsonl", "A", [("gem", 1e-3, 0.75), ("gem", 3e-3, 0.5)],
                            ["gem"], quantize_base="nf4")]
     capsys.readouterr()
     assert report.main(["--tasks-table", *files]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0] == "| method | budget | A dev acc % (lr) | B dev acc % (lr) | trainable entries | optimizer state |"
-    # rows without a budget first; the grid's edge is marked; a file's variant names its rows
-    assert lines[2:] == ["| bitfit | — | 80.0 ± 0.0 (0.003) | not finished | 3 | 64 B |",
-                         "| gem | 0.1 % | 90.0 ± 0.0 (0.003, edge) | — | 7 | 64 B |",
-                         "| gem (NF4 base) | 0.1 % | 75.0 ± 0.0 (0.001, edge) | — | 7 | 64 B |"]
+    assert lines[0] == ("| method | budget | A dev acc % (lr) | B dev acc % (lr) | mean of tasks | trainable entries "
+                        "| optimizer state |")
+    # rows without a budget first; the grid's edge is marked; a file's variant names its rows; the
+    # mean only where every task has its number
+    assert lines[2:] == ["| bitfit | — | 80.0 ± 0.0 (0.003) | 60.0 ± 0.0 (0.003) | 70.0 | 3 | 64 B |",
+                         "| gem | 0.1 % | 90.0 ± 0.0 (0.003, edge) | not finished | — | 7 | 64 B |",
+                         "| gem (NF4 base) | 0.1 % | 75.0 ± 0.0 (0.001, edge) | — | — | 7 | 64 B |"]
 
 
 def test_reproduce_sh_report_only_writes_the_report_of_the_runs_so_far(tmp_path):
@@ -436,6 +440,6 @@ def test_reproduce_sh_report_only_writes_the_report_of_the_runs_so_far(tmp_path)
                           env={**os.environ, "REPORT_ONLY": "1", "OUT": str(tmp_path), "PY": sys.executable})
     assert done.returncode == 0, done.stderr
     text = (tmp_path / "tuned.md").read_text()
-    assert "REPORT_ONLY=1" in text and "| bitfit | — | 80.0 ± 0.0 (0.003) | — |" in text
-    assert "| gem (NF4 base) | 0.1 % | — | not finished |" in text and "## GEM on a 4-bit (NF4) base" in text
+    assert "REPORT_ONLY=1" in text and "| bitfit | — | 80.0 ± 0.0 (0.003) | — | — |" in text
+    assert "| gem (NF4 base) | 0.1 % | — | not finished | — |" in text and "## GEM on a 4-bit (NF4) base" in text
     assert (tmp_path / "curves-SST-2.png").exists() and not (tmp_path / "drop-in").exists()
