@@ -278,7 +278,8 @@ def markdown(results: dict) -> str:
     # Folded: the commands are the record of what wrote the file, several lines of several
     # hundred characters each that the settings line above already sums up.
     count = len(results["commands"])
-    lines += [f"<details><summary>The {'command' if count == 1 else f'{count} commands'} that wrote this file</summary>",
+    written_by = "The command" if count == 1 else f"The {count} commands"
+    lines += [f"<details><summary>{written_by} that wrote this file</summary>",
               "", *(f"`{' '.join(command)}`\n" for command in results["commands"]), "</details>"]
     lines += ["", table(results["summary"]), ""]
     grid = {label: rows for label, rows in results["lr_grid"].items() if label in results["summary"]}
@@ -348,9 +349,79 @@ def tasks_table(loaded: list[dict]) -> str:
     return "\n".join(lines)
 
 
+# benchmarks/reproduce.md, "Defaults from the table": the rows that may become gem-finetune's
+# defaults, and how close a score must be to the best for the smaller optimizer state to win.
+DEFAULT_CANDIDATES = ("gem", "gem-all", "gem-uniform", "gem-all-uniform", "id3")
+CLOSE_POINTS = 0.5
+
+
+def defaults_from(loaded: list[dict]) -> tuple[dict | None, list[str]]:
+    """The rule of benchmarks/reproduce.md's "Defaults from the table" applied to results files
+    (``results.load``; a 4-bit base's or a path's files are not candidates). Returns the winner
+    (method, budget fraction, score, the rows within ``CLOSE_POINTS`` of the best, default lr with
+    each lr's mean held-out accuracy over the tasks), or None and why it cannot be decided yet."""
+    plain = [r for r in loaded if not _variant(r["settings"])]
+    tasks = list(dict.fromkeys(r["task"] for r in plain))
+    rows: dict[tuple, dict] = {}  # (method, fraction) -> {task: (summary, lr grid)}
+    undecided, listed = [], set()  # listed: (method, fraction, task) of the rows a file finished or lists
+    for results in plain:
+        for label, s in results["summary"].items():
+            if s["method"] in DEFAULT_CANDIDATES:
+                grid = results["lr_grid"].get(label, [{"lr": s["lr"], "heldout_accuracy": 0.0}])
+                rows.setdefault((s["method"], s["budget_fraction"]), {})[results["task"]] = (s, grid)
+                listed.add((s["method"], s["budget_fraction"], results["task"]))
+                if at_grid_edge(s["lr"], [g["lr"] for g in grid]):
+                    undecided.append(f"{s['method']}@{s['budget_fraction']:g} on {results['task']} "
+                                     f"chose an end of its grid ({s['lr']:g})")
+        for method, fraction in results["pending"]:
+            if method in DEFAULT_CANDIDATES:
+                undecided.append(f"{method}@{fraction:g} on {results['task']} is not finished")
+                rows.setdefault((method, fraction), {})
+                listed.add((method, fraction, results["task"]))
+    undecided += [f"{method}@{fraction:g} is not run on {task}" for method, fraction in rows
+                  for task in tasks if (method, fraction, task) not in listed]
+    if undecided or not rows:
+        return None, undecided or ["no candidate row in these files"]
+    score = {key: statistics.fmean(100 * s["accuracy_mean"] for s, _ in row.values()) for key, row in rows.items()}
+    best = max(score.values())
+    close = sorted((key for key in rows if score[key] >= best - CLOSE_POINTS), key=lambda key: -score[key])
+    # the optimizer state is the same on every task (one model): the first task's
+    method, fraction = min(close, key=lambda key: next(iter(rows[key].values()))[0]["optimizer_state_bytes"])
+    grids = [grid for _, grid in rows[(method, fraction)].values()]
+    heldout = {lr: statistics.fmean(next(g["heldout_accuracy"] for g in grid if g["lr"] == lr) for grid in grids)
+               for lr in sorted(set.intersection(*({g["lr"] for g in grid} for grid in grids)))}
+    return {"method": method, "budget_fraction": fraction, "score": score[(method, fraction)],
+            "close": [(key, score[key]) for key in close], "lr": max(heldout, key=heldout.get),
+            "heldout_by_lr": heldout}, []
+
+
+def _print_defaults(argv: list[str]) -> int:
+    """``--defaults RESULTS.jsonl...``: the winner and its lr, or what is missing (exit 1)."""
+    from .results import ResultsFileError, load
+    if not argv:
+        print(USAGE, file=sys.stderr)
+        return 2
+    try:
+        winner, undecided = defaults_from([load(Path(path)) for path in argv])
+    except ResultsFileError as error:
+        print(f"gem_finetune.report: error: {error}", file=sys.stderr)
+        return 2
+    if winner is None:
+        print("gem_finetune.report: the defaults are not decided yet: " + "; ".join(undecided), file=sys.stderr)
+        return 1
+    name = lambda key: f"{key[0]} at {100 * key[1]:g} %"  # noqa: E731
+    print(f"winner: {name((winner['method'], winner['budget_fraction']))} (mean of tasks {winner['score']:.1f})")
+    print(f"within {CLOSE_POINTS:g} points of the best, the least optimizer state wins among: "
+          + ", ".join(f"{name(key)} {score:.1f}" for key, score in winner["close"]))
+    print(f"default lr: {winner['lr']:g} (mean held-out accuracy over the tasks: "
+          + ", ".join(f"{lr:g} {100 * v:.1f}" for lr, v in winner["heldout_by_lr"].items()) + ")")
+    return 0
+
+
 USAGE = ("usage: python -m gem_finetune.report RESULTS.jsonl [RESULTS.jsonl ...]\n"
          "       python -m gem_finetune.report --tasks-table RESULTS.jsonl [RESULTS.jsonl ...]\n"
-         "       python -m gem_finetune.report --chosen-lr METHOD FRACTION|none RESULTS.jsonl")
+         "       python -m gem_finetune.report --chosen-lr METHOD FRACTION|none RESULTS.jsonl\n"
+         "       python -m gem_finetune.report --defaults RESULTS.jsonl [RESULTS.jsonl ...]")
 
 
 def chosen_lr(results: dict, method: str, budget_fraction: float | None) -> float | None:
@@ -383,10 +454,13 @@ def _print_chosen_lr(argv: list[str]) -> int:
 def main(argv: list[str]) -> int:
     """``python -m gem_finetune.report RESULTS.jsonl [...] > table.md``: the Markdown of each results
     file, from all of its runs (every lane that wrote to it), and its plots redrawn beside it.
-    ``--chosen-lr METHOD FRACTION|none RESULTS.jsonl`` prints the lr a grid chose instead."""
+    ``--chosen-lr METHOD FRACTION|none RESULTS.jsonl`` prints the lr a grid chose instead, and
+    ``--defaults RESULTS.jsonl...`` the row and lr the defaults take (``defaults_from``)."""
     from .results import ResultsFileError, load
     if argv[:1] == ["--chosen-lr"]:
         return _print_chosen_lr(argv[1:])
+    if argv[:1] == ["--defaults"]:
+        return _print_defaults(argv[1:])
     tasks = argv[:1] == ["--tasks-table"]
     argv = argv[1:] if tasks else argv
     if not argv:

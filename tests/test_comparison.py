@@ -8,6 +8,7 @@ import pytest
 from test_finetune import tiny_model, write_tsv  # noqa: F401  (tiny_model is a fixture)
 
 from gem_finetune import cli, data, methods, models, report
+from gem_finetune.methods import BUDGETED_METHODS
 from gem_finetune.results import ResultsFile, ResultsFileError
 from gem_finetune.results import load as load_results
 
@@ -383,10 +384,12 @@ def test_the_table_decides_on_the_widest_grid(tmp_path, capsys):
     assert report.main(["--chosen-lr", "gem", "0.001", str(path)]) == 1 and "no chosen lr" in capsys.readouterr().err
 
 
-def write_results(path, task, rows, methods, **settings):
+def write_results(path, task, rows, methods, lr_plan=None, state_bytes=None, **settings):
     """A results file as gem-finetune writes it, of one seed a run: rows of (method, lr, accuracy),
-    held-out accuracy the same; bitfit's grid 1e-3..1e-2, gem's (at 0.1 %) 1e-3 and 3e-3."""
-    lr_plan = {"bitfit": [1e-3, 3e-3, 1e-2], "gem": [1e-3, 3e-3]}
+    held-out accuracy the same; by default bitfit's grid 1e-3..1e-2, gem's (at 0.1 %) 1e-3 and 3e-3;
+    every budgeted method at 0.1 %; optimizer state 64 bytes unless ``state_bytes`` says otherwise."""
+    lr_plan = lr_plan or {"bitfit": [1e-3, 3e-3, 1e-2], "gem": [1e-3, 3e-3]}
+    state_bytes = state_bytes or {}
     path.parent.mkdir(parents=True, exist_ok=True)
     file = ResultsFile(path, {"settings": {"task": task, "seeds": [0], "grid_seeds": [0], "select_metric": "accuracy",
                                            "train_examples": 4, "heldout_examples": 4, "eval_examples": 4,
@@ -395,9 +398,10 @@ def write_results(path, task, rows, methods, **settings):
                               "lr_plan": {m: lr_plan[m] for m in methods}, "methods": methods,
                               "budget_fractions": [1e-3], "command": ["gem-finetune"]})
     for method, lr, accuracy in rows:
-        file.add({"method": method, "budget_fraction": 1e-3 if method == "gem" else None, "lr": lr, "seed": 0,
+        budgeted = method in BUDGETED_METHODS
+        file.add({"method": method, "budget_fraction": 1e-3 if budgeted else None, "lr": lr, "seed": 0,
                   "accuracy": accuracy, "mcc": 0.0, "heldout": {"accuracy": accuracy, "mcc": 0.0}, "device": "cpu",
-                  "trainable_entries": 7 if method == "gem" else 3, "optimizer_state_bytes": 64,
+                  "trainable_entries": 7 if budgeted else 3, "optimizer_state_bytes": state_bytes.get(method, 64),
                   "peak_memory_mib": None, "median_step_seconds": 1.0, "wall_seconds": 1.0, "losses": [0.7, 0.6],
                   "dev_curve": []})
     return str(path)
@@ -423,6 +427,41 @@ def test_the_tasks_table_puts_each_task_in_a_column(tmp_path, capsys):
     assert lines[2:] == ["| bitfit | — | 80.0 ± 0.0 (0.003) | 60.0 ± 0.0 (0.003) | 70.0 | 3 | 64 B |",
                          "| gem | 0.1 % | 90.0 ± 0.0 (0.003, edge) | not finished | — | 7 | 64 B |",
                          "| gem (NF4 base) | 0.1 % | 75.0 ± 0.0 (0.001, edge) | — | — | 7 | 64 B |"]
+
+
+def test_the_defaults_follow_the_rule_written_before_the_table(tmp_path, capsys):
+    # benchmarks/reproduce.md's rule: the candidate with the best mean of tasks, the least optimizer
+    # state among those within 0.5 points; its lr by the mean held-out accuracy over the tasks.
+    lrs = [3e-4, 1e-3, 3e-3, 1e-2]
+    grids, state = {"gem": lrs, "id3": lrs, "bitfit": lrs}, {"gem": 64, "id3": 32}
+    rows = lambda method, accuracies: [(method, lr, a) for lr, a in zip(lrs, accuracies)]  # noqa: E731
+    a = write_results(tmp_path / "results-A.jsonl", "A",
+                      rows("gem", [0.5, 0.6, 0.9, 0.5]) + rows("id3", [0.5, 0.85, 0.9, 0.6])
+                      + rows("bitfit", [0.5, 0.99, 0.5, 0.5]),  # the best row, but not a candidate
+                      ["gem", "id3", "bitfit"], grids, state)
+    b_gem, b_id3 = rows("gem", [0.5, 0.7, 0.8, 0.6]), rows("id3", [0.5, 0.8, 0.7, 0.5])
+    b = write_results(tmp_path / "results-B.jsonl", "B", b_gem + b_id3[:3], ["gem", "id3"], grids, state)
+    nf4 = write_results(tmp_path / "nf4" / "results-A.jsonl", "A", [("gem", 3e-3, 0.99)], ["gem"], {"gem": [3e-3]},
+                        quantize_base="nf4")  # a variant: never a candidate
+    capsys.readouterr()
+    assert report.main(["--defaults", a, b, nf4]) == 1
+    assert capsys.readouterr().err.endswith("not decided yet: id3@0.001 on B is not finished\n")
+    b = write_results(tmp_path / "2" / "results-B.jsonl", "B", b_gem + b_id3, ["gem", "id3"], grids, state)
+    assert report.main(["--defaults", a, b, nf4]) == 0
+    # gem 85.0 (A 90, B 80, both at 3e-3) and id3 85.0 (A 90 at 3e-3, B 80 at 1e-3) tie: id3's
+    # smaller state wins; its lr is 1e-3 (mean held-out 82.5) over 3e-3 (80.0), although A chose 3e-3
+    assert capsys.readouterr().out.splitlines() == [
+        "winner: id3 at 0.1 % (mean of tasks 85.0)",
+        "within 0.5 points of the best, the least optimizer state wins among: gem at 0.1 % 85.0, id3 at 0.1 % 85.0",
+        "default lr: 0.001 (mean held-out accuracy over the tasks: 0.0003 50.0, 0.001 82.5, 0.003 80.0, 0.01 55.0)"]
+    # a candidate one task's file does not list, or a choice at an end of its grid, leaves them undecided
+    b = write_results(tmp_path / "4" / "results-B.jsonl", "B", b_gem, ["gem"], grids, state)
+    assert report.main(["--defaults", a, b]) == 1
+    assert capsys.readouterr().err.endswith("not decided yet: id3@0.001 is not run on B\n")
+    b_gem[3] = ("gem", 1e-2, 0.95)
+    b = write_results(tmp_path / "5" / "results-B.jsonl", "B", b_gem + b_id3, ["gem", "id3"], grids, state)
+    assert report.main(["--defaults", a, b]) == 1
+    assert "gem@0.001 on B chose an end of its grid (0.01)" in capsys.readouterr().err
 
 
 def test_reproduce_sh_report_only_writes_the_report_of_the_runs_so_far(tmp_path):
