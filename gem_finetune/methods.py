@@ -20,7 +20,7 @@ from gem_kernels.integrations.transformers import matching_parameters, param_gro
 
 from .data import Encoded, batches
 from .models import autocast, classification_loss, load_model, quantize_linear_bases_, to_device
-from .report import evaluate, peak_memory_mib, per_tensor_budget, reset_peak_memory, rss_mib
+from .report import evaluate, peak_memory_mib, per_tensor_budget, reset_peak_memory, rss_mib, selection_sha256
 
 METHODS = ("gem", "gem-uniform", "gem-all", "gem-all-uniform", "id3", "grad-magnitude", "random",
            "full", "bitfit", "lora", "lora-all", "qlora")
@@ -275,9 +275,11 @@ def run_once(method: str, lr: float, seed: int, config: RunConfig, train: Encode
             return classification_loss(model, batch)
 
     start = phases.add("load", run_start)
+    selection = None
     if method in CALIBRATED_METHODS:
         _calibrate(method, seed, config, train, model, optimizer, loss_fn)
         start = phases.add("calibration", start)
+        selection = selection_sha256(optimizer)  # now: sparsify_ renumbers the optimizer's indices
     layer = uses_layer(method, config)
     if layer:
         from gem_kernels import sparsify_
@@ -308,6 +310,8 @@ def run_once(method: str, lr: float, seed: int, config: RunConfig, train: Encode
               "wall_seconds": _clock(device) - run_start,
               "phase_seconds": phases.seconds,
               "losses": losses, "dev_curve": dev_curve}
+    if selection is not None:
+        result["selection_sha256"] = selection
     _add_method_fields(result, method, setup, optimizer, model)
     return result
 

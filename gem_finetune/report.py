@@ -2,6 +2,7 @@
 from /proc, per-method summaries, the Markdown table and the plots."""
 from __future__ import annotations
 
+import hashlib
 import itertools
 import math
 import statistics
@@ -88,6 +89,18 @@ def evaluate(model, dev_batches: list[dict], num_labels: int, device: torch.devi
 def per_tensor_budget(optimizer) -> dict[str, int]:
     """Selected entries per target tensor, by parameter name."""
     return {str(row["name"]): int(row["count"]) for row in optimizer.selection_report()}
+
+
+def selection_sha256(optimizer) -> str:
+    """sha256 of what the optimizer selected: each sparse tensor's name and sorted flat indices, in
+    its order. Equal digests, the same entries: how the drop-in path's row shows that it trained
+    what the explicit layer did."""
+    entries = optimizer.selected_entries()
+    digest = hashlib.sha256()
+    for name, param in optimizer.sparse_params():
+        digest.update(f"{name}:".encode())
+        digest.update(entries[param][0].cpu().numpy().tobytes())
+    return digest.hexdigest()
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:
@@ -349,6 +362,38 @@ def tasks_table(loaded: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def paths_table(layer: dict, drop_in: dict) -> str:
+    """The drop-in path's runs (``results.load`` of its file) beside the same runs (method, budget,
+    lr, seed) through the explicit layer: whether each selected the same entries, and the dev and
+    held-out accuracy of both (— where a run has none). A Markdown table, a row per run and one of
+    the means."""
+    key = lambda run: (run["method"], run["budget_fraction"], run["lr"], run["seed"])  # noqa: E731
+    through_layer = {key(run): run for run in layer["runs"]}
+    pairs = [(through_layer.get(key(run)), run) for run in drop_in["runs"]]
+    dev = lambda run: run["accuracy"]  # noqa: E731
+    heldout = lambda run: run["heldout"]["accuracy"] if run["heldout"] else None  # noqa: E731
+
+    def percent(runs: list, pick) -> str:  # the mean of pick over runs, "—" where one is missing
+        values = [value for value in (pick(run) for run in runs if run is not None) if value is not None]
+        return f"{100 * statistics.fmean(values):.1f}" if values and len(values) == len(runs) else "—"
+
+    lines = [f"| {drop_in['task']} run | seed | same selection | dev acc % (layer) | dev acc % (drop-in) "
+             "| held-out acc % (layer) | held-out acc % (drop-in) |", "|---|---|---|---|---|---|---|"]
+    for ours, theirs in pairs:
+        digests = (ours or {}).get("selection_sha256"), theirs.get("selection_sha256")
+        same = ("no layer run" if ours is None else "not recorded" if None in digests
+                else "yes" if digests[0] == digests[1] else "**no**")
+        lines.append(f"| {theirs['method']}@{theirs['budget_fraction']:g}, lr {theirs['lr']:g} | {theirs['seed']} "
+                     f"| {same} | {percent([ours], dev)} | {percent([theirs], dev)} | {percent([ours], heldout)} "
+                     f"| {percent([theirs], heldout)} |")
+    both = [(ours, theirs) for ours, theirs in pairs if ours is not None]
+    if both:
+        ours, theirs = [o for o, _ in both], [t for _, t in both]
+        lines.append(f"| mean of {len(both)} | | | {percent(ours, dev)} | {percent(theirs, dev)} "
+                     f"| {percent(ours, heldout)} | {percent(theirs, heldout)} |")
+    return "\n".join(lines)
+
+
 # benchmarks/reproduce.md, "Defaults from the table": the rows that may become gem-finetune's
 # defaults, and how close a score must be to the best for the smaller optimizer state to win.
 DEFAULT_CANDIDATES = ("gem", "gem-all", "gem-uniform", "gem-all-uniform", "id3")
@@ -395,6 +440,21 @@ def defaults_from(loaded: list[dict]) -> tuple[dict | None, list[str]]:
             "heldout_by_lr": heldout}, []
 
 
+def _print_paths_table(argv: list[str]) -> int:
+    """``--compare-paths RESULTS.jsonl DROP-IN/RESULTS.jsonl``: ``paths_table`` of the two files."""
+    from .results import ResultsFileError, load
+    if len(argv) != 2:
+        print(USAGE, file=sys.stderr)
+        return 2
+    try:
+        layer, drop_in = (load(Path(path)) for path in argv)
+    except ResultsFileError as error:
+        print(f"gem_finetune.report: error: {error}", file=sys.stderr)
+        return 2
+    print(paths_table(layer, drop_in))
+    return 0
+
+
 def _print_defaults(argv: list[str]) -> int:
     """``--defaults RESULTS.jsonl...``: the winner and its lr, or what is missing (exit 1)."""
     from .results import ResultsFileError, load
@@ -421,7 +481,8 @@ def _print_defaults(argv: list[str]) -> int:
 USAGE = ("usage: python -m gem_finetune.report RESULTS.jsonl [RESULTS.jsonl ...]\n"
          "       python -m gem_finetune.report --tasks-table RESULTS.jsonl [RESULTS.jsonl ...]\n"
          "       python -m gem_finetune.report --chosen-lr METHOD FRACTION|none RESULTS.jsonl\n"
-         "       python -m gem_finetune.report --defaults RESULTS.jsonl [RESULTS.jsonl ...]")
+         "       python -m gem_finetune.report --defaults RESULTS.jsonl [RESULTS.jsonl ...]\n"
+         "       python -m gem_finetune.report --compare-paths RESULTS.jsonl DROP-IN/RESULTS.jsonl")
 
 
 def chosen_lr(results: dict, method: str, budget_fraction: float | None) -> float | None:
@@ -455,12 +516,15 @@ def main(argv: list[str]) -> int:
     """``python -m gem_finetune.report RESULTS.jsonl [...] > table.md``: the Markdown of each results
     file, from all of its runs (every lane that wrote to it), and its plots redrawn beside it.
     ``--chosen-lr METHOD FRACTION|none RESULTS.jsonl`` prints the lr a grid chose instead, and
-    ``--defaults RESULTS.jsonl...`` the row and lr the defaults take (``defaults_from``)."""
+    ``--defaults RESULTS.jsonl...`` the row and lr the defaults take (``defaults_from``), and
+    ``--compare-paths RESULTS.jsonl DROP-IN/RESULTS.jsonl`` the drop-in path's runs beside the layer's."""
     from .results import ResultsFileError, load
     if argv[:1] == ["--chosen-lr"]:
         return _print_chosen_lr(argv[1:])
     if argv[:1] == ["--defaults"]:
         return _print_defaults(argv[1:])
+    if argv[:1] == ["--compare-paths"]:
+        return _print_paths_table(argv[1:])
     tasks = argv[:1] == ["--tasks-table"]
     argv = argv[1:] if tasks else argv
     if not argv:

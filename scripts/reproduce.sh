@@ -215,8 +215,17 @@ every_file=("${files[@]}")
     if compgen -G "$OUT/drop-in/results-*.jsonl" > /dev/null; then
         echo "## The drop-in path"
         echo
-        echo "gem at 0.1 % at the lr its grid chose above, on SparseAdamW alone (\`--sparse-path drop-in\`, results in drop-in/): the same selection as the gem@0.001 row above, which trained through the explicit layer; the two should agree to seed noise."
+        echo "gem at 0.1 % at the lr its grid chose above, on SparseAdamW alone (\`--sparse-path drop-in\`, results in drop-in/),"
+        echo "beside the same runs through the explicit layer (the gem@0.001 row above): \"same selection\" compares the sha256"
+        echo "of the entries each run selected; the numbers should agree to within seed noise (the paths sum dW's entries in"
+        echo "different orders, and 96 steps carry the rounding on)."
         echo
+        for task in "${TASKS[@]}"; do
+            if [[ -e $OUT/drop-in/results-$task.jsonl ]]; then
+                $PY -m gem_finetune.report --compare-paths "$OUT/results-$task.jsonl" "$OUT/drop-in/results-$task.jsonl"
+                echo
+            fi
+        done
         report drop-in
     fi
     echo "Plots: curves-TASK.png (loss; dev metric, after the last epoch or per epoch as its title says; GEM's budget per tensor) and"

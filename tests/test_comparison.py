@@ -403,7 +403,8 @@ def write_results(path, task, rows, methods, lr_plan=None, state_bytes=None, **s
                   "accuracy": accuracy, "mcc": 0.0, "heldout": {"accuracy": accuracy, "mcc": 0.0}, "device": "cpu",
                   "trainable_entries": 7 if budgeted else 3, "optimizer_state_bytes": state_bytes.get(method, 64),
                   "peak_memory_mib": None, "median_step_seconds": 1.0, "wall_seconds": 1.0, "losses": [0.7, 0.6],
-                  "dev_curve": []})
+                  "dev_curve": [],
+                  **({"per_tensor_budget": {"query": 7}} if budgeted else {})})
     return str(path)
 
 
@@ -471,7 +472,10 @@ def test_reproduce_sh_report_only_writes_the_report_of_the_runs_so_far(tmp_path)
     import sys
     from pathlib import Path
     write_results(tmp_path / "results-SST-2.jsonl", "SST-2", [("bitfit", 1e-3, 0.5), ("bitfit", 3e-3, 0.8),
-                                                              ("bitfit", 1e-2, 0.7)], ["bitfit"])
+                                                              ("bitfit", 1e-2, 0.7), ("gem", 1e-3, 0.6),
+                                                              ("gem", 3e-3, 0.9)], ["bitfit", "gem"])
+    write_results(tmp_path / "drop-in" / "results-SST-2.jsonl", "SST-2", [("gem", 3e-3, 0.85)], ["gem"],
+                  {"gem": [3e-3]}, sparse_path="drop-in")
     write_results(tmp_path / "nf4" / "results-MRPC.jsonl", "MRPC", [("gem", 1e-3, 0.75)], ["gem"],
                   quantize_base="nf4")
     root = Path(__file__).parent.parent
@@ -481,4 +485,7 @@ def test_reproduce_sh_report_only_writes_the_report_of_the_runs_so_far(tmp_path)
     text = (tmp_path / "tuned.md").read_text()
     assert "REPORT_ONLY=1" in text and "| bitfit | — | 80.0 ± 0.0 (0.003) | — | — |" in text
     assert "| gem (NF4 base) | 0.1 % | — | not finished | — |" in text and "## GEM on a 4-bit (NF4) base" in text
-    assert (tmp_path / "curves-SST-2.png").exists() and not (tmp_path / "drop-in").exists()
+    # the drop-in path's runs beside the layer's (these synthetic runs record no selection digest)
+    assert "## The drop-in path" in text
+    assert "| gem@0.001, lr 0.003 | 0 | not recorded | 90.0 | 85.0 | 90.0 | 85.0 |" in text
+    assert (tmp_path / "curves-SST-2.png").exists()

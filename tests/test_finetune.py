@@ -358,8 +358,19 @@ def test_sparse_path_chooses_the_layer_or_the_drop_in_path(tmp_path, tiny_model,
     assert drop["settings"]["sparse_path"] == "drop-in"
     (drop,) = drop["runs"]
     assert layer["sparse_delta_layer"] and not drop["sparse_delta_layer"]
-    assert layer["per_tensor_budget"] == drop["per_tensor_budget"]  # the same selection
+    assert layer["per_tensor_budget"] == drop["per_tensor_budget"]
+    assert layer["selection_sha256"] == drop["selection_sha256"]  # the same entries, taken before sparsify_
     assert drop["losses"] == pytest.approx(layer["losses"], rel=1e-4)  # dW's entries summed in another order
+    # tuned.md's drop-in section: the two files side by side
+    capsys.readouterr()
+    assert report.main(["--compare-paths", str(tmp_path / "auto" / "results-single.jsonl"),
+                        str(tmp_path / "drop" / "results-single.jsonl")]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert table[2].startswith("| gem@0.01, lr 0.001 | 0 | yes | ") and table[3].startswith("| mean of 1 |")
+    # another seed's selection differs: the digest tells them apart
+    assert run_main(tiny_model, task, tmp_path / "seed1", *common, "--seeds", "1") == 0
+    (other,) = load_results(tmp_path / "seed1" / "results-single.jsonl")["runs"]
+    assert other["selection_sha256"] != layer["selection_sha256"]
     capsys.readouterr()
     assert run_main(tiny_model, task, tmp_path / "auto", *common, "--sparse-path", "drop-in") == 2
     assert "sparse_path" in capsys.readouterr().err
