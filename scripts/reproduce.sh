@@ -73,10 +73,10 @@ METHODS=(full lora id3 lora-all bitfit gem gem-all gem-uniform gem-all-uniform g
 # gem 1e-4 (3e-4 won at 0.1 %), gem-all 3e-2 (1e-2 won at 0.1 %). Widened since by this protocol's
 # own runs, on both tasks (one grid a method): QLoRA 1e-2 (5e-3 won on MRPC, held-out 68.1 against
 # 67.6 at 2e-3), full 3e-4 (1e-4 won on MRPC, 71.5 against 69.5 at 3e-5), lora-all 2e-4 (5e-4 won
-# at 1 % on SST-2, 83.8 against 83.4 at 2e-3).
+# at 1 % on SST-2, 83.8 against 83.4 at 2e-3) and 1e-2 (5e-3 won at 0.1 % on MRPC, 69.0 against 68.1).
 SPARSE=3e-4,1e-3,3e-3,1e-2
 LORA=5e-4,1e-3,2e-3,5e-3
-LRS=(full=3e-6,1e-5,3e-5,1e-4,3e-4 lora=$LORA lora-all=2e-4,$LORA qlora=$LORA,1e-2 bitfit=3e-4,1e-3,3e-3,1e-2 gem=1e-4,$SPARSE
+LRS=(full=3e-6,1e-5,3e-5,1e-4,3e-4 lora=$LORA lora-all=2e-4,$LORA,1e-2 qlora=$LORA,1e-2 bitfit=3e-4,1e-3,3e-3,1e-2 gem=1e-4,$SPARSE
      gem-all=$SPARSE,3e-2 gem-uniform=$SPARSE gem-all-uniform=$SPARSE id3=$SPARSE grad-magnitude=$SPARSE
      random=$SPARSE)
 FRACTIONS=(1e-3 1e-2)  # 0.1 % and 1 % of all model parameters
