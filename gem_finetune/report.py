@@ -368,8 +368,8 @@ def paths_table(layer: dict, drop_in: dict) -> str:
     held-out accuracy of both (— where a run has none). A Markdown table, a row per run and one of
     the means."""
     key = lambda run: (run["method"], run["budget_fraction"], run["lr"], run["seed"])  # noqa: E731
-    through_layer = {key(run): run for run in layer["runs"]}
-    pairs = [(through_layer.get(key(run)), run) for run in drop_in["runs"]]
+    layer_runs = {key(run): run for run in layer["runs"]}
+    pairs = [(layer_runs.get(key(run)), run) for run in drop_in["runs"]]
     dev = lambda run: run["accuracy"]  # noqa: E731
     heldout = lambda run: run["heldout"]["accuracy"] if run["heldout"] else None  # noqa: E731
 
@@ -379,18 +379,18 @@ def paths_table(layer: dict, drop_in: dict) -> str:
 
     lines = [f"| {drop_in['task']} run | seed | same selection | dev acc % (layer) | dev acc % (drop-in) "
              "| held-out acc % (layer) | held-out acc % (drop-in) |", "|---|---|---|---|---|---|---|"]
-    for ours, theirs in pairs:
-        digests = (ours or {}).get("selection_sha256"), theirs.get("selection_sha256")
-        same = ("no layer run" if ours is None else "not recorded" if None in digests
+    for by_layer, by_drop_in in pairs:
+        digests = (by_layer or {}).get("selection_sha256"), by_drop_in.get("selection_sha256")
+        same = ("no layer run" if by_layer is None else "not recorded" if None in digests
                 else "yes" if digests[0] == digests[1] else "**no**")
-        lines.append(f"| {theirs['method']}@{theirs['budget_fraction']:g}, lr {theirs['lr']:g} | {theirs['seed']} "
-                     f"| {same} | {percent([ours], dev)} | {percent([theirs], dev)} | {percent([ours], heldout)} "
-                     f"| {percent([theirs], heldout)} |")
-    both = [(ours, theirs) for ours, theirs in pairs if ours is not None]
+        lines.append(f"| {by_drop_in['method']}@{by_drop_in['budget_fraction']:g}, lr {by_drop_in['lr']:g} "
+                     f"| {by_drop_in['seed']} | {same} | {percent([by_layer], dev)} | {percent([by_drop_in], dev)} "
+                     f"| {percent([by_layer], heldout)} | {percent([by_drop_in], heldout)} |")
+    both = [(by_layer, by_drop_in) for by_layer, by_drop_in in pairs if by_layer is not None]
     if both:
-        ours, theirs = [o for o, _ in both], [t for _, t in both]
-        lines.append(f"| mean of {len(both)} | | | {percent(ours, dev)} | {percent(theirs, dev)} "
-                     f"| {percent(ours, heldout)} | {percent(theirs, heldout)} |")
+        by_layer, by_drop_in = [a for a, _ in both], [b for _, b in both]
+        lines.append(f"| mean of {len(both)} | | | {percent(by_layer, dev)} | {percent(by_drop_in, dev)} "
+                     f"| {percent(by_layer, heldout)} | {percent(by_drop_in, heldout)} |")
     return "\n".join(lines)
 
 
@@ -407,24 +407,25 @@ def defaults_from(loaded: list[dict]) -> tuple[dict | None, list[str]]:
     each lr's mean held-out accuracy over the tasks), or None and why it cannot be decided yet."""
     plain = [r for r in loaded if not _variant(r["settings"])]
     tasks = list(dict.fromkeys(r["task"] for r in plain))
-    rows: dict[tuple, dict] = {}  # (method, fraction) -> {task: (summary, lr grid)}
-    undecided, listed = [], set()  # listed: (method, fraction, task) of the rows a file finished or lists
+    rows: dict[tuple, dict] = {}  # (method, fraction) -> {task: (summary, lr grid)}, None while not finished
+    undecided = []
     for results in plain:
+        task = results["task"]
         for label, s in results["summary"].items():
-            if s["method"] in DEFAULT_CANDIDATES:
-                grid = results["lr_grid"].get(label, [{"lr": s["lr"], "heldout_accuracy": 0.0}])
-                rows.setdefault((s["method"], s["budget_fraction"]), {})[results["task"]] = (s, grid)
-                listed.add((s["method"], s["budget_fraction"], results["task"]))
-                if at_grid_edge(s["lr"], [g["lr"] for g in grid]):
-                    undecided.append(f"{s['method']}@{s['budget_fraction']:g} on {results['task']} "
-                                     f"chose an end of its grid ({s['lr']:g})")
+            if s["method"] not in DEFAULT_CANDIDATES:
+                continue
+            name, grid = f"{s['method']}@{s['budget_fraction']:g} on {task}", results["lr_grid"].get(label)
+            rows.setdefault((s["method"], s["budget_fraction"]), {})[task] = (s, grid)
+            if grid is None:
+                undecided.append(f"{name} trained one lr: no grid chose it")
+            elif at_grid_edge(s["lr"], [g["lr"] for g in grid]):
+                undecided.append(f"{name} chose an end of its grid ({s['lr']:g})")
         for method, fraction in results["pending"]:
             if method in DEFAULT_CANDIDATES:
-                undecided.append(f"{method}@{fraction:g} on {results['task']} is not finished")
-                rows.setdefault((method, fraction), {})
-                listed.add((method, fraction, results["task"]))
-    undecided += [f"{method}@{fraction:g} is not run on {task}" for method, fraction in rows
-                  for task in tasks if (method, fraction, task) not in listed]
+                rows.setdefault((method, fraction), {})[task] = None
+                undecided.append(f"{method}@{fraction:g} on {task} is not finished")
+    undecided += [f"{method}@{fraction:g} is not run on {task}" for (method, fraction), row in rows.items()
+                  for task in tasks if task not in row]
     if undecided or not rows:
         return None, undecided or ["no candidate row in these files"]
     score = {key: statistics.fmean(100 * s["accuracy_mean"] for s, _ in row.values()) for key, row in rows.items()}

@@ -463,6 +463,11 @@ def test_the_defaults_follow_the_rule_written_before_the_table(tmp_path, capsys)
     b = write_results(tmp_path / "5" / "results-B.jsonl", "B", b_gem + b_id3, ["gem", "id3"], grids, state)
     assert report.main(["--defaults", a, b]) == 1
     assert "gem@0.001 on B chose an end of its grid (0.01)" in capsys.readouterr().err
+    # one lr and no grid: nothing chose it, so it decides nothing either
+    b = write_results(tmp_path / "6" / "results-B.jsonl", "B", [("gem", 3e-3, 0.8)] + b_id3, ["gem", "id3"],
+                      {"gem": [3e-3], "id3": lrs}, state)
+    assert report.main(["--defaults", a, b]) == 1
+    assert capsys.readouterr().err.endswith("not decided yet: gem@0.001 on B trained one lr: no grid chose it\n")
 
 
 def test_reproduce_sh_report_only_writes_the_report_of_the_runs_so_far(tmp_path):
